@@ -1,0 +1,25 @@
+# llmscape: how LLMs represent what they read, and how that relates to their weights.
+# This file is the table of contents; the stages live in workflow/rules/, the code in src/llmscape/.
+#
+#   snakemake --cores 2                                   embedded default (CPU, offline)
+#   snakemake --profile profiles/slurm --configfile config/llama3-8b.yaml    a Slurm cluster
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"  # config validation, resources, target lists
+include: "workflow/rules/prepare.smk"  # model and MMLU preparation
+include: "workflow/rules/extract.smk"  # per-layer last-token representations (HDF5)
+
+
+rule all:
+    default_target: True
+    input:
+        get_final_output(),

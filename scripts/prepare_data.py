@@ -1,0 +1,13 @@
+"""Rule prepare_data: MMLU into one normalised table, the few-shot pool and the split index files."""
+from pathlib import Path
+
+import sys
+
+sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  (the checkout's library)
+from llmscape import data, rulekit
+
+log = rulekit.start(snakemake, "prepare_data")  # noqa: F821
+p = snakemake.params  # noqa: F821
+splits = data.prepare(dict(p.data), Path(snakemake.output.table).parent,  # noqa: F821
+                      cache=Path(p.resources_dir) / "data")
+log.info("data ready: %s", splits.summary())

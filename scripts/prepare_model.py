@@ -1,0 +1,11 @@
+"""Rule prepare_model: resolve the configured model to a safetensors folder and write its card."""
+import sys
+
+sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  (the checkout's library)
+from llmscape import models, rulekit
+
+log = rulekit.start(snakemake, "prepare_model")  # noqa: F821
+p = snakemake.params  # noqa: F821
+info = models.prepare(p.model, snakemake.output.card, resources=p.resources_dir,  # noqa: F821
+                      trust_remote_code=p.trust_remote_code, label=p.label)
+log.info("model %s ready at %s (sha256 %s)", info["model"], info["path"], info["checksum"])

