@@ -227,6 +227,31 @@ def test_spectra_table_of_a_sharded_checkpoint(tiny_llama):
     assert df["alpha_ks"].notna().all()
 
 
+def test_spectra_hold_one_tensor_at_a_time(tiny_llama, monkeypatch):
+    """Streaming: when a tensor is read, no tensor read before it is still alive (so memory does not grow
+    with the model), and tensors come from plain reads identical to safetensors' own loader."""
+    import gc
+    import weakref
+
+    from safetensors.torch import load_file
+
+    alive, seen = [], []
+    read = stream.read_tensor
+
+    def spy(file, name, header=None):
+        gc.collect()
+        seen.append(sum(r() is not None for r in alive))
+        t = read(file, name, header)
+        assert torch.equal(t, load_file(file)[name])
+        alive.append(weakref.ref(t))
+        return t
+
+    monkeypatch.setattr(stream, "read_tensor", spy)
+    df = stream.compute_spectra(tiny_llama, "tiny", "base", device="cpu", include_embeddings=True)
+    assert len(seen) == len(df) == 23
+    assert max(seen) == 0
+
+
 def adapted_modules(peft_model):
     out = {}
     for name, mod in peft_model.named_modules():
@@ -352,3 +377,17 @@ def test_dag_dry_run_builds_the_spectra_stage(tmp_path):
     for rule in ("intervene", "spectra", "adaptive_ranks", "plot_spectra"):
         assert re.search(rf"^{rule}\s+\d+", text, re.M), rule
     assert "srank-up-4" in text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the device machine)")
+def test_cuda_spectra_match_cpu(tiny_llama):
+    rng = np.random.default_rng(2)
+    W = torch.tensor(rng.normal(size=(700, 300)) * np.logspace(0, -2, 300), dtype=torch.float32)
+    for method in ("svd", "gram"):
+        ev = stream.compute_eigenvalues(W, method, "cuda")
+        ref = stream.compute_eigenvalues(W, "gram", "cpu")
+        np.testing.assert_allclose(ev, ref, rtol=1e-3, atol=1e-6 * ref.max())
+    cpu = stream.compute_spectra(tiny_llama, "tiny", "base", device="cpu")
+    gpu = stream.compute_spectra(tiny_llama, "tiny", "base", device="cuda")  # auto method: float32 SVD on CUDA
+    for col in ("stable_rank", "alpha_ks", "alpha_median", "spectral_norm", "entropy", "mp_edge_fit"):
+        np.testing.assert_allclose(gpu[col], cpu[col], rtol=1e-3, err_msg=col)

@@ -1,7 +1,8 @@
 """Stream the weight matrices of a safetensors folder one tensor at a time and compute their spectra.
 
-Only one matrix (plus its Gram matrix) is in memory at a time, so a sharded 8B checkpoint runs on a CPU
-node with a few GB of RAM. Any folder of HF safetensors works: a base model, a merged fine-tune, an
+Only one matrix (plus its Gram matrix) is in memory at a time: tensors are read by byte range from the
+safetensors files with plain file I/O (no memory map, page cache dropped after each read), so a sharded
+8B checkpoint runs on a CPU node with a few GB of RAM. Any folder of HF safetensors works: a base model, a merged fine-tune, an
 intervened variant or a saved checkpoint.
 
 Singular values are computed from the weights cast to float32:
@@ -79,16 +80,13 @@ def list_weight_files(folder: str | Path) -> list[Path]:
 
 def list_matrices(folder: str | Path, modules=DECODER_MODULES, include_embeddings: bool = False) -> list[MatrixRef]:
     """Every selected weight matrix of the folder (names only: nothing is loaded), in depth order."""
-    from safetensors import safe_open
-
     wanted = set(modules) | (set(EMBEDDING_MODULES) if include_embeddings else set())
     refs = []
     for f in list_weight_files(folder):
-        with safe_open(str(f), framework="pt") as h:
-            for name in h.keys():
-                parsed = parse_name(name)
-                if parsed and parsed[1] in wanted:
-                    refs.append(MatrixRef(name, parsed[0], parsed[1], f))
+        for name in read_header(f):
+            parsed = parse_name(name)
+            if parsed and parsed[1] in wanted:
+                refs.append(MatrixRef(name, parsed[0], parsed[1], f))
     if include_embeddings and not any(r.module == "lm_head" for r in refs):
         cfg = Path(folder) / "config.json"
         tied = cfg.exists() and json.loads(cfg.read_text()).get("tie_word_embeddings", False)
@@ -99,18 +97,48 @@ def list_matrices(folder: str | Path, modules=DECODER_MODULES, include_embedding
     return refs
 
 
-def iter_tensors(refs: list[MatrixRef]) -> Iterator[tuple[MatrixRef, "object"]]:
-    """Yield (ref, tensor) loading one tensor at a time; each shard is opened once."""
-    from safetensors import safe_open
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+           "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
-    by_file: dict[Path, list[MatrixRef]] = {}
+
+def read_header(file: str | Path) -> dict:
+    """The JSON header of a safetensors file: tensor name -> {dtype, shape, data_offsets} (+ __metadata__)."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n))
+
+
+def read_tensor(file: str | Path, name: str, header: dict | None = None):
+    """One tensor read with plain file I/O (no memory map): memory is that tensor only, and its pages are
+    dropped from the page cache afterwards, so a sharded checkpoint never counts against the job's memory."""
+    import os
+
+    import torch
+
+    header = header or read_header(file)
+    entry = header[name]
+    start, end = entry["data_offsets"]
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        base = 8 + n
+        f.seek(base + start)
+        buf = bytearray(end - start)
+        f.readinto(buf)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), base + start, end - start, os.POSIX_FADV_DONTNEED)
+    dtype = getattr(torch, _DTYPES[entry["dtype"]])
+    if not buf:
+        return torch.empty(entry["shape"], dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
+
+
+def iter_tensors(refs: list[MatrixRef]) -> Iterator[tuple[MatrixRef, "object"]]:
+    """Yield (ref, tensor) in the order of ``refs``, reading one tensor at a time."""
+    headers: dict[Path, dict] = {}
     for r in refs:
-        by_file.setdefault(r.file, []).append(r)
-    order = {r.name: i for i, r in enumerate(refs)}
-    for f in sorted(by_file, key=lambda p: min(order[r.name] for r in by_file[p])):
-        with safe_open(str(f), framework="pt") as h:
-            for r in by_file[f]:
-                yield r, h.get_tensor(r.name)
+        if r.file not in headers:
+            headers[r.file] = read_header(r.file)
+        yield r, read_tensor(r.file, r.name, headers[r.file])
 
 
 def pick_device(device: str = "auto") -> str:
@@ -169,7 +197,9 @@ def compute_spectra(folder: str | Path, model: str = "", variant: str = "", *, d
     rows, evals = [], {}
     t_all = time.perf_counter()
     with torch.no_grad():
-        for i, (ref, W) in enumerate(iter_tensors(refs)):
+        tensors = iter_tensors(refs)
+        for i in range(len(refs)):
+            ref, W = next(tensors)  # (no enumerate: its cached result tuple would keep the last tensor alive)
             t0 = time.perf_counter()
             if not torch.isfinite(W).all():
                 ev = np.full(min(W.shape), np.nan)
