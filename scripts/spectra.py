@@ -6,6 +6,10 @@ from llmscape import rulekit
 
 log = rulekit.start(snakemake, "spectra")  # noqa: F821
 
+from threadpoolctl import threadpool_limits  # noqa: E402  (installed with scikit-learn)
+
+threadpool_limits(max(1, int(snakemake.threads)))  # numpy's LAPACK uses the rule's threads, not the node's  # noqa: F821
+
 import torch  # noqa: E402
 
 from llmscape.io import write_parquet  # noqa: E402
