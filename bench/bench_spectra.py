@@ -54,7 +54,6 @@ def main() -> None:
     args = ap.parse_args()
 
     import numpy as np
-    import pandas as pd
     import torch
 
     torch.set_num_threads(args.threads)
