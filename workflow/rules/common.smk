@@ -61,4 +61,4 @@ def extraction_targets():
 
 
 def get_final_output():
-    return extraction_targets()
+    return extraction_targets() + geometry_targets()
