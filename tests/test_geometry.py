@@ -282,3 +282,11 @@ def test_schema_defaults_match_the_library():
     assert G.GeometryParams.from_config(defaults) == G.GeometryParams()
     for cfg in ("config.yaml", "ci.yaml", "llama3-8b.yaml"):
         G.GeometryParams.from_config(yaml.safe_load((ROOT / "config" / cfg).read_text())["geometry"])
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_matches_cpu():
+    X, _ = blobs(n_per=300, n_blobs=5, dim=64, sep=3.0, seed=15)
+    dc, ic = G.compute_neighbour_graph(X, 100, device="cpu")
+    dg, ig = G.compute_neighbour_graph(X, 100, device="cuda")
+    assert np.allclose(dg, dc, rtol=1e-4, atol=1e-5) and (ig == ic).mean() > 0.999
