@@ -186,20 +186,34 @@ def figure(results: dict, dest: Path) -> None:
     fig.savefig(dest, dpi=120)
 
 
+def print_table(results: dict) -> None:
+    print(f"\n{'case':>22} {'layers x n x d':>16} {'published s':>12} {'ours s':>8} {'speedup':>8} "
+          f"{'pub MB':>8} {'ours MB':>8}")
+    for name, r in results.items():
+        print(f"{name:>22} {r['shape']:>16} {r['published']['wall_s']:12.1f} {r['ours']['wall_s']:8.1f} "
+              f"{r['speedup']:7.1f}x {r['published']['peak_rss_mb']:8.0f} {r['ours']['peak_rss_mb']:8.0f}")
+        for c, v in r["agreement"].items():
+            print(f"{'':>24}{c:>20}: max |ours - published| = {v['max_abs_diff']}, NaN mismatches {v['nan_mismatch']}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--real", default=str(ROOT / "results/reps/smollm2-135m/base/5shot.h5"))
     ap.add_argument("--synthetic-layers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tmp", default="/tmp/llmscape_bench_geometry")
+    ap.add_argument("--no-real", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="merge into bench/results/geometry.json instead of replacing")
     a = ap.parse_args()
     import h5py
 
     tmp = Path(a.tmp)
     tmp.mkdir(parents=True, exist_ok=True)
     cases = {}
-    if Path(a.real).exists():
-        cases["smollm2-135m 5-shot"] = Path(a.real)
+    if a.no_real:
+        pass
+    elif Path(a.real).exists():
+        cases[f"{Path(a.real).parts[-3]} {Path(a.real).stem}"] = Path(a.real)
     else:
         print(f"no real states at {a.real}; synthetic case only")
     if a.synthetic_layers > 0:
@@ -216,16 +230,13 @@ def main() -> None:
         r["speedup"] = r["published"]["wall_s"] / r["ours"]["wall_s"]
         r["memory_ratio"] = r["published"]["peak_rss_mb"] / r["ours"]["peak_rss_mb"]
         r["agreement"] = compare(r["ours"].pop("table"), r["published"].pop("table"))
+        r["load_avg_after"] = os.getloadavg()
         results[name] = r
-    print(f"\n{'case':>22} {'layers x n x d':>16} {'published s':>12} {'ours s':>8} {'speedup':>8} "
-          f"{'pub MB':>8} {'ours MB':>8}")
-    for name, r in results.items():
-        print(f"{name:>22} {r['shape']:>16} {r['published']['wall_s']:12.1f} {r['ours']['wall_s']:8.1f} "
-              f"{r['speedup']:7.1f}x {r['published']['peak_rss_mb']:8.0f} {r['ours']['peak_rss_mb']:8.0f}")
-        for c, v in r["agreement"].items():
-            print(f"{'':>24}{c:>20}: max |ours - published| = {v['max_abs_diff']}, NaN mismatches {v['nan_mismatch']}")
     out = ROOT / "bench/results"
     out.mkdir(parents=True, exist_ok=True)
+    if a.keep and (out / "geometry.json").exists():
+        results = {**json.loads((out / "geometry.json").read_text())["results"], **results}
+    print_table(results)
     from llmscape.io import package_versions, write_json
 
     write_json(out / "geometry.json", dict(results=results, params=PARAMS, threads=a.threads,

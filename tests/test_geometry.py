@@ -62,10 +62,12 @@ def brute_knn(X, k):
     return dist, ind
 
 
-def test_neighbour_graph_matches_brute_force_across_blocks():
+@pytest.mark.parametrize("sym_budget_mb", [2048, 0])  # symmetric blocks, and plain row strips
+def test_neighbour_graph_matches_brute_force_across_blocks(sym_budget_mb):
     rng = np.random.default_rng(3)
     X = (rng.standard_normal((301, 7)) * np.arange(1, 8)).astype(np.float32)
-    dist, ind = G.compute_neighbour_graph(X, 40, device="cpu", block_rows=37)  # 9 uneven blocks
+    dist, ind = G.compute_neighbour_graph(X, 40, device="cpu", block_rows=37,  # 9 uneven blocks
+                                          sym_budget_mb=sym_budget_mb)
     bd, bi = brute_knn(X, 40)
     assert dist.shape == ind.shape == (301, 41)
     assert np.array_equal(ind[:, 0], np.arange(301)) and np.all(dist[:, 0] == 0)

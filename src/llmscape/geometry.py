@@ -121,15 +121,17 @@ def return_unique_rows(X: np.ndarray) -> np.ndarray:
 
 
 def compute_neighbour_graph(X: np.ndarray, k: int, *, device: str = "auto", precision: str = "float32",
-                            block_rows: int = 4096, refine_tol: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
+                            block_rows: int = 4096, refine_tol: float = 1e-4,
+                            sym_budget_mb: int = 2048) -> tuple[np.ndarray, np.ndarray]:
     """Euclidean k nearest neighbours of every row of X, DADApy layout.
 
     Returns (dist, ind), each (N, k + 1): column 0 is the point itself at distance 0, then the k
     nearest other points in increasing distance. dist is float64, ind int64.
 
     Squared distances come from |x|^2 + |y|^2 - 2 x.y on centred data, in blocks of ``block_rows``
-    rows; each (I, J) block of the symmetric matrix is computed once and merged into the running
-    top-k of both I and J, halving the matrix products. Where a squared distance is below
+    rows; each (I, J >= I) block of the symmetric matrix is computed once and its transpose reused
+    for row block J, halving the matrix products (while the upper triangle fits ``sym_budget_mb``);
+    one top-k per row strip. Where a squared distance is below
     ``refine_tol`` (|x|^2 + |y|^2), the formula has lost its relative precision: those pairs (or,
     when a whole neighbourhood is that tight, the whole row) are recomputed in float64 (:func:`_refine`).
     """
@@ -150,32 +152,33 @@ def compute_neighbour_graph(X: np.ndarray, k: int, *, device: str = "auto", prec
     Xc -= torch.as_tensor(mean, device=dev).to(dt)
     sq = (Xc * Xc).sum(dim=1)
 
-    run_v = torch.full((n, k1), math.inf, dtype=dt, device=dev)
-    run_i = torch.full((n, k1), -1, dtype=torch.int64, device=dev)
-
-    def merge(rows: slice, vals, cols):
-        cand_v = torch.cat([run_v[rows], vals], dim=1)
-        cand_i = torch.cat([run_i[rows], cols.expand(vals.shape[0], -1)], dim=1)
-        v, pos = torch.topk(cand_v, k1, dim=1, largest=False, sorted=True)
-        run_v[rows] = v
-        run_i[rows] = torch.gather(cand_i, 1, pos)
-
-    B = max(1, int(block_rows))
+    run_v = torch.empty((n, k1), dtype=dt, device=dev)
+    run_i = torch.empty((n, k1), dtype=torch.int64, device=dev)
+    B = max(1, min(int(block_rows), n))
     starts = list(range(0, n, B))
+    # each (I, J >= I) block is computed once; its transpose serves row block J later. Keeping the
+    # upper triangle costs n^2/2 values: above the budget, fall back to full row strips.
+    symmetric = (n * n // 2) * Xc.element_size() <= int(sym_budget_mb) << 20
+    kept: dict[tuple[int, int], object] = {}
     for a, s in enumerate(starts):
         e = min(n, s + B)
-        for s2 in starts[a:]:
+        parts = []
+        for b, s2 in enumerate(starts):
             e2 = min(n, s2 + B)
+            if symmetric and b < a:
+                parts.append(kept.pop((b, a)).T)
+                continue
             d2 = torch.addmm(sq[None, s2:e2], Xc[s:e], Xc[s2:e2].T, beta=1.0, alpha=-2.0)
             d2 += sq[s:e, None]
             d2.clamp_(min=0.0)
-            if s2 == s:
-                d2.fill_diagonal_(-1.0)  # the point itself always comes first
-            merge(slice(s, e), d2, torch.arange(s2, e2, device=dev)[None, :])
-            if s2 != s:
-                merge(slice(s2, e2), d2.T.contiguous(), torch.arange(s, e, device=dev)[None, :])
-            del d2
-
+            if symmetric and b > a:
+                kept[(a, b)] = d2
+            parts.append(d2)
+        strip = torch.cat(parts, dim=1)
+        del parts
+        strip[torch.arange(e - s, device=dev), torch.arange(s, e, device=dev)] = -1.0  # the point itself first
+        run_v[s:e], run_i[s:e] = torch.topk(strip, k1, dim=1, largest=False, sorted=True)
+        del strip
     run_v[:, 0] = 0.0
     if refine_tol > 0 and dt != torch.float64:
         _refine(X, run_v, run_i, sq, k, refine_tol)
