@@ -69,4 +69,4 @@ def extraction_targets():
 
 
 def get_final_output():
-    return extraction_targets() + spectra_targets()
+    return extraction_targets() + spectra_targets() + geometry_targets()
