@@ -287,3 +287,79 @@ def test_figures_are_written_and_non_empty(tmp_path):
     assert empty.stat().st_size > 1000
     assert plots.trajectory_plot(pd.DataFrame(columns=["module"]), tmp_path / "traj_empty.png").stat().st_size > 1000
     assert not list(tmp_path.glob(".*.tmp*"))
+
+
+# ---------------------------------------------------------------------------------------------- rules + report
+
+RUN = "ft-lora-r8-lr0.001-s0"
+CKPT_STEPS = (1, 10, 20, 30)
+
+
+def write_constructed_inputs(workdir, model="toy"):
+    """The files the join rules read, as the other stages would write them, from the constructed tables."""
+    from llmscape.io import write_json, write_parquet
+
+    res = workdir / "results"
+    geom, spec, acc = make_geometry(), make_spectra(), make_accuracy()
+    geom["model"], spec["model"] = model, model
+    for v in VARIANTS:
+        write_parquet(res / "spectra" / model / f"{v}.parquet", spec[spec["variant"] == v])
+        for k in SHOTS:
+            write_parquet(res / "geometry" / model / v / f"{k}shot.parquet", geom[(geom["variant"] == v) & (geom["shots"] == k)])
+            a = acc[(acc["variant"] == v) & (acc["shots"] == k)].iloc[0]
+            write_json(res / "reps" / model / v / f"{k}shot.json", dict(accuracy=a.accuracy, accuracy_nospace=a.accuracy_nospace))
+    _, ft = make_meta()
+    write_json(res / "finetune" / model / RUN / "metrics.json", ft[RUN])
+    for v in VARIANTS:
+        if v.startswith("srank-"):
+            write_json(res / "variants" / model / v / "intervention.json", dict(group="up", target=float(v.rsplit("-", 1)[1])))
+    for i, step in enumerate(CKPT_STEPS):
+        s = make_spectra([f"{RUN}-step{step}"])
+        s["model"] = model
+        s["eig_ratio"] *= 1 + 0.2 * i
+        write_parquet(res / "spectra" / model / f"{RUN}-step{step}.parquet", s)
+
+
+def stub_snakefile(workdir, root):
+    """A Snakefile that declares the other stages' target functions (as their .smk files do) and includes
+    the real one; only the join rules may run (--allowed-rules), the rest of the inputs exist already."""
+    sf = workdir / "Snakefile"
+    sf.write_text(
+        "def geometry_targets(): return []\n"
+        "def spectra_targets(): return []\n"
+        f"def intervention_variants(): return {[v for v in VARIANTS if v.startswith('srank-')]!r}\n"
+        f"def finetune_variants(): return [{RUN!r}]\n"
+        f"def checkpoint_variants(): return {[f'{RUN}-step{s}' for s in CKPT_STEPS]!r}\n"
+        f"include: {str(root / 'Snakefile')!r}\n")
+    return sf
+
+
+def test_join_rules_and_report_end_to_end(tmp_path, root):
+    import subprocess
+    import sys
+
+    from llmscape.join.report import check_report
+
+    write_constructed_inputs(tmp_path)
+    sf = stub_snakefile(tmp_path, root)
+    base = [sys.executable, "-m", "snakemake", "-s", str(sf), "--directory", str(tmp_path),
+            "--configfile", str(root / "config" / "ci.yaml"), "--config", "model_label=toy",
+            f"resources_dir={root / 'resources'}"]  # ci.yaml: shots 0 and 2, as SHOTS
+    # --allowed-rules takes every following word: keep it last
+    allowed = ["--allowed-rules", "join_tables", "correlate", "plot_join", "join_config", "join_all"]
+    run = subprocess.run(base + ["--cores", "1", "join_all", *allowed], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = tmp_path / "results" / "join" / "toy"
+    j = pd.read_parquet(out / "joined.parquet")
+    assert len(j) == len(VARIANTS) * len(SHOTS) * (N_BLOCKS + 1)
+    assert set(j["method"]) == {"base", "lora", "srank-intervention"}
+    tr = pd.read_parquet(out / "trajectories.parquet")
+    assert set(tr["step"]) == {0, *CKPT_STEPS}
+    for fig in out.glob("figures/*.png"):
+        assert fig.stat().st_size > 5000, fig
+    assert len(list(out.glob("figures/*.png"))) == 6
+    rep = subprocess.run(base + ["--cores", "1", "join_all", "--report", str(tmp_path / "report.html"), *allowed],
+                         capture_output=True, text=True)
+    assert rep.returncode == 0, rep.stdout[-3000:] + rep.stderr[-3000:]
+    assert check_report(tmp_path / "report.html") == []
+    assert check_report(tmp_path / "nothing.html") != []  # the check itself can fail
