@@ -33,6 +33,7 @@ wildcard_constraints:
 # with the attempt number, so a job killed for time or memory is retried with more (--retries).
 DEFAULT_RESOURCES = {
     "default": dict(mem_mb=4000, runtime=60, cpus_per_task=1),
+    "join": dict(mem_mb=4000, runtime=30, cpus_per_task=1),
 }
 
 
@@ -69,4 +70,4 @@ def extraction_targets():
 
 
 def get_final_output():
-    return extraction_targets() + spectra_targets() + geometry_targets()
+    return extraction_targets() + spectra_targets() + geometry_targets() + join_targets()
