@@ -60,11 +60,27 @@ def base_variants():
     return ["base"]
 
 
+def _stage_list(name):
+    """A stage's list function if its .smk is included (looked up when called, after every include)."""
+    fn = globals().get(name)
+    return list(fn()) if callable(fn) else []
+
+
+def model_variants():
+    """Every variant that flows through extraction, geometry and spectra: the base model, the
+    stable-rank interventions (spectra.smk) and the fine-tuning runs (finetune.smk)."""
+    return list(
+        dict.fromkeys(
+            base_variants() + _stage_list("intervention_variants") + _stage_list("finetune_variants")
+        )
+    )
+
+
 def extraction_targets():
     return expand(
         "results/reps/{model}/{variant}/{shots}shot.h5",
         model=MODEL,
-        variant=base_variants(),
+        variant=model_variants(),
         shots=SHOTS,
     )
 

@@ -7,7 +7,7 @@ localrules:
 
 
 def geometry_variants():
-    return base_variants()
+    return model_variants()
 
 
 def geometry_references(model, variant, shots):

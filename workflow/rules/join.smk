@@ -30,7 +30,7 @@ def join_variants():
     """Variants in the joined table: join.variants, or base + interventions + fine-tuning runs."""
     if JOIN["variants"] is not None:
         return list(dict.fromkeys(JOIN["variants"]))
-    return list(dict.fromkeys(base_variants() + _stage("intervention_variants") + _stage("finetune_variants")))
+    return model_variants()
 
 
 def join_runs():

@@ -15,7 +15,7 @@ def intervention_variants():
 
 
 def spectra_targets():
-    variants = ["base"] + intervention_variants()
+    variants = model_variants()
     return (
         expand("results/spectra/{model}/{variant}.parquet", model=MODEL, variant=variants)
         + expand("results/spectra/{model}/adaptive_ranks.json", model=MODEL)
