@@ -17,6 +17,7 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"  # config validation, resources, target lists
 include: "workflow/rules/prepare.smk"  # model and MMLU preparation
 include: "workflow/rules/extract.smk"  # per-layer last-token representations (HDF5)
+include: "workflow/rules/finetune.smk"  # PEFT sweeps -> merged model variants
 
 
 rule all:
