@@ -137,7 +137,7 @@ def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None 
     ds = _deepspeed_plugin(tc["deepspeed"], tc, mixed) if tc["deepspeed"] else None
     acc = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=int(tc["grad_accum"]),
                       log_with="tensorboard", project_dir=str(out_dir / "tb"), deepspeed_plugin=ds,
-                      cpu=not cuda)
+                      cpu=not cuda and ds is None)  # DeepSpeed on CPU needs its (gloo) process group
     dev = acc.device
     set_seed(run.seed)
 
@@ -318,7 +318,6 @@ def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None 
         acc_res = score(m, tok, eval_rows, header=ec["header"], batch_size=int(ec["batch_size"]), device=dev)
     merged = save_merged(acc.unwrap_model(model), base_path, out_dir / "merged", acc, acc.is_main_process,
                          extra=dict(run=run_name, step=state.step))
-    acc.end_training()
     metrics = None
     if acc.is_main_process:
         final_ckpts = out_dir / "checkpoints"
@@ -343,7 +342,7 @@ def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None 
             steps=state.step, tokens=state.tokens, train_time_s=state.train_s, wall_time_s=state.wall_s,
             total_time_s=time.time() - t_start, tokens_per_s=state.tokens / max(state.train_s, 1e-9),
             peak_memory_mb=_peak_memory_mb(dev), peak_memory_kind="cuda_allocated" if dev.type == "cuda" else "cpu_rss",
-            device=str(dev), world_size=world, mixed_precision=mixed, load_dtype=load_dtype,
+            device=str(dev), world_size=world, engine=type(model).__name__, mixed_precision=mixed, load_dtype=load_dtype,
             deepspeed=str(tc["deepspeed"]) if tc["deepspeed"] else None,
             checkpoints=[s for s in ckpt_steps if (out_dir / "checkpoints" / f"step_{s}").exists()],
             merged=str(merged), n_train_rows=len(train_rows), n_val_rows=len(val_rows),
@@ -353,4 +352,5 @@ def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None 
         write_json(out_dir / "metrics.json", metrics)
         shutil.rmtree(state_root, ignore_errors=True)  # finished: the resume state is no longer needed
     acc.wait_for_everyone()
+    acc.end_training()  # closes the trackers (and, in accelerate 1.x, the process group): last
     return metrics
