@@ -5,7 +5,7 @@ sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  (the checkout
 from pathlib import Path
 
 from llmscape import rulekit
-from llmscape.finetune.common import Context
+from llmscape.finetune.common import Context, RunSpec
 from llmscape.finetune.merge import write_card
 from llmscape.finetune.train import train
 from llmscape.models import read_card
@@ -17,7 +17,7 @@ run_name, model = smk.wildcards.run, smk.wildcards.model
 base = read_card(smk.input.card)
 ctx = Context(adaptive_ranks=smk.input.get("ranks"), stable_ranks=smk.input.get("sranks"))
 out_dir = Path(smk.output.metrics).parent
-metrics = train(p.run, base_path=base["path"], data_dir=Path(smk.input.table).parent, out_dir=out_dir,
+metrics = train(RunSpec(**p.run), base_path=base["path"], data_dir=Path(smk.input.table).parent, out_dir=out_dir,
                 train_cfg=dict(p.train), eval_cfg=dict(p.eval), ctx=ctx, run_name=run_name,
                 data_split=p.data["split"], eval_split=p.data["eval_split"],
                 trust_remote_code=p.trust_remote_code)

@@ -4,6 +4,7 @@
 # Grid problems (unknown method, out-of-range value, rank above a matrix, missing adaptive-rank file)
 # stop the workflow here, at DAG-build time, before any job is submitted.
 import re
+from dataclasses import asdict
 
 from snakemake.exceptions import WorkflowError
 
@@ -139,7 +140,7 @@ rule finetune:
     wildcard_constraints:
         run=FT_RUN_RE,
     params:
-        run=lambda wc: FT_RUNS[wc.run],
+        run=lambda wc: asdict(FT_RUNS[wc.run]),  # plain data: the job unpickles params before its imports
         train=FT_TRAIN,
         eval=FT["eval"],
         data=FT["data"],
