@@ -65,6 +65,8 @@ def worker(a) -> dict:
 
     label, method, rank, opts = PLAN[a.worker]
     dev = torch.device(a.device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     if a.random_init:
         cfg = AutoConfig.from_pretrained(a.model)
@@ -119,9 +121,11 @@ def main():
     ap.add_argument("--model", default=str(ROOT / "resources/models/smollm2-135m/hf"))
     ap.add_argument("--jsonl", default=str(ROOT / "resources/data/mmlu.jsonl"))
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads per worker (1: the shared 2-core dev machine thrashes with 2 under load)")
     ap.add_argument("--random-init", action="store_true")
     ap.add_argument("--tag", default="")
     ap.add_argument("--worker", type=int, default=None)
@@ -151,7 +155,7 @@ def main():
     from llmscape.io import package_versions
 
     env = dict(device=a.device, gpu=torch.cuda.get_device_name(0) if a.device.startswith("cuda") else None,
-               cpu_threads=torch.get_num_threads(), loadavg=os.getloadavg(), steps=a.steps, warmup=a.warmup,
+               cpu_threads=a.threads, loadavg=os.getloadavg(), steps=a.steps, warmup=a.warmup,
                batch=a.batch, random_init=a.random_init, model=a.model,
                versions=package_versions(("torch", "transformers", "peft")))
     stem = "finetune" + (f"_{a.tag}" if a.tag else "")

@@ -14,6 +14,9 @@ log = rulekit.start(snakemake, "finetune")  # noqa: F821
 smk = snakemake  # noqa: F821
 p = smk.params
 run_name, model = smk.wildcards.run, smk.wildcards.model
+import torch
+
+torch.set_num_threads(max(1, int(smk.threads)))  # the job's cores, not the node's
 base = read_card(smk.input.card)
 ctx = Context(adaptive_ranks=smk.input.get("ranks"), stable_ranks=smk.input.get("sranks"))
 out_dir = Path(smk.output.metrics).parent

@@ -441,3 +441,25 @@ def test_dry_run_stops_on_bad_grid_before_any_job(tmp_path):
         res = _dry_run(tmp_path, dict(sweeps=[dict(method="lora", rank=[4096])]))
         out = res.stdout + res.stderr
         assert res.returncode != 0 and "rank 4096 is larger than matrix" in out and "Job stats" not in out
+
+
+def test_real_model_lora_steps_lower_the_loss(examples):
+    """SmolLM2-135M (the embedded model): three LoRA steps on four real MMLU answer-letter examples."""
+    if not (SMOL / "model.safetensors").exists():
+        pytest.skip("embedded model not converted")
+    model = load(SMOL)
+    run = run_of("lora", rank=4, lr=2e-3, dropout=0.0)
+    model = registry.get("lora").apply(model, run)
+    assert trainable_count(model) == 4 * 30 * (2 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536))
+    batch = collate(examples[:4], pad_id=0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=run.lr)
+    with torch.no_grad():
+        before = float(answer_loss(model.eval(), batch)[0])
+    model.train()
+    for _ in range(3):
+        answer_loss(model, batch)[0].backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        after = float(answer_loss(model.eval(), batch)[0])
+    assert after < before - 0.1, (before, after)
