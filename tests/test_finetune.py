@@ -463,3 +463,11 @@ def test_real_model_lora_steps_lower_the_loss(examples):
     with torch.no_grad():
         after = float(answer_loss(model.eval(), batch)[0])
     assert after < before - 0.1, (before, after)
+
+
+def test_changed_settings_do_not_resume_an_old_state(tiny_dir, data_dir, tmp_path):
+    run = run_of("lora", rank=4, lr=5e-3)
+    with pytest.raises(Preempted):
+        _train(run, tiny_dir, data_dir, tmp_path / "r", stop_after=2)
+    m = _train(run, tiny_dir, data_dir, tmp_path / "r", tc=dict(max_steps=4, n_checkpoints=0))
+    assert [x["step"] for x in m["train_loss"]] == [1, 2, 3, 4]  # started afresh, not at step 3

@@ -195,6 +195,16 @@ def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None 
     if ds is None:
         acc.register_save_state_pre_hook(_trim)
 
+    # a resume state is only valid for the same run and settings (a changed config starts afresh)
+    fingerprint = json.dumps(dict(run=asdict(run), train=tc, world=acc.num_processes), sort_keys=True, default=str)
+    stamp = work / "config.json"
+    if acc.is_main_process:
+        if stamp.exists() and stamp.read_text() != fingerprint:
+            log.warning("settings changed since the saved state: discarding %s", work)
+            shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(fingerprint)
+    acc.wait_for_everyone()
     latest = _latest_state(state_root)
     if latest is not None:
         acc.load_state(str(latest), strict=False)
