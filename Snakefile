@@ -20,6 +20,7 @@ include: "workflow/rules/extract.smk"  # per-layer last-token representations (H
 include: "workflow/rules/spectra.smk"  # weight spectra, adaptive LoRA ranks, stable-rank interventions
 include: "workflow/rules/geometry.smk"  # ID, density peaks, ARIs, overlaps per layer
 include: "workflow/rules/join.smk"  # spectra x geometry: joined table, correlations, figures
+include: "workflow/rules/finetune.smk"  # PEFT sweeps -> merged model variants
 
 
 rule all:

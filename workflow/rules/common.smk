@@ -34,15 +34,18 @@ wildcard_constraints:
 DEFAULT_RESOURCES = {
     "default": dict(mem_mb=4000, runtime=60, cpus_per_task=1),
     "join": dict(mem_mb=4000, runtime=30, cpus_per_task=1),
+    "finetune": dict(mem_mb=8000, runtime=120, cpus_per_task=2),
 }
 
 
-def res(group):
-    """Resources of a rule group: config first, defaults second; mem_mb and runtime scale with attempt."""
+def res(group, parent=None):
+    """Resources of a rule group: config first, defaults second; mem_mb and runtime scale with attempt.
+    ``parent``: a group whose values this one starts from (e.g. finetune for finetune_<method>)."""
     r = dict(DEFAULT_RESOURCES["default"])
     r.update(config["resources"].get("default", {}))
-    r.update(DEFAULT_RESOURCES.get(group, {}))
-    r.update(config["resources"].get(group, {}))
+    for g in ([parent] if parent else []) + [group]:
+        r.update(DEFAULT_RESOURCES.get(g, {}))
+        r.update(config["resources"].get(g, {}))
     mem, runtime = int(r.pop("mem_mb")), int(r.pop("runtime"))
     r["mem_mb"] = lambda wildcards, attempt: mem * attempt
     r["runtime"] = lambda wildcards, attempt: runtime * attempt
@@ -86,4 +89,4 @@ def extraction_targets():
 
 
 def get_final_output():
-    return extraction_targets() + spectra_targets() + geometry_targets() + join_targets()
+    return extraction_targets() + spectra_targets() + geometry_targets() + finetune_targets() + join_targets()

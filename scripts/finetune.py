@@ -1,0 +1,34 @@
+"""Rule finetune: train one run of the sweep, write its merged variant, checkpoints and cards."""
+import sys
+
+sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  (the checkout's library)
+from pathlib import Path
+
+from llmscape import rulekit
+from llmscape.finetune.common import Context, RunSpec
+from llmscape.finetune.merge import write_card
+from llmscape.finetune.train import train
+from llmscape.models import read_card
+
+log = rulekit.start(snakemake, "finetune")  # noqa: F821
+smk = snakemake  # noqa: F821
+p = smk.params
+run_name, model = smk.wildcards.run, smk.wildcards.model
+import torch
+
+torch.set_num_threads(max(1, int(smk.threads)))  # the job's cores, not the node's
+base = read_card(smk.input.card)
+ctx = Context(adaptive_ranks=smk.input.get("ranks"), stable_ranks=smk.input.get("sranks"))
+out_dir = Path(smk.output.metrics).parent
+metrics = train(RunSpec(**p.run), base_path=base["path"], data_dir=Path(smk.input.table).parent, out_dir=out_dir,
+                train_cfg=dict(p.train), eval_cfg=dict(p.eval), ctx=ctx, run_name=run_name,
+                data_split=p.data["split"], eval_split=p.data["eval_split"],
+                trust_remote_code=p.trust_remote_code)
+if metrics is not None:  # the main process writes the cards
+    source = f"finetune:{run_name}:base={base['checksum']}"
+    write_card(smk.output.card, base, run_name, smk.output.merged, source)
+    for step, card in zip(p.steps, smk.output.checkpoint_cards):
+        write_card(card, base, f"{run_name}-step{step}", Path(smk.output.checkpoints) / f"step_{step}",
+                   f"{source}:step={step}")
+    log.info("run %s: accuracy %.3f, %d trainable parameters, %.0f s", run_name, metrics["accuracy"]["accuracy"],
+             metrics["trainable_params"], metrics["wall_time_s"])

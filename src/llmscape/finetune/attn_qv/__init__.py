@@ -1,0 +1,6 @@
+"""``attn-qv``: tune W_q and W_v only (K frozen), by LoRA or fully, with value lr = lambda * query lr
+(Yao et al., methods.md D). Where 1-D parameters (biases) go is the explicit option ``one_d``:
+``query`` (lr eta, the default), ``value`` (lr lambda * eta, what the published code does implicitly) or
+``frozen``. Llama has no q/v biases, so the choice only matters for models with them (Qwen, OPT...)."""
+
+from .model import AXES, DEFAULTS, NAME, apply, expected_trainable, param_groups, targets  # noqa: F401

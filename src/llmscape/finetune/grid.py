@@ -1,0 +1,139 @@
+"""The sweep grid: config -> named runs, validated before any job exists.
+
+``finetune.sweeps`` is a list; each entry names a method and lists values per axis (``lr``, ``rank``,
+``value_lr_ratio``, ``seed``). An entry expands to the cartesian product of the axes its method reads
+(an axis the method does not read is an error, so no two runs differ only in an ignored value). Per-method
+options come from ``finetune.methods.<method>`` and may be overridden per entry (``options``), with an
+optional ``tag`` to tell such entries apart in run names.
+
+Run (= model variant) names: ``ft-<method>[-<tag>][-r<rank>]-lr<lr>[-vr<ratio>]-s<seed>``, e.g.
+``ft-lora-r8-lr0.0001-s0``; they match the variant wildcard ``[A-Za-z0-9][A-Za-z0-9._=-]*``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+
+from . import registry
+from .common import Context, FinetuneError, RunSpec
+
+AXES = ("lr", "rank", "value_lr_ratio", "seed")
+AXIS_DEFAULTS = dict(lr=[1e-4], rank=[8], value_lr_ratio=[2.0], seed=[0])
+RANGES = dict(lr=(0.0, 1.0), value_lr_ratio=(0.0, 1000.0))  # open below, closed above
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=-]*")
+
+
+def _fmt(x: float) -> str:
+    return f"{float(x):g}"
+
+
+def run_name(run: RunSpec, tag: str | None = None) -> str:
+    parts = ["ft", run.method] + ([tag] if tag else [])
+    if run.rank is not None:
+        parts.append(f"r{run.rank}")
+    parts.append(f"lr{_fmt(run.lr)}")
+    if run.value_lr_ratio is not None:
+        parts.append(f"vr{_fmt(run.value_lr_ratio)}")
+    parts.append(f"s{run.seed}")
+    return "-".join(parts)
+
+
+def _as_list(v):
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _check_value(axis: str, v, where: str):
+    if axis in ("rank", "seed"):
+        if isinstance(v, bool) or not isinstance(v, int) or v < (1 if axis == "rank" else 0):
+            raise FinetuneError(f"{where}: {axis} value {v!r} is not an integer >= {1 if axis == 'rank' else 0}. "
+                                f"Fix: change it in {where}.{axis}.")
+        return int(v)
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise FinetuneError(f"{where}: {axis} value {v!r} is not a number. Fix: change it in {where}.{axis}.") from None
+    lo, hi = RANGES[axis]
+    if not lo < x <= hi:
+        raise FinetuneError(f"{where}: {axis} value {v!r} is outside its range ({lo}, {hi}]. "
+                            f"Fix: change it in {where}.{axis}.")
+    return x
+
+
+def expand(ft: dict) -> dict[str, RunSpec]:
+    """Runs by name, in config order. Raises FinetuneError on an unknown method, an axis the method does
+    not read, an out-of-range value, an unknown option or a duplicate name."""
+    runs: dict[str, RunSpec] = {}
+    methods_cfg = ft.get("methods") or {}
+    for key in methods_cfg:
+        registry.get(key)
+    for i, sweep in enumerate(ft.get("sweeps") or []):
+        where = f"finetune.sweeps[{i}]"
+        if "method" not in sweep:
+            raise FinetuneError(f"{where}: no method. Fix: add `method: <one of {sorted(registry.METHODS)}>`.")
+        m = registry.get(sweep["method"])
+        unknown_keys = set(sweep) - {"method", "tag", "options", *AXES}
+        if unknown_keys:
+            raise FinetuneError(f"{where}: unknown key(s) {sorted(unknown_keys)}. Fix: use method, tag, options, "
+                                f"{', '.join(AXES)}.")
+        for axis in AXES:
+            if axis in sweep and axis not in m.AXES:
+                raise FinetuneError(f"{where}: method {m.NAME!r} does not use {axis!r} (it reads {list(m.AXES)}). "
+                                    f"Fix: remove {axis} from {where}.")
+        options = dict(m.DEFAULTS)
+        for src, extra in ((f"finetune.methods.{m.NAME}", methods_cfg.get(m.NAME) or {}),
+                           (f"{where}.options", sweep.get("options") or {})):
+            bad = set(extra) - set(m.DEFAULTS)
+            if bad:
+                raise FinetuneError(f"{src}: unknown option(s) {sorted(bad)} for {m.NAME}. Fix: use "
+                                    f"{sorted(m.DEFAULTS)}.")
+            options.update(extra)
+        tag = sweep.get("tag")
+        if tag is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.]*", str(tag)):
+            raise FinetuneError(f"{where}: tag {tag!r} must be letters, digits and dots. Fix: rename it.")
+        values = {a: [_check_value(a, v, where) for v in _as_list(sweep.get(a, AXIS_DEFAULTS[a]))]
+                  for a in AXES if a in m.AXES}
+        for a, vs in values.items():
+            if not vs:
+                raise FinetuneError(f"{where}: empty list for {a}. Fix: give at least one value.")
+        axes = list(values)
+        for combo in itertools.product(*(values[a] for a in axes)):
+            kw = dict(zip(axes, combo))
+            run = RunSpec(method=m.NAME, lr=kw["lr"], seed=kw["seed"], rank=kw.get("rank"),
+                          value_lr_ratio=kw.get("value_lr_ratio"), options=dict(options))
+            name = run_name(run, tag)
+            if not NAME_RE.fullmatch(name):
+                raise FinetuneError(f"{where}: run name {name!r} is not path-safe.")
+            if name in runs:
+                raise FinetuneError(f"{where}: run {name!r} appears twice in the grid. Fix: remove the duplicate "
+                                    "value or give one entry a distinct tag.")
+            runs[name] = run
+    return runs
+
+
+def validate(runs: dict[str, RunSpec], shapes: dict | None, ctx: Context | None = None,
+             adaptive_producible: bool = False) -> None:
+    """Checks that need the model's shapes (ranks vs matrices, target names) and the input files.
+
+    ``adaptive_producible``: the workflow has a rule that writes the default adaptive-rank file, so its
+    absence now is not an error (the DAG will make it first)."""
+    for name, run in runs.items():
+        m = registry.get(run.method)
+        if run.method == "lora-adaptive":
+            path = run.opt("ranks_file") or (ctx.adaptive_ranks if ctx else None)
+            if run.opt("ranks_file") or not adaptive_producible:
+                if path is None or not Path(path).exists():
+                    raise FinetuneError(
+                        f"run {name}: adaptive-rank file {path} does not exist and no rule of this workflow "
+                        "makes it. Fix: run the spectra stage first (it writes results/spectra/{model}/"
+                        "adaptive_ranks.json), set finetune.methods.lora-adaptive.ranks_file to an existing "
+                        "file, or drop lora-adaptive from finetune.sweeps.")
+            if shapes is not None and path is not None and Path(path).exists():
+                m.targets(shapes, run, ctx)
+            continue
+        if shapes is not None:
+            try:
+                m.targets(shapes, run, ctx)
+            except FinetuneError as e:
+                raise FinetuneError(f"run {name}: {e}") from None

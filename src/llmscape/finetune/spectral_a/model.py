@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from ..common import DEFAULT_TARGETS, check_rank, freeze_all, lora_count, select_targets
+from ..spectral import wrap
+from .layer import SpectralALinear
+
+NAME = "spectral-a"
+AXES = ("lr", "rank", "seed")
+DEFAULTS = dict(targets=list(DEFAULT_TARGETS))  # the paper's Llama-3 run: q, k, v, up, down, gate
+
+
+def targets(shapes, run, ctx=None) -> list[str]:
+    names = select_targets(shapes, run.opt("targets"), where=f"finetune.methods.{NAME}.targets")
+    check_rank(shapes, names, run.rank, NAME)
+    return names
+
+
+def expected_trainable(shapes, run, ctx=None) -> int:
+    return lora_count(shapes, {n: run.rank for n in targets(shapes, run, ctx)})
+
+
+def apply(model, run, ctx=None):
+    from ..common import linear_shapes
+
+    names = targets(linear_shapes(model), run, ctx)
+    freeze_all(model)
+    wrap(model, names, lambda lin: SpectralALinear(lin, run.rank))
+    return model

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from ..common import DEFAULT_TARGETS, check_rank, freeze_all, select_targets
+from ..spectral import wrap
+from .layer import SpectralRLinear
+
+NAME = "spectral-r"
+AXES = ("lr", "rank", "seed")
+DEFAULTS = dict(targets=list(DEFAULT_TARGETS), scale=True)  # scale: r trainable singular-value factors
+
+
+def targets(shapes, run, ctx=None) -> list[str]:
+    names = select_targets(shapes, run.opt("targets"), where=f"finetune.methods.{NAME}.targets")
+    check_rank(shapes, names, run.rank, NAME)
+    return names
+
+
+def expected_trainable(shapes, run, ctx=None) -> int:
+    r = run.rank
+    return len(targets(shapes, run, ctx)) * (2 * r * r + (r if run.opt("scale") else 0))
+
+
+def apply(model, run, ctx=None):
+    from ..common import linear_shapes
+
+    names = targets(linear_shapes(model), run, ctx)
+    freeze_all(model)
+    wrap(model, names, lambda lin: SpectralRLinear(lin, run.rank, scale=bool(run.opt("scale"))))
+    return model

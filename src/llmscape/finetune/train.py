@@ -1,0 +1,366 @@
+"""One fine-tuning run through accelerate (CPU, one GPU or several, the same code).
+
+    accelerate + optional DeepSpeed ZeRO-2/3 (a JSON under config/deepspeed; "auto" fields filled here),
+    bf16 mixed precision on GPU, optional gradient checkpointing, seeded data order and initialisation,
+    AdamW with warmup + cosine to lr_min_factor * lr (methods.md A.9), gradient accumulation,
+    validation loss every ``eval_every`` steps, merged checkpoints at log-spaced steps (for spectra during
+    training), resumable state (only the trainable tensors, optimiser, scheduler, RNG and curves), SIGTERM
+    -> save and exit (a requeued Slurm job goes on from there), TensorBoard, and a metrics JSON.
+
+Layout under ``out_dir`` (= results/finetune/{model}/{run}):
+    metrics.json  merged/  checkpoints/step_N/ (merged)  tb/  .work/state/step_N/  .work/checkpoints/
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..io import package_versions, write_json
+from . import registry
+from .common import Context, FinetuneError, RunSpec, linear_shapes, trainable_count
+from .data import answer_loss, batch_order, collate, encode, load_rows, split_validation
+from .evaluate import score
+from .merge import save_merged
+
+log = logging.getLogger("llmscape.finetune")
+
+TRAIN_DEFAULTS = dict(
+    max_steps=40, batch_size=4, grad_accum=1, max_length=512, warmup_steps=None, lr_min_factor=0.01,
+    weight_decay=0.0, max_grad_norm=1.0, eval_every=10, val_rows=32, n_checkpoints=4, save_every=0,
+    gradient_checkpointing=False, mixed_precision="auto", load_dtype="auto", deepspeed=None, header=False,
+    device="auto",
+)
+EVAL_DEFAULTS = dict(header=True, per_subject=None, batch_size=16)
+
+
+class Preempted(RuntimeError):
+    """Raised after the state was saved because of SIGTERM (or a test's ``stop_after``)."""
+
+
+def checkpoint_steps(max_steps: int, n: int) -> list[int]:
+    """Up to ``n`` log-spaced steps in [1, max_steps] (methods.md A.9: geomspace(1, max_steps, n))."""
+    if n <= 0 or max_steps <= 0:
+        return []
+    return sorted({int(round(x)) for x in np.geomspace(1, max_steps, n)})
+
+
+def warmup_of(max_steps: int, warmup: int | None) -> int:
+    return min(int(0.05 * max_steps), 3) if warmup is None else int(warmup)
+
+
+def lr_factor(step: int, max_steps: int, warmup: int, min_factor: float) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine from 1 to ``min_factor``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, max_steps - warmup)
+    return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    train: list = field(default_factory=list)  # [step, loss, lr]
+    val: list = field(default_factory=list)  # [step, loss]
+    tokens: int = 0
+    answer_tokens: int = 0
+    wall_s: float = 0.0
+    train_s: float = 0.0
+
+    def state_dict(self):
+        return asdict(self)
+
+    def load_state_dict(self, d):
+        for k, v in d.items():
+            setattr(self, k, v)
+
+
+def _deepspeed_plugin(path, tc, mixed):
+    from accelerate import DeepSpeedPlugin
+
+    cfg = json.loads(Path(path).read_text())
+    fill = {"train_micro_batch_size_per_gpu": tc["batch_size"], "gradient_accumulation_steps": tc["grad_accum"],
+            "gradient_clipping": tc["max_grad_norm"] or 0.0}
+    for k, v in fill.items():
+        if cfg.get(k, "auto") == "auto":
+            cfg[k] = v
+    cfg.pop("train_batch_size", None)
+    for key, on in (("bf16", mixed == "bf16"), ("fp16", mixed == "fp16")):
+        if isinstance(cfg.get(key), dict) and cfg[key].get("enabled") == "auto":
+            cfg[key]["enabled"] = on
+    cfg.setdefault("zero_allow_untested_optimizer", True)
+    return DeepSpeedPlugin(hf_ds_config=cfg)
+
+
+def _peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux: process peak RSS
+
+
+def _latest_state(state_root: Path) -> Path | None:
+    done = sorted(p for p in state_root.glob("step_*") if (p / "COMPLETE").exists())
+    return done[-1] if done else None
+
+
+def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None = None, eval_cfg: dict | None = None,
+          ctx: Context | None = None, run_name: str = "run", data_split: str = "finetune",
+          eval_split: str = "analysis", trust_remote_code: bool = False, stop_after: int | None = None) -> dict:
+    """Train ``run`` and write ``out_dir``/{metrics.json, merged/, checkpoints/}. Returns the metrics."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t_start = time.time()
+    tc = {**TRAIN_DEFAULTS, **(train_cfg or {})}
+    ec = {**EVAL_DEFAULTS, **(eval_cfg or {})}
+    out_dir, base_path = Path(out_dir), Path(base_path)
+    work = out_dir / ".work"
+    state_root, ckpt_work = work / "state", work / "checkpoints"
+    method = registry.get(run.method)
+
+    cuda = torch.cuda.is_available() and tc["device"] != "cpu"
+    mixed = tc["mixed_precision"]
+    if mixed == "auto":
+        mixed = "bf16" if cuda else "no"
+    ds = _deepspeed_plugin(tc["deepspeed"], tc, mixed) if tc["deepspeed"] else None
+    acc = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=int(tc["grad_accum"]),
+                      log_with="tensorboard", project_dir=str(out_dir / "tb"), deepspeed_plugin=ds,
+                      cpu=not cuda and ds is None)  # DeepSpeed on CPU needs its (gloo) process group
+    dev = acc.device
+    set_seed(run.seed)
+
+    # data
+    tok = AutoTokenizer.from_pretrained(base_path, trust_remote_code=trust_remote_code)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    rows = load_rows(data_dir, data_split)
+    train_rows, val_rows = split_validation(rows, tc["val_rows"])
+    if len(train_rows) == 0:
+        raise FinetuneError(f"no training rows in split {data_split!r} of {data_dir}. Fix: a larger "
+                            "data.finetune_per_subject (or null), or fewer finetune.train.val_rows.")
+    train_ex = encode(train_rows, tok, tc["header"], tc["max_length"])
+    val_ex = encode(val_rows, tok, tc["header"], tc["max_length"])
+
+    # model + method
+    load_dtype = tc["load_dtype"]
+    if load_dtype == "auto":
+        load_dtype = "bfloat16" if cuda else "float32"
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, load_dtype),
+                                                 trust_remote_code=trust_remote_code)
+    model.config.use_cache = False
+    model.to(dev)  # spectral SVDs run where the weights are
+    shapes = linear_shapes(model)
+    expected = method.expected_trainable(shapes, run, ctx) if run.method != "srank-calibrated" else None
+    model = method.apply(model, run, ctx)
+    if getattr(model, "srank_selection", None) is not None:  # the selection needs the weights: count after it
+        from .common import lora_count
+
+        expected = lora_count(shapes, {n: run.rank for n in model.srank_selection})
+    for p in model.parameters():  # trainable tensors in fp32 (mixed precision computes in bf16)
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    n_trainable = trainable_count(model)
+    if expected is not None and n_trainable != expected:
+        raise FinetuneError(f"{run.method}: {n_trainable} trainable parameters, the formula says {expected}")
+    n_total = sum(p.numel() for p in model.parameters())
+    if tc["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+    groups = registry.param_groups(model, run, float(tc["weight_decay"]))
+    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in groups], lr=run.lr)
+    max_steps = int(tc["max_steps"])
+    warm = warmup_of(max_steps, tc["warmup_steps"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, max_steps, warm, float(tc["lr_min_factor"])))
+    model, opt = acc.prepare(model, opt)
+    state = TrainState()
+    acc.register_for_checkpointing(state, sched)
+    keep = {n for n, p in acc.unwrap_model(model).named_parameters() if p.requires_grad}
+
+    def _trim(models, weights, output_dir):  # resume state holds only what training changes
+        for i in range(len(weights)):
+            weights[i] = {k: v for k, v in weights[i].items() if k in keep or "spectral_" in k}
+
+    if ds is None:
+        acc.register_save_state_pre_hook(_trim)
+
+    # a resume state is only valid for the same run and settings (a changed config starts afresh)
+    fingerprint = json.dumps(dict(run=asdict(run), train=tc, world=acc.num_processes), sort_keys=True, default=str)
+    stamp = work / "config.json"
+    if acc.is_main_process:
+        if stamp.exists() and stamp.read_text() != fingerprint:
+            log.warning("settings changed since the saved state: discarding %s", work)
+            shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(fingerprint)
+    acc.wait_for_everyone()
+    latest = _latest_state(state_root)
+    if latest is not None:
+        acc.load_state(str(latest), strict=False)
+        log.info("resumed from %s (step %d)", latest, state.step)
+
+    hparams = dict(method=run.method, lr=run.lr, seed=run.seed, rank=run.rank or 0,
+                   value_lr_ratio=run.value_lr_ratio or 0.0, max_steps=max_steps, batch_size=tc["batch_size"],
+                   grad_accum=tc["grad_accum"], trainable=n_trainable)
+    acc.init_trackers(run_name, config=hparams)
+
+    ckpt_steps = checkpoint_steps(max_steps, int(tc["n_checkpoints"]))
+    world = acc.num_processes
+    micro = int(tc["batch_size"])
+    accum = int(tc["grad_accum"])
+    global_batch = micro * accum * world
+    stop = {"flag": False}
+    prev = None
+    if hasattr(signal, "SIGTERM"):
+        try:
+            prev = signal.signal(signal.SIGTERM, lambda *a: stop.__setitem__("flag", True))
+        except ValueError:  # not in the main thread
+            prev = None
+
+    def to_dev(b):
+        return {k: v.to(dev) for k, v in b.items()}
+
+    @torch.no_grad()
+    def val_loss():
+        if not val_ex:
+            return float("nan")
+        m = acc.unwrap_model(model) if ds is None else model
+        was = m.training
+        m.eval()
+        tot, n = 0.0, 0
+        for s in range(0, len(val_ex), micro):
+            with acc.autocast():
+                loss, k = answer_loss(m, to_dev(collate(val_ex[s: s + micro], pad_id)))
+            tot += float(loss) * k
+            n += k
+        m.train(was)
+        return tot / max(n, 1)
+
+    def save_state(step):
+        if acc.is_main_process:
+            state_root.mkdir(parents=True, exist_ok=True)
+        tmp = state_root / f".tmp_step_{step:07d}"
+        if acc.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            (tmp / "COMPLETE").write_text(str(step))
+            final = state_root / f"step_{step:07d}"
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in state_root.glob("step_*"):
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+
+    session_t0 = time.time()
+    train_t = 0.0
+    try:
+        while state.step < max_steps:
+            step = state.step
+            t0 = time.time()
+            idx = batch_order(len(train_ex), step, global_batch, run.seed)
+            mine = idx[acc.process_index * micro * accum: (acc.process_index + 1) * micro * accum]
+            step_loss, step_tokens = 0.0, 0
+            for a in range(accum):
+                ex = [train_ex[i] for i in mine[a * micro: (a + 1) * micro]]
+                batch = to_dev(collate(ex, pad_id))
+                with acc.accumulate(model):
+                    with acc.autocast():
+                        loss, _ = answer_loss(model, batch)
+                    acc.backward(loss)
+                    if acc.sync_gradients and tc["max_grad_norm"] and ds is None:
+                        acc.clip_grad_norm_(model.parameters(), float(tc["max_grad_norm"]))
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                step_loss += float(loss.detach()) / accum
+                step_tokens += int(batch["attention_mask"].sum())
+            lr_now = opt.param_groups[0]["lr"]
+            sched.step()
+            train_t += time.time() - t0
+            state.step = step + 1
+            state.tokens += step_tokens * world
+            state.train.append([state.step, step_loss, lr_now])
+            acc.log({"train/loss": step_loss, "train/lr": lr_now}, step=state.step)
+            if state.step % int(tc["eval_every"]) == 0 or state.step == max_steps:
+                v = val_loss()
+                state.val.append([state.step, v])
+                acc.log({"val/loss": v}, step=state.step)
+                log.info("step %d train %.4f val %.4f", state.step, step_loss, v)
+            if state.step in ckpt_steps:
+                save_merged(acc.unwrap_model(model), base_path, ckpt_work / f"step_{state.step}", acc,
+                            acc.is_main_process, extra=dict(run=run_name, step=state.step))
+            want_save = (state.step in ckpt_steps or (tc["save_every"] and state.step % int(tc["save_every"]) == 0)
+                         or stop["flag"] or stop_after == state.step)
+            if want_save and state.step < max_steps:
+                state.wall_s += time.time() - session_t0
+                state.train_s += train_t
+                session_t0, train_t = time.time(), 0.0
+                save_state(state.step)
+            if stop["flag"] or stop_after == state.step:
+                raise Preempted(f"stopped after step {state.step}; state saved under {state_root}")
+    finally:
+        if prev is not None:
+            signal.signal(signal.SIGTERM, prev)
+    state.wall_s += time.time() - session_t0
+    state.train_s += train_t
+
+    # final: accuracy with extraction's scoring, merged weights, checkpoints, metrics
+    eval_rows = load_rows(data_dir, eval_split)
+    if ec["per_subject"]:
+        eval_rows = eval_rows.groupby("subject", sort=False).head(int(ec["per_subject"])).reset_index(drop=True)
+    m = acc.unwrap_model(model) if ds is None else model
+    with acc.autocast():
+        acc_res = score(m, tok, eval_rows, header=ec["header"], batch_size=int(ec["batch_size"]), device=dev)
+    merged = save_merged(acc.unwrap_model(model), base_path, out_dir / "merged", acc, acc.is_main_process,
+                         extra=dict(run=run_name, step=state.step))
+    metrics = None
+    if acc.is_main_process:
+        final_ckpts = out_dir / "checkpoints"
+        final_ckpts.mkdir(parents=True, exist_ok=True)
+        for s in ckpt_steps:
+            src = ckpt_work / f"step_{s}"
+            if src.exists():
+                dst = final_ckpts / f"step_{s}"
+                if dst.exists():
+                    shutil.rmtree(dst)
+                os.replace(src, dst)
+        metrics = dict(
+            run=run_name, method=run.method, spec=asdict(run),
+            train_config=tc, eval_config=ec,
+            train_loss=[dict(step=s, loss=l, lr=lr) for s, l, lr in state.train],
+            val_loss=[dict(step=s, loss=l) for s, l in state.val],
+            accuracy=acc_res, trainable_params=n_trainable, total_params=n_total,
+            trainable_share=n_trainable / n_total, expected_trainable=expected,
+            srank_selection=getattr(acc.unwrap_model(model), "srank_selection", None),
+            param_groups=[dict(name=g["name"], lr=g["lr"], weight_decay=g["weight_decay"],
+                               n=sum(p.numel() for p in g["params"])) for g in groups],
+            steps=state.step, tokens=state.tokens, train_time_s=state.train_s, wall_time_s=state.wall_s,
+            total_time_s=time.time() - t_start, tokens_per_s=state.tokens / max(state.train_s, 1e-9),
+            peak_memory_mb=_peak_memory_mb(dev), peak_memory_kind="cuda_allocated" if dev.type == "cuda" else "cpu_rss",
+            device=str(dev), world_size=world, engine=type(model).__name__, mixed_precision=mixed, load_dtype=load_dtype,
+            deepspeed=str(tc["deepspeed"]) if tc["deepspeed"] else None,
+            checkpoints=[s for s in ckpt_steps if (out_dir / "checkpoints" / f"step_{s}").exists()],
+            merged=str(merged), n_train_rows=len(train_rows), n_val_rows=len(val_rows),
+            versions=package_versions(("llmscape", "torch", "transformers", "peft", "accelerate", "deepspeed",
+                                       "numpy", "tensorboard", "safetensors")),
+        )
+        write_json(out_dir / "metrics.json", metrics)
+        shutil.rmtree(state_root, ignore_errors=True)  # finished: the resume state is no longer needed
+    acc.wait_for_everyone()
+    acc.end_training()  # closes the trackers (and, in accelerate 1.x, the process group): last
+    return metrics
