@@ -25,7 +25,8 @@ def top_svd(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, t
     idx = U.abs().argmax(dim=0)
     sign = torch.sign(U[idx, torch.arange(r, device=U.device)])
     sign[sign == 0] = 1
-    return (U * sign).contiguous(), S.contiguous(), (V * sign).contiguous()
+    # clones: slices of the full SVD would share (and save) its whole storage; safetensors refuses that
+    return (U * sign).contiguous(), S.clone(), (V * sign).contiguous()
 
 
 class SpectralLinear(nn.Module):

@@ -199,7 +199,7 @@ def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None 
     fingerprint = json.dumps(dict(run=asdict(run), train=tc, world=acc.num_processes), sort_keys=True, default=str)
     stamp = work / "config.json"
     if acc.is_main_process:
-        if stamp.exists() and stamp.read_text() != fingerprint:
+        if work.exists() and (not stamp.exists() or stamp.read_text() != fingerprint):
             log.warning("settings changed since the saved state: discarding %s", work)
             shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True, exist_ok=True)
