@@ -17,6 +17,9 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"  # config validation, resources, target lists
 include: "workflow/rules/prepare.smk"  # model and MMLU preparation
 include: "workflow/rules/extract.smk"  # per-layer last-token representations (HDF5)
+include: "workflow/rules/spectra.smk"  # weight spectra, adaptive LoRA ranks, stable-rank interventions
+include: "workflow/rules/geometry.smk"  # ID, density peaks, ARIs, overlaps per layer
+include: "workflow/rules/join.smk"  # spectra x geometry: joined table, correlations, figures
 
 
 rule all:

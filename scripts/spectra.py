@@ -1,0 +1,31 @@
+"""Rule spectra: per-matrix weight-spectrum metrics of one model variant (any model card) to parquet."""
+import sys
+
+sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  (the checkout's library)
+from llmscape import rulekit
+
+log = rulekit.start(snakemake, "spectra")  # noqa: F821
+
+from threadpoolctl import threadpool_limits  # noqa: E402  (installed with scikit-learn)
+
+threadpool_limits(max(1, int(snakemake.threads)))  # numpy's LAPACK uses the rule's threads, not the node's  # noqa: F821
+
+import torch  # noqa: E402
+
+from llmscape.io import write_parquet  # noqa: E402
+from llmscape.models import read_card  # noqa: E402
+from llmscape.spectra import stream  # noqa: E402
+
+cfg = snakemake.params.spectra  # noqa: F821
+torch.set_num_threads(max(1, int(snakemake.threads)))  # noqa: F821
+card = read_card(snakemake.input.card)  # noqa: F821
+esd_options = dict(min_evals=cfg["min_evals"], tw_scale=cfg["tw_scale"], ks=cfg["ks"], peak_bins=cfg["peak_bins"],
+                   peak_window=tuple(cfg["peak_window"]), mp_quantiles=tuple(cfg["mp_quantiles"]))
+df = stream.compute_spectra(card["path"], model=snakemake.wildcards.model,  # noqa: F821
+                            variant=snakemake.wildcards.variant,  # noqa: F821
+                            device=cfg["device"], method=cfg["method"], modules=tuple(cfg["modules"]),
+                            include_embeddings=cfg["include_embeddings"], esd_options=esd_options)
+write_parquet(snakemake.output.table, df)  # noqa: F821
+log.info("%d matrices of %s/%s on %s (%s) in %.1f s; mean alpha_ks %.3f, mean stable rank %.2f", len(df),
+         card["label"], card["variant"], df.attrs["device"], cfg["method"], df["seconds"].sum(),
+         df["alpha_ks"].mean(), df["stable_rank"].mean())

@@ -1,0 +1,505 @@
+"""Representation geometry per layer: intrinsic dimension, density peaks, ARIs and overlaps.
+
+Definitions follow Doimo et al. (NeurIPS 2024, reference notes A.5-A.8): per layer, on the
+deduplicated last-token vectors,
+
+* intrinsic dimension by 2NN and by Gride at the scales (n1, 2 n1) = (1, 2), (2, 4), ...; the headline
+  ID is the (16, 32) scale (``id_scale`` = 16), matching the density k = 16;
+* kNN log density with k = 16 at the headline ID, Advanced Density Peaks (ADP) clustering with Z = 1.6
+  and the halo off; the core-point fraction comes from a second ADP run with the halo on;
+* adjusted Rand index of the ADP assignment against subjects and against answer letters;
+* class-balanced label neighbourhood overlap (class fraction 0.3) for subjects and letters;
+* data (neighbourhood) overlap with k = 30 between the same questions in two representations.
+
+The k-nearest-neighbour graph of a layer is computed once (:func:`compute_neighbour_graph`: torch,
+blocked, symmetric, CUDA when present) and reused by everything above; DADApy gets it as precomputed
+distances. DADApy's convention for ``Data(distances=(dist, ind), maxk=maxk)``: both arrays have
+maxk + 1 columns, column 0 is the point itself at distance 0, the rest sorted by distance; ADP walks
+all ``maxk`` columns, so ``maxk`` changes the clustering and is passed explicitly.
+
+Output tables (column names are a contract with the join stage; keep them stable)
+--------------------------------------------------------------------------------
+``{shots}shot.parquet``: one row per (model, variant, shots, layer)
+
+    model, variant, shots, layer (int, index into ``hidden``), layer_name,
+    status          "ok", or why the metrics are NaN: "non_finite", "constant", "too_few_points", "failed"
+    n_questions     rows in the extraction; n_points: distinct vectors analysed; n_duplicates = the difference
+    maxk            neighbours given to DADApy (min(config maxk, n_points - 1))
+    id_2nn          2NN intrinsic dimension (DADApy, linear fit on 90% of the ratios)
+    id_gride, id_gride_err   Gride ID at the headline scale (id_scale_n1, 2 id_scale_n1)
+    id_scale_n1     n1 of the headline scale (16)
+    density_k, log_density_mean   kNN density parameters and the mean log density
+    z, n_clusters   ADP merging parameter and number of clusters (halo off)
+    core_fraction   fraction of points outside the halo (ADP with halo on)
+    ari_subjects, ari_letters     ARI of the ADP assignment (halo off) with subject / answer letter
+    label_fraction, overlap_subjects, overlap_letters   class-balanced label overlap
+    overlap_k, overlap_next_layer data overlap of layer l with layer l + 1 (NaN for the last layer)
+    seconds_graph, seconds_metrics, device
+
+``{shots}shot_gride.parquet``: long table, one row per (layer, scale):
+    model, variant, shots, layer, n1, n2, id, err
+
+``{shots}shot_overlap.parquet`` (:func:`compute_pair_overlaps`): one row per (layer, comparison):
+    model, variant, shots, layer, layer_name, comparison ("shots": against 0-shot of the same variant;
+    "variant": against base at the same shots), ref_variant, ref_shots, k, n_points, overlap
+
+``{shots}shot_knn.npz``: question_id (n,), layer_name, knn (n_layers, n, overlap_k) int32: each
+question's overlap_k nearest neighbours as row indices into question_id; -1 for rows dropped as
+duplicates and for layers without a neighbour graph (non-finite, constant, too few points). The pair overlaps are computed from these files.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("llmscape.geometry")
+
+STATUS_OK = "ok"
+
+
+class GeometryError(RuntimeError):
+    """The whole input is unusable (missing datasets, misaligned pairs, no usable layer)."""
+
+
+@dataclass
+class GeometryParams:
+    maxk: int = 1000  # neighbours for ID / density / ADP (the paper: 1000)
+    id_range_max: int = 100  # Gride scales up to this neighbour rank (the paper: 100 -> 6 scales)
+    id_scale: int = 16  # n1 of the headline Gride scale (16, 32)
+    density_k: int = 16
+    z: float = 1.6
+    label_fraction: float = 0.3
+    overlap_k: int = 30
+    device: str = "auto"
+    precision: str = "float32"
+    block_rows: int = 4096
+    refine_tol: float = 1e-4
+
+    @classmethod
+    def from_config(cls, cfg: dict | None) -> "GeometryParams":
+        cfg = dict(cfg or {})
+        names = {f.name for f in fields(cls)}
+        unknown = set(cfg) - names
+        if unknown:
+            raise ValueError(f"unknown geometry parameters: {sorted(unknown)}")
+        return cls(**cfg)
+
+    def min_points(self) -> int:
+        """Fewest distinct points a layer needs: the headline Gride scale and the density k must fit."""
+        return max(2 * self.id_scale, self.density_k, 2) + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Neighbour graph
+
+
+def resolve_device(spec: str = "auto") -> str:
+    import torch
+
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise GeometryError(f"geometry.device={spec} but CUDA is not available; use auto or cpu")
+    return spec
+
+
+def return_unique_rows(X: np.ndarray) -> np.ndarray:
+    """Sorted row indices of the first occurrence of every distinct row (exact, bitwise equality
+    after mapping -0.0 to 0.0). Keeping them in order keeps the labels aligned."""
+    X = np.ascontiguousarray(X)
+    X = X + X.dtype.type(0)  # -0.0 -> 0.0, so equal values compare equal bytewise
+    rows = X.view(np.dtype((np.void, X.dtype.itemsize * X.shape[1]))).ravel()
+    _, first = np.unique(rows, return_index=True)
+    return np.sort(first)
+
+
+def compute_neighbour_graph(X: np.ndarray, k: int, *, device: str = "auto", precision: str = "float32",
+                            block_rows: int = 4096, refine_tol: float = 1e-4,
+                            sym_budget_mb: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Euclidean k nearest neighbours of every row of X, DADApy layout.
+
+    Returns (dist, ind), each (N, k + 1): column 0 is the point itself at distance 0, then the k
+    nearest other points in increasing distance. dist is float64, ind int64.
+
+    Squared distances come from |x|^2 + |y|^2 - 2 x.y on centred data, in blocks of ``block_rows``
+    rows; each (I, J >= I) block of the symmetric matrix is computed once and its transpose reused
+    for row block J, halving the matrix products (while the upper triangle fits ``sym_budget_mb``);
+    one top-k per row strip. Where a squared distance is below
+    ``refine_tol`` (|x|^2 + |y|^2), the formula has lost its relative precision: those pairs (or,
+    when a whole neighbourhood is that tight, the whole row) are recomputed in float64 (:func:`_refine`).
+    """
+    import torch
+
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise ValueError(f"expected a 2-d array, got shape {X.shape}")
+    n = X.shape[0]
+    if not 1 <= k <= n - 1:
+        raise ValueError(f"k={k} neighbours need at least k + 1 points, have {n}")
+    dev = torch.device(resolve_device(device))
+    dt = {"float32": torch.float32, "float64": torch.float64}[precision]
+    k1 = k + 1
+
+    mean = X.mean(axis=0, dtype=np.float64)
+    Xc = torch.as_tensor(X, device=dev).to(dt)
+    Xc -= torch.as_tensor(mean, device=dev).to(dt)
+    sq = (Xc * Xc).sum(dim=1)
+
+    run_v = torch.empty((n, k1), dtype=dt, device=dev)
+    run_i = torch.empty((n, k1), dtype=torch.int64, device=dev)
+    B = max(1, min(int(block_rows), n))
+    starts = list(range(0, n, B))
+    # each (I, J >= I) block is computed once; its transpose serves row block J later. Keeping the
+    # upper triangle costs n^2/2 values: above the budget, fall back to full row strips.
+    symmetric = (n * n // 2) * Xc.element_size() <= int(sym_budget_mb) << 20
+    kept: dict[tuple[int, int], object] = {}
+    for a, s in enumerate(starts):
+        e = min(n, s + B)
+        parts = []
+        for b, s2 in enumerate(starts):
+            e2 = min(n, s2 + B)
+            if symmetric and b < a:
+                parts.append(kept.pop((b, a)).T)
+                continue
+            d2 = torch.addmm(sq[None, s2:e2], Xc[s:e], Xc[s2:e2].T, beta=1.0, alpha=-2.0)
+            d2 += sq[s:e, None]
+            d2.clamp_(min=0.0)
+            if symmetric and b > a:
+                kept[(a, b)] = d2
+            parts.append(d2)
+        strip = torch.cat(parts, dim=1)
+        del parts
+        strip[torch.arange(e - s, device=dev), torch.arange(s, e, device=dev)] = -1.0  # the point itself first
+        run_v[s:e], run_i[s:e] = torch.topk(strip, k1, dim=1, largest=False, sorted=True)
+        del strip
+    run_v[:, 0] = 0.0
+    if refine_tol > 0 and dt != torch.float64:
+        _refine(X, run_v, run_i, sq, k, refine_tol)
+    dist = torch.sqrt(run_v.to(torch.float64)).cpu().numpy()
+    ind = run_i.cpu().numpy()
+    return dist, ind
+
+
+def _refine(X: np.ndarray, run_v, run_i, sq, k: int, tol: float) -> None:
+    """The numerically careful step of :func:`compute_neighbour_graph`, in place.
+
+    A squared distance below tol (|x|^2 + |y|^2) is inside the rounding noise of the float32
+    formula. Rows whose k-th neighbour is already there (a tight group far from the data mean) are
+    redone in float64, centred on those rows; in the other rows only the near pairs are recomputed
+    directly as |x - y|^2 and the row re-sorted (the selected set is right, the order may not be).
+    """
+    import torch
+
+    dev, dt, k1 = run_v.device, run_v.dtype, k + 1
+    thr = tol * (sq[:, None] + sq[run_i])
+    whole = torch.nonzero(run_v[:, k] < thr[:, k], as_tuple=True)[0]
+    if whole.numel():
+        X64 = torch.as_tensor(X, device=dev).to(torch.float64)
+        Y = X64 - X64[whole].mean(dim=0)
+        sqY = (Y * Y).sum(dim=1)
+        chunk = max(1, (1 << 25) // X.shape[0])
+        for p in range(0, whole.numel(), chunk):
+            r = whole[p:p + chunk]
+            d2 = torch.addmm(sqY[None, :], Y[r], Y.T, beta=1.0, alpha=-2.0).add_(sqY[r, None]).clamp_(min=0.0)
+            d2[torch.arange(r.numel(), device=dev), r] = -1.0
+            v, i = torch.topk(d2, k1, dim=1, largest=False, sorted=True)
+            v[:, 0] = 0.0
+            run_v[r], run_i[r] = v.to(dt), i
+        log.info("recomputed %d neighbourhoods in float64 (tight groups far from the mean)", whole.numel())
+        thr = tol * (sq[:, None] + sq[run_i])
+    sus = run_v < thr
+    sus[:, 0] = False
+    sus[whole] = False
+    if bool(sus.any()):
+        X64 = torch.as_tensor(X, device=dev).to(torch.float64)
+        r, c = torch.nonzero(sus, as_tuple=True)
+        j = run_i[r, c]
+        chunk = max(1, (1 << 26) // max(1, X.shape[1]))
+        exact = torch.empty(r.shape[0], dtype=torch.float64, device=dev)
+        for p in range(0, r.shape[0], chunk):
+            q = slice(p, p + chunk)
+            diff = X64[r[q]] - X64[j[q]]
+            exact[q] = (diff * diff).sum(dim=1)
+        run_v[r, c] = exact.to(dt)
+        rows = torch.unique(r)
+        v, pos = torch.sort(run_v[rows, 1:], dim=1, stable=True)
+        run_v[rows, 1:] = v
+        run_i[rows, 1:] = torch.gather(run_i[rows, 1:], 1, pos)
+        log.debug("recomputed %d near pairs directly", int(r.shape[0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics on a neighbour graph
+
+
+def return_data_overlap(knn_a: np.ndarray, knn_b: np.ndarray, k: int | None = None) -> tuple[float, int]:
+    """Mean fraction of shared k nearest neighbours of the same point in two representations.
+
+    knn_a, knn_b: (N, >= k) neighbour lists in the same (original) index space, the point itself
+    excluded, -1 marking rows without neighbours (dropped duplicates). Returns (overlap, rows used).
+    """
+    k = int(k or min(knn_a.shape[1], knn_b.shape[1]))
+    if knn_a.shape[0] != knn_b.shape[0]:
+        raise ValueError("the two neighbour lists have different numbers of rows")
+    a, b = knn_a[:, :k], knn_b[:, :k]
+    valid = (a >= 0).all(axis=1) & (b >= 0).all(axis=1)
+    if not valid.any():
+        return math.nan, 0
+    both = np.sort(np.concatenate([a[valid], b[valid]], axis=1), axis=1)
+    shared = (both[:, 1:] == both[:, :-1]).sum(axis=1)  # each list has distinct entries
+    return float(np.mean(shared / k)), int(valid.sum())
+
+
+def return_label_overlap_k(labels: np.ndarray, fraction: float) -> int:
+    """Largest per-class neighbourhood max(1, int(fraction * n_class)) the label overlap needs."""
+    _, counts = np.unique(labels, return_counts=True)
+    return int(max(1, int(counts.max() * fraction)))
+
+
+def _nan_row() -> dict:
+    return dict(id_2nn=math.nan, id_gride=math.nan, id_gride_err=math.nan, log_density_mean=math.nan,
+                n_clusters=math.nan, core_fraction=math.nan, ari_subjects=math.nan, ari_letters=math.nan,
+                overlap_subjects=math.nan, overlap_letters=math.nan)
+
+
+def compute_layer_geometry(X: np.ndarray, subjects: np.ndarray, letters: np.ndarray, params: GeometryParams,
+                           *, name: str = "layer") -> tuple[dict, list[dict], np.ndarray]:
+    """All metrics of one layer. X (n, d); subjects, letters: integer codes (n,).
+
+    Returns (row, gride_rows, knn): the metric row (see the module docstring), the Gride profile as
+    rows (n1, n2, id, err), and the overlap_k neighbour lists (n, overlap_k) in row indices of X
+    (-1 for dropped duplicates and for degenerate layers). Degenerate layers give NaN metrics, a
+    status and a logged warning naming the layer.
+    """
+    from dadapy import Data
+    from sklearn.metrics import adjusted_rand_score
+
+    n = X.shape[0]
+    p = params
+    row = dict(n_questions=n, n_points=0, n_duplicates=0, status=STATUS_OK, maxk=0,
+               id_scale_n1=p.id_scale, density_k=p.density_k, z=p.z, label_fraction=p.label_fraction,
+               overlap_k=p.overlap_k, seconds_graph=0.0, seconds_metrics=0.0, **_nan_row())
+    knn = np.full((n, p.overlap_k), -1, dtype=np.int32)
+    gride: list[dict] = []
+
+    if not np.isfinite(X).all():
+        bad = int((~np.isfinite(X)).any(axis=1).sum())
+        log.warning("%s: %d of %d vectors hold NaN or inf; metrics set to NaN", name, bad, n)
+        row["status"] = "non_finite"
+        return row, gride, knn
+
+    X = np.asarray(X, dtype=np.float32 if X.dtype != np.float64 else np.float64)
+    keep = return_unique_rows(X)
+    m = keep.shape[0]
+    row.update(n_points=int(m), n_duplicates=int(n - m))
+    if m < n:
+        log.info("%s: dropped %d identical vectors, %d distinct left", name, n - m, m)
+    if m == 1:
+        log.warning("%s: all %d vectors are identical; metrics set to NaN", name, n)
+        row["status"] = "constant"
+        return row, gride, knn
+    if m < p.min_points():
+        log.warning("%s: only %d distinct vectors, fewer than the %d the neighbour scales need "
+                    "(id_scale=%d, density_k=%d); metrics set to NaN", name, m, p.min_points(),
+                    p.id_scale, p.density_k)
+        row["status"] = "too_few_points"
+        return row, gride, knn
+
+    Xu, sub_u, let_u = X[keep], subjects[keep], letters[keep]
+    maxk = min(p.maxk, m - 1)
+    graph_k = min(m - 1, max(maxk, p.overlap_k, return_label_overlap_k(sub_u, p.label_fraction),
+                             return_label_overlap_k(let_u, p.label_fraction)))
+    row["maxk"] = int(maxk)
+    t0 = time.perf_counter()
+    dist, ind = compute_neighbour_graph(Xu, graph_k, device=p.device, precision=p.precision,
+                                        block_rows=p.block_rows, refine_tol=p.refine_tol)
+    t1 = time.perf_counter()
+    row["seconds_graph"] = t1 - t0
+    ok_knn = min(p.overlap_k, graph_k)
+    knn[keep, :ok_knn] = keep[ind[:, 1:ok_knn + 1]].astype(np.int32)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=UserWarning)
+            data = Data(distances=(dist[:, :maxk + 1].copy(), ind[:, :maxk + 1].copy()), maxk=maxk,
+                        verbose=False)
+            row["id_2nn"] = float(data.compute_id_2NN()[0])
+            ids, errs, n2s = data.return_id_scaling_gride(range_max=min(p.id_range_max, maxk), return_ranks=True)
+            gride = [dict(n1=int(b // 2), n2=int(b), id=float(i), err=float(e)) for i, e, b in zip(ids, errs, n2s)]
+            head = [g for g in gride if g["n1"] == p.id_scale]
+            if not head:
+                raise ValueError(f"the headline scale ({p.id_scale}, {2 * p.id_scale}) is outside the Gride "
+                                 f"range (id_range_max={p.id_range_max}, maxk={maxk})")
+            row["id_gride"], row["id_gride_err"] = head[0]["id"], head[0]["err"]
+            data.set_id(row["id_gride"])
+            log_den, _ = data.compute_density_kNN(k=p.density_k)
+            row["log_density_mean"] = float(np.mean(log_den))
+            assignment = np.array(data.compute_clustering_ADP(Z=p.z, halo=False), copy=True)
+            row["n_clusters"] = int(data.N_clusters)
+            row["ari_subjects"] = float(adjusted_rand_score(sub_u, assignment))
+            row["ari_letters"] = float(adjusted_rand_score(let_u, assignment))
+            halo = data.compute_clustering_ADP(Z=p.z, halo=True)
+            row["core_fraction"] = float(np.mean(np.asarray(halo) >= 0))
+            full = Data(distances=(dist, ind), maxk=graph_k, verbose=False)
+            row["overlap_subjects"] = float(full.return_label_overlap(sub_u, class_fraction=p.label_fraction))
+            row["overlap_letters"] = float(full.return_label_overlap(let_u, class_fraction=p.label_fraction))
+    except Exception as e:  # a failure in one layer must not lose the other layers
+        log.warning("%s: geometry failed (%s: %s); metrics set to NaN", name, type(e).__name__, e,
+                    exc_info=True)
+        row.update(_nan_row())
+        row["status"] = "failed"
+    row["seconds_metrics"] = time.perf_counter() - t1
+    return row, gride, knn
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction files
+
+
+def read_labels(h5_path: str | Path) -> dict:
+    """question_id, subject codes and names, answer letters and layer names of an extraction."""
+    import h5py
+
+    h5_path = Path(h5_path)
+    if not h5_path.exists():
+        raise GeometryError(f"no extraction at {h5_path}")
+    with h5py.File(h5_path, "r") as f:
+        missing = [k for k in ("hidden", "question_id", "subject", "answer") if k not in f]
+        if missing:
+            raise GeometryError(f"{h5_path} lacks datasets {missing}: not an llmscape extraction")
+        shape = f["hidden"].shape
+        if len(shape) != 3:
+            raise GeometryError(f"{h5_path}: hidden has shape {shape}, expected (n_layers, n_questions, d)")
+        qid = np.asarray(f["question_id"][:], dtype=np.int64)
+        subject = np.asarray(f["subject"].asstr()[:], dtype=object)
+        answer = np.asarray(f["answer"][:], dtype=np.int64)
+        if "layer_name" in f:
+            layer_name = [str(s) for s in f["layer_name"].asstr()[:]]
+        else:
+            layer_name = [f"l{i}" for i in range(shape[0])]
+        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+    n = shape[1]
+    for key, arr in (("question_id", qid), ("subject", subject), ("answer", answer)):
+        if arr.shape != (n,):
+            raise GeometryError(f"{h5_path}: {key} has shape {arr.shape}, hidden has {n} questions")
+    if len(layer_name) != shape[0]:
+        raise GeometryError(f"{h5_path}: {len(layer_name)} layer names for {shape[0]} layers")
+    if n < 2:
+        raise GeometryError(f"{h5_path}: {n} question(s); geometry needs many")
+    subject_names, subject_codes = np.unique(subject.astype(str), return_inverse=True)
+    return dict(question_id=qid, subject=subject_codes.astype(np.int64), subject_names=subject_names,
+                answer=answer, layer_name=layer_name, shape=shape, attrs=attrs)
+
+
+def compute_geometry(h5_path: str | Path, params: GeometryParams, *, model: str = "", variant: str = "",
+                     shots: int | None = None, layers: list[int] | None = None):
+    """Geometry of every layer of one extraction. Returns (table, gride, knn) with table and gride as
+    pandas DataFrames (module docstring) and knn a dict(question_id, layer_name, knn)."""
+    import h5py
+    import pandas as pd
+    import torch
+
+    meta = read_labels(h5_path)
+    n_layers = meta["shape"][0]
+    if shots is None:
+        shots = int(meta["attrs"].get("shots", -1))
+    model = model or str(meta["attrs"].get("model", ""))
+    variant = variant or str(meta["attrs"].get("variant", ""))
+    layers = list(range(n_layers)) if layers is None else list(layers)
+    device = resolve_device(params.device)
+    params = GeometryParams(**{**asdict(params), "device": device})
+    log.info("%s: %d layers x %d questions x %d dims on %s (torch threads %d)", h5_path, n_layers,
+             meta["shape"][1], meta["shape"][2], device, torch.get_num_threads())
+
+    rows, grides, knns = [], [], []
+    with h5py.File(h5_path, "r") as f:
+        hidden = f["hidden"]
+        for layer in layers:
+            name = f"layer {layer} ({meta['layer_name'][layer]})"
+            X = hidden[layer]
+            X = X.astype(np.float32) if X.dtype == np.float16 else X
+            row, gride, knn = compute_layer_geometry(X, meta["subject"], meta["answer"], params, name=name)
+            row = dict(model=model, variant=variant, shots=int(shots), layer=int(layer),
+                       layer_name=meta["layer_name"][layer], device=device, **row)
+            rows.append(row)
+            grides += [dict(model=model, variant=variant, shots=int(shots), layer=int(layer), **g) for g in gride]
+            knns.append(knn)
+            log.info("%s: n=%d dup=%d id_gride=%.2f id_2nn=%.2f clusters=%s ari_subj=%.3f ari_let=%.3f "
+                     "(graph %.1fs, metrics %.1fs) [%s]", name, row["n_points"], row["n_duplicates"],
+                     row["id_gride"], row["id_2nn"], row["n_clusters"], row["ari_subjects"],
+                     row["ari_letters"], row["seconds_graph"], row["seconds_metrics"], row["status"])
+
+    for a in range(len(layers)):
+        nxt = math.nan
+        if a + 1 < len(layers) and layers[a + 1] == layers[a] + 1:
+            nxt, _ = return_data_overlap(knns[a], knns[a + 1], params.overlap_k)
+        rows[a]["overlap_next_layer"] = nxt
+
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    if not (table["status"] == STATUS_OK).any():
+        raise GeometryError(f"{h5_path}: no layer gave usable geometry (statuses: "
+                            f"{sorted(set(table['status']))}); see the warnings above")
+    gride_df = pd.DataFrame(grides, columns=GRIDE_COLUMNS)
+    knn = dict(question_id=meta["question_id"], layer=np.asarray(layers, dtype=np.int64),
+               layer_name=np.asarray([meta["layer_name"][l] for l in layers], dtype=str),
+               knn=np.stack(knns).astype(np.int32))
+    return table, gride_df, knn
+
+
+TABLE_COLUMNS = ["model", "variant", "shots", "layer", "layer_name", "status", "n_questions", "n_points",
+                 "n_duplicates", "maxk", "id_2nn", "id_gride", "id_gride_err", "id_scale_n1", "density_k",
+                 "log_density_mean", "z", "n_clusters", "core_fraction", "ari_subjects", "ari_letters",
+                 "label_fraction", "overlap_subjects", "overlap_letters", "overlap_k", "overlap_next_layer",
+                 "seconds_graph", "seconds_metrics", "device"]
+GRIDE_COLUMNS = ["model", "variant", "shots", "layer", "n1", "n2", "id", "err"]
+OVERLAP_COLUMNS = ["model", "variant", "shots", "layer", "layer_name", "comparison", "ref_variant", "ref_shots",
+                   "k", "n_points", "overlap"]
+
+
+def write_knn(dest: str | Path, knn: dict) -> None:
+    from llmscape.io import atomic_path
+
+    with atomic_path(dest) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **knn)
+
+
+def read_knn(path: str | Path) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def compute_pair_overlaps(knn: dict, refs: list[tuple[str, str, int, dict]], *, model: str, variant: str,
+                          shots: int, k: int):
+    """Data overlap, layer by layer, of one extraction's neighbour lists with each reference.
+
+    refs: (comparison, ref_variant, ref_shots, ref_knn). The two extractions must hold the same
+    questions in the same order; a mismatch is an error, never a silent misalignment."""
+    import pandas as pd
+
+    rows = []
+    for comparison, ref_variant, ref_shots, ref in refs:
+        if not np.array_equal(knn["question_id"], ref["question_id"]):
+            raise GeometryError(
+                f"{model}/{variant}/{shots}shot and {model}/{ref_variant}/{ref_shots}shot hold different "
+                f"questions ({len(knn['question_id'])} vs {len(ref['question_id'])} ids, or another order); "
+                "overlaps need the same questions row by row: re-extract both from the same data split")
+        if not np.array_equal(knn["layer"], ref["layer"]):
+            raise GeometryError(f"{variant}/{shots}shot and {ref_variant}/{ref_shots}shot cover different layers")
+        for a, layer in enumerate(knn["layer"]):
+            ov, used = return_data_overlap(knn["knn"][a], ref["knn"][a], k)
+            if used == 0:
+                log.warning("layer %d: no points with neighbours in both %s/%sshot and %s/%sshot; overlap NaN",
+                            layer, variant, shots, ref_variant, ref_shots)
+            rows.append(dict(model=model, variant=variant, shots=int(shots), layer=int(layer),
+                             layer_name=str(knn["layer_name"][a]), comparison=comparison,
+                             ref_variant=ref_variant, ref_shots=int(ref_shots), k=int(k), n_points=used,
+                             overlap=ov))
+    return pd.DataFrame(rows, columns=OVERLAP_COLUMNS)

@@ -1,0 +1,71 @@
+"""Column names the join stage reads from the other stages, in one place.
+
+The geometry, spectra, fine-tuning and extraction stages document their outputs as contracts (see the
+docstrings of ``llmscape.geometry``, ``llmscape.spectra``, ``llmscape.finetune.train`` and
+``llmscape.extract``). When one of them renames a column, change it here only.
+"""
+
+from __future__ import annotations
+
+
+class JoinError(ValueError):
+    """Inputs that cannot be joined without losing rows: the message names what is missing."""
+
+
+# --- geometry: results/geometry/{model}/{variant}/{shots}shot.parquet, one row per layer ---------------
+GEOMETRY_KEY = ("model", "variant", "shots", "layer")
+GEOMETRY_INFO = ("layer_name", "status", "n_points")  # carried along, not correlated
+GEOMETRY_METRICS = (
+    "id_2nn", "id_gride", "log_density_mean", "n_clusters", "core_fraction",
+    "ari_subjects", "ari_letters", "overlap_subjects", "overlap_letters", "overlap_next_layer",
+)
+
+# --- spectra: results/spectra/{model}/{variant}.parquet, one row per weight matrix ---------------------
+SPECTRA_KEY = ("model", "variant", "layer", "module")
+SPECTRA_NON_METRIC = ("name", "shape_out", "shape_in", "seconds")  # everything else numeric is a metric
+DECODER_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: module groups aggregated besides the single module types
+MODULE_GROUPS = {
+    "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+    "all": DECODER_MODULES,
+}
+#: the stable-rank intervention's module groups (``srank-{group}-{target}``), as in llmscape.spectra.intervene
+SRANK_GROUPS = {
+    "q": ("q_proj",), "k": ("k_proj",), "v": ("v_proj",), "o": ("o_proj",),
+    "gate": ("gate_proj",), "up": ("up_proj",), "down": ("down_proj",),
+    **MODULE_GROUPS,
+}
+STATS = ("mean", "median")
+
+
+def spec_col(metric: str, module: str, stat: str = "mean") -> str:
+    """Name of an aggregated spectral column in the joined table, e.g. ``stable_rank|mlp|mean``."""
+    return f"{metric}|{module}|{stat}"
+
+
+def parse_spec_col(col: str) -> tuple[str, str, str] | None:
+    parts = col.split("|")
+    return tuple(parts) if len(parts) == 3 else None
+
+
+# --- fine-tuning: results/finetune/{model}/{run}/metrics.json ------------------------------------------
+FT_SPEC_FIELDS = ("lr", "rank", "value_lr_ratio", "seed")  # metrics["spec"][...] hyper-parameters
+FT_SCALARS = {  # joined column -> metrics.json key
+    "trainable_params": "trainable_params",
+    "total_params": "total_params",
+    "trainable_share": "trainable_share",
+    "ft_steps": "steps",
+    "ft_train_time_s": "train_time_s",
+    "ft_wall_time_s": "wall_time_s",
+}
+FT_ACCURACY = ("accuracy", "accuracy")  # metrics["accuracy"]["accuracy"]: in-job evaluation accuracy
+FT_TRAIN_LOSS, FT_VAL_LOSS = "train_loss", "val_loss"  # lists of {step, loss}
+CHECKPOINT_VARIANT = "{run}-step{step}"  # variant name of a merged checkpoint
+
+# --- extraction accuracy: results/reps/{model}/{variant}/{shots}shot.json ------------------------------
+ACCURACY_FIELDS = ("accuracy", "accuracy_nospace")
+
+# --- variant methods ---------------------------------------------------------------------------------
+BASE_METHOD = "base"
+SRANK_METHOD = "srank-intervention"

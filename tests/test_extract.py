@@ -1,0 +1,157 @@
+"""Extraction on the real SmolLM2-135M and real MMLU questions."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from llmscape import data, extract as E, models
+from llmscape.prompts import PromptError
+
+
+@pytest.fixture(scope="module")
+def rows_pool(small_data):
+    return data.load_prepared(small_data)
+
+
+def _run(card, rows_pool, loaded_model, path, **kw):
+    rows, pool = rows_pool
+    tok, model = loaded_model
+    cfg = E.ExtractConfig(**{"token_budget": 1024, **kw})
+    acc = E.extract(card, rows, pool, cfg, path, path.with_suffix(".json"), model=model, tok=tok)
+    return acc, E.read_states(path)
+
+
+@pytest.mark.parametrize("shots", [0, 2])
+def test_prefix_sharing_gives_the_same_states(tmp_path, base_card, rows_pool, loaded_model, shots):
+    _, shared = _run(base_card, rows_pool, loaded_model, tmp_path / "a.h5", shots=shots, prefix_sharing=True)
+    _, plain = _run(base_card, rows_pool, loaded_model, tmp_path / "b.h5", shots=shots, prefix_sharing=False)
+    assert shared["attrs"]["prefix_sharing"] and not plain["attrs"]["prefix_sharing"]
+    scale = np.abs(plain["hidden"]).max(axis=-1, keepdims=True)
+    assert np.abs(shared["hidden"] - plain["hidden"]).max() / scale.max() < 1e-4  # fp32 tolerance
+    np.testing.assert_array_equal(shared["pred"], plain["pred"])
+
+
+def test_states_match_a_plain_full_forward_pass(tmp_path, base_card, rows_pool, loaded_model):
+    """Reference: batch of one, the full prompt, output_hidden_states; input norm applied by hand."""
+    rows, pool = rows_pool
+    tok, model = loaded_model
+    _, st = _run(base_card, rows_pool, loaded_model, tmp_path / "a.h5", shots=2)
+    from llmscape import prompts as P
+
+    r = rows.sort_values("question_id").iloc[4]
+    ids = tok(P.build_prompt(r, pool, 2), return_tensors="pt")
+    with torch.no_grad():
+        out = model(**ids, output_hidden_states=True)
+        hs = out.hidden_states
+        for layer in (0, 7, 29):
+            ref = model.model.layers[layer].input_layernorm(hs[layer])[0, -1].numpy()
+            np.testing.assert_allclose(st["hidden"][layer, 4], ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(st["hidden"][30, 4], hs[30][0, -1].numpy(), rtol=1e-4, atol=1e-4)  # final norm
+    letters = E.letter_token_ids(tok)
+    assert st["pred"][4] == int(out.logits[0, -1, letters[0]].argmax())
+
+
+def test_hdf5_schema(tmp_path, base_card, rows_pool, loaded_model):
+    acc, _ = _run(base_card, rows_pool, loaded_model, tmp_path / "s.h5", shots=1, store_dtype="float16")
+    rows, _ = rows_pool
+    with h5py.File(tmp_path / "s.h5") as f:
+        assert f["hidden"].shape == (31, len(rows), 576) and f["hidden"].dtype == np.float16
+        assert f["hidden"].chunks[0] == 1 and f["hidden"].chunks[2] == 576  # one layer reads contiguously
+        assert f["letter_logits"].shape == (len(rows), 2, 4)
+        assert list(f["question_id"][:]) == sorted(rows.question_id)
+        assert set(f["subject"].asstr()[:]) == {"abstract_algebra", "anatomy", "world_religions"}
+        assert f["layer_name"].asstr()[0] == "layers.0.input_layernorm" and f["layer_name"].asstr()[-1] == "norm"
+        assert "done" not in f
+        a = dict(f.attrs)
+    assert a["shots"] == 1 and a["site"] == "norm" and a["checksum"] == base_card["checksum"]
+    assert a["template_hash"] and json.loads(a["versions"])["torch"].startswith("2.13")
+    assert 0 <= acc["accuracy"] <= 1 and set(acc["per_subject"]) == {"abstract_algebra", "anatomy", "world_religions"}
+    assert not (tmp_path / "s.h5.partial").exists()
+
+
+def test_residual_site_is_the_unnormalised_stream(tmp_path, base_card, rows_pool, loaded_model):
+    _, norm = _run(base_card, rows_pool, loaded_model, tmp_path / "n.h5", shots=0)
+    _, res = _run(base_card, rows_pool, loaded_model, tmp_path / "r.h5", shots=0, site="residual")
+    tok, model = loaded_model
+    # applying block 5's input norm to the raw stream gives the norm site
+    with torch.no_grad():
+        normed = model.model.layers[5].input_layernorm(torch.from_numpy(res["hidden"][5])).numpy()
+    np.testing.assert_allclose(normed, norm["hidden"][5],
+                               rtol=1e-4, atol=1e-4)
+
+
+DRIVER = """
+import sys, json, pathlib, logging
+logging.basicConfig(level=logging.INFO)
+sys.path.insert(0, {src!r})
+from llmscape import data, models, extract as E
+rows, pool = data.load_prepared({data!r})
+card = json.loads(pathlib.Path({card!r}).read_text())
+E.extract(card, rows, pool, E.ExtractConfig(shots=2, token_budget=200, max_batch=2), {out!r}, threads=1)
+"""
+
+
+def test_killed_extraction_resumes_from_its_last_batch(tmp_path, root, base_card, small_data, rows_pool, loaded_model):
+    card = tmp_path / "card.json"
+    card.write_text(json.dumps(base_card))
+    out = tmp_path / "k.h5"
+    code = DRIVER.format(src=str(root / "src"), data=str(small_data), card=str(card), out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / "k.h5.partial"
+    deadline = time.time() + 300
+    done = 0
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            with h5py.File(partial, "r", locking=False) as f:
+                done = int(f["done"][:].sum())
+        except (OSError, KeyError):
+            done = 0
+        if done >= 4:
+            break
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 4 <= done < 18, done
+    assert partial.exists() and not out.exists()  # a killed job leaves no final file behind
+    res = subprocess.run([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resuming" in res.stderr and "questions already done" in res.stderr
+    assert out.exists() and not partial.exists()
+    _, full = _run(base_card, rows_pool, loaded_model, tmp_path / "full.h5", shots=2)
+    resumed = E.read_states(out)
+    np.testing.assert_allclose(resumed["hidden"], full["hidden"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(resumed["pred"], full["pred"])
+
+
+def test_bad_inputs_fail_early_with_the_fix(tmp_path, base_card, rows_pool):
+    rows, pool = rows_pool
+    with pytest.raises(PromptError, match="6 shots asked.*holds 5"):
+        E.extract(base_card, rows, pool, E.ExtractConfig(shots=6), tmp_path / "x.h5")
+    with pytest.raises(models.ModelError, match="unknown model 'no-such-model'"):
+        models.prepare("no-such-model", tmp_path / "c.json")
+    with pytest.raises(models.ModelError, match="has no config.json"):
+        models.prepare(str(tmp_path), tmp_path / "c.json")
+    with pytest.raises(E.ExtractError, match="store_dtype 'bfloat16'"):
+        E.ExtractConfig(store_dtype="bfloat16").validate()
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):  # root ignores permissions: use a path under a file instead
+            target = tmp_path / "file" / "x.h5"
+            (tmp_path / "file").write_text("")
+        else:
+            target = ro / "x.h5"
+        from llmscape.io import OutputError
+
+        with pytest.raises(OutputError, match="Fix"):
+            E.extract(base_card, rows, pool, E.ExtractConfig(shots=0), target)
+    finally:
+        ro.chmod(0o700)

@@ -1,0 +1,59 @@
+"""The DAG end to end on the CI config, locally (the Slurm variant is in test_slurm.py), and the
+configuration errors a researcher sees before anything runs."""
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def smk(workdir: Path, *args: str, configfile: str = "config/ci.yaml") -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(ROOT / configfile) if not Path(configfile).is_absolute() else configfile,
+           "--config", f"resources_dir={ROOT / 'resources'}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def ci_run(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("dag")
+    res = smk(wd, "--cores", "2")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return wd
+
+
+@pytest.mark.slow
+def test_ci_dag_runs_end_to_end(ci_run):
+    reps = ci_run / "results" / "reps" / "smollm2-135m" / "base"
+    for k in (0, 2):
+        with h5py.File(reps / f"{k}shot.h5") as f:
+            assert f["hidden"].shape == (31, 96, 576)
+            assert f.attrs["shots"] == k
+        assert (reps / f"{k}shot.json").exists()
+        assert (ci_run / "logs" / "extract" / "smollm2-135m" / "base" / f"{k}shot.log").stat().st_size > 0
+        assert (ci_run / "benchmarks" / "extract" / "smollm2-135m" / "base" / f"{k}shot.tsv").exists()
+    assert not list(ci_run.rglob("*.partial")) and not list(ci_run.rglob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_second_run_has_nothing_to_do(ci_run):
+    res = smk(ci_run, "-n", "--cores", "1")
+    assert res.returncode == 0
+    assert "Nothing to be done" in res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("extract:\n  shot_order: random\n", "'random' is not one of"),
+    ("extract:\n  shots: [0, 7]\n", "holds 5 per subject. Fix"),
+    ("data:\n  per_subject: 0\n", "0 is less than the minimum"),
+    ("modle: smollm2-135m\n", "Additional properties are not allowed ('modle'"),
+])
+def test_invalid_config_fails_before_running(tmp_path, bad, message):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text((ROOT / "config" / "ci.yaml").read_text() + bad)
+    res = smk(tmp_path, "-n", "--cores", "1", configfile=str(cfg))
+    assert res.returncode != 0
+    assert message in res.stdout + res.stderr, (res.stdout + res.stderr)[-2000:]
