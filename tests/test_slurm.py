@@ -193,8 +193,13 @@ def test_llama3_8b_dryrun_without_gpu_or_slurm(tmp_path):
     rules = {line.strip() for line in listed.stdout.splitlines() if re.fullmatch(r"\s*\w+\s*", line)}
     in_dag = {j["rule"] for j in jobs}
     assert rules and rules <= in_dag, f"rules missing from the DAG: {sorted(rules - in_dag)}"
-    shots = sorted(int(j["wildcards"]["shots"]) for j in jobs if j["rule"] == "extract")
-    assert shots == sorted(cfg["extract"]["shots"])
+    by_variant: dict[str, list[int]] = {}
+    for j in jobs:
+        if j["rule"] == "extract":
+            by_variant.setdefault(j["wildcards"]["variant"], []).append(int(j["wildcards"]["shots"]))
+    assert "base" in by_variant
+    for variant, shots in by_variant.items():  # every model variant, every shot
+        assert sorted(shots) == sorted(cfg["extract"]["shots"]), variant
 
     # the user's account and partition reach every job, and GPU jobs request exactly the config
     from types import SimpleNamespace
