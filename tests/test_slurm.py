@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,20 +77,35 @@ def trace(wd: Path, rule: str) -> list[tuple[int, str, str]]:
     return [(int(r[1]), r[2], r[3]) for r in rows]
 
 
-VOLATILE = re.compile(r"(time|seconds|elapsed|duration|wall|date|host|pid)", re.I)
+# Keys, attributes and columns that may differ between two correct runs: timings and hosts, and the
+# sha256 of written model files (safetensors writes its metadata header in hash-map order, so two
+# processes write equal tensors with different bytes; the .safetensors files themselves are compared
+# tensor by tensor below), with the extraction fingerprint derived from that sha256.
+VOLATILE = re.compile(r"(time|seconds|elapsed|duration|wall|date|host|pid|checksum|fingerprint)", re.I)
 
 
-def _strip_volatile(obj):
+def _norm(obj, root: str):
+    """Drop volatile keys; write the run's own working directory as <workdir>."""
     if isinstance(obj, dict):
-        return {k: _strip_volatile(v) for k, v in obj.items() if not VOLATILE.search(k)}
-    if isinstance(obj, list):
-        return [_strip_volatile(v) for v in obj]
+        return {k: _norm(v, root) for k, v in obj.items() if not VOLATILE.search(str(k))}
+    if isinstance(obj, (list, tuple)):
+        return [_norm(v, root) for v in obj]
+    if isinstance(obj, bytes):
+        obj = obj.decode("utf-8", "replace")
+    if isinstance(obj, str):
+        return obj.replace(root, "<workdir>")
     return obj
 
 
-def assert_same_file(a: Path, b: Path):
-    """Content equality by format: arrays and tables exactly, JSON without timing/host keys."""
+def assert_same_file(a: Path, b: Path, root_a: Path, root_b: Path):
+    """Content equality by format: arrays, tensors and tables exactly; JSON and HDF5 attributes without
+    volatile keys and with each run's working directory replaced by <workdir>."""
     import numpy as np
+
+    ra, rb = str(root_a), str(root_b)
+
+    def attr(v, root):
+        return _norm(v.tolist() if isinstance(v, np.ndarray) else (v.item() if isinstance(v, np.generic) else v), root)
 
     suffix = a.suffix
     if suffix == ".h5":
@@ -105,22 +121,39 @@ def assert_same_file(a: Path, b: Path):
             assert sorted(ia) == sorted(ib), f"{a.name}: different HDF5 layout"
             for name in ["/", *ia]:
                 oa, ob = fa[name], fb[name]
-                assert _strip_volatile(dict(oa.attrs)).keys() == _strip_volatile(dict(ob.attrs)).keys()
-                for k in _strip_volatile(dict(oa.attrs)):
-                    assert np.array_equal(np.asarray(oa.attrs[k]), np.asarray(ob.attrs[k])), f"{a}:{name}@{k}"
+                ka = sorted(k for k in oa.attrs if not VOLATILE.search(k))
+                assert ka == sorted(k for k in ob.attrs if not VOLATILE.search(k)), f"{a}:{name} attrs"
+                for k in ka:
+                    assert attr(oa.attrs[k], ra) == attr(ob.attrs[k], rb), f"{a}:{name}@{k}"
                 if isinstance(oa, h5py.Dataset):
                     assert oa.dtype == ob.dtype and oa.shape == ob.shape, f"{a}:{name}"
                     assert np.array_equal(oa[()], ob[()]), f"{a}:{name} differs"
     elif suffix == ".parquet":
         import pandas as pd
 
-        pd.testing.assert_frame_equal(pd.read_parquet(a), pd.read_parquet(b), check_exact=True)
+        fa, fb = pd.read_parquet(a), pd.read_parquet(b)
+        fa, fb = (f.drop(columns=[c for c in f.columns if VOLATILE.search(str(c))]) for f in (fa, fb))
+        pd.testing.assert_frame_equal(fa, fb, check_exact=True)
+    elif suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(a, "np") as ta, safe_open(b, "np") as tb:
+            assert ta.metadata() == tb.metadata(), a
+            assert sorted(ta.keys()) == sorted(tb.keys()), a
+            for k in ta.keys():
+                assert np.array_equal(ta.get_tensor(k), tb.get_tensor(k)), f"{a}:{k}"
     elif suffix == ".npy":
         assert np.array_equal(np.load(a, allow_pickle=False), np.load(b, allow_pickle=False)), a
+    elif suffix == ".npz":
+        with np.load(a, allow_pickle=False) as za, np.load(b, allow_pickle=False) as zb:
+            assert sorted(za.files) == sorted(zb.files), a
+            for k in za.files:
+                assert np.array_equal(za[k], zb[k]), f"{a}:{k}"
     elif suffix == ".json":
-        assert _strip_volatile(json.loads(a.read_text())) == _strip_volatile(json.loads(b.read_text())), a
+        assert _norm(json.loads(a.read_text()), ra) == _norm(json.loads(b.read_text()), rb), a
     else:
-        assert a.read_bytes() == b.read_bytes(), f"{a} differs"
+        assert a.read_bytes().replace(ra.encode(), b"<workdir>") == \
+            b.read_bytes().replace(rb.encode(), b"<workdir>"), f"{a} differs"
 
 
 def script_missing_rules() -> list[str]:
@@ -235,6 +268,22 @@ def test_llama3_8b_dryrun_without_gpu_or_slurm(tmp_path):
 
 
 # ----------------------------------------------------------------- shared runs (module fixtures)
+@pytest.fixture(scope="module")
+def work_root():
+    """Working directories of the cluster runs. Not pytest's tmp_path: pytest prunes old
+    /tmp/pytest-of-<user>/pytest-N folders, and another session of the same user (a colleague's
+    test run on a shared machine) could delete them under running Slurm jobs.
+    LLMSCAPE_KEEP_SLURM_TMP=1 keeps them for inspection."""
+    base = Path(tempfile.mkdtemp(prefix="llmscape-slurm-tests-"))
+    yield base
+    if os.environ.get("LLMSCAPE_KEEP_SLURM_TMP") != "1":
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def fresh(base: Path, name: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=base))
+
+
 @dataclass
 class Run:
     wd: Path
@@ -244,10 +293,10 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def local_reference(tmp_path_factory):
+def local_reference(work_root):
     """The CI DAG run locally (the reference for the cluster run), started in the background so that
     it overlaps with the fault workflow, which mostly waits on Slurm."""
-    wd = workdir(tmp_path_factory.mktemp("local"))
+    wd = workdir(fresh(work_root, "local"))
     targets, omit = [], script_missing_rules()
     args = [*SNAKEMAKE, "-s", SNAKEFILE, "--configfile", CI_CONFIG, "--cores", "2",
             *(["--omit-from", *omit] if omit else [])]
@@ -268,9 +317,9 @@ def local_reference(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fault_run(slurm_cluster, local_reference, tmp_path_factory):
+def fault_run(slurm_cluster, local_reference, work_root):
     """The fault workflow through profiles/slurm-test, with its `victim` job scancel'd mid-run."""
-    wd = tmp_path_factory.mktemp("fault")
+    wd = fresh(work_root, "fault")
     env = dict(os.environ, FAULT_SLOW_SECONDS="100", FAULT_VICTIM_SECONDS="120")
     logf = open(wd / "head.log", "w")
     t0 = time.monotonic()
@@ -374,8 +423,8 @@ def test_forcerun_reruns_the_rule_and_its_dependents_only(fault_run):
 
 
 @pytest.mark.slurm
-def test_head_killed_with_sigkill_is_recovered(slurm_cluster, tmp_path):
-    wd = tmp_path
+def test_head_killed_with_sigkill_is_recovered(slurm_cluster, work_root):
+    wd = fresh(work_root, "sigkill")
     args = ["-s", FAULT_SNAKEFILE, "--profile", PROFILE_TEST, "out/victim.txt"]
     env = dict(os.environ, FAULT_VICTIM_SECONDS="120")
     logf = open(wd / "head.log", "w")
@@ -421,7 +470,8 @@ def test_head_killed_with_sigkill_is_recovered(slurm_cluster, tmp_path):
 
 # -------------------------------------------------------------------- 2. the head-job wrapper
 @pytest.mark.slurm
-def test_head_job_wrapper_runs_snakemake_in_a_slurm_job(slurm_cluster, tmp_path):
+def test_head_job_wrapper_runs_snakemake_in_a_slurm_job(slurm_cluster, work_root):
+    tmp_path = fresh(work_root, "wrapper")
     env = dict(os.environ, LLMSCAPE_PROFILE=str(PROFILE_TEST))
     sub = subprocess.run([str(ROOT / "scripts" / "submit.sbatch"), "-s", str(FAULT_SNAKEFILE),
                           "out/source.txt"], cwd=tmp_path, env=env, capture_output=True, text=True)
@@ -438,9 +488,9 @@ def test_head_job_wrapper_runs_snakemake_in_a_slurm_job(slurm_cluster, tmp_path)
 
 # ----------------------------------------------- 4. the whole CI DAG on the cluster, as locally
 @pytest.mark.slurm
-def test_ci_dag_on_the_cluster_is_identical_to_a_local_run(slurm_cluster, local_reference, tmp_path_factory):
+def test_ci_dag_on_the_cluster_is_identical_to_a_local_run(slurm_cluster, local_reference, work_root):
     omit = script_missing_rules()
-    wd = workdir(tmp_path_factory.mktemp("cluster"))
+    wd = workdir(fresh(work_root, "cluster"))
     t0 = time.monotonic()
     res = snakemake("-s", SNAKEFILE, "--configfile", CI_CONFIG, "--profile", PROFILE_TEST,
                     *(["--omit-from", *omit] if omit else []), cwd=wd, timeout=1200)
@@ -450,10 +500,12 @@ def test_ci_dag_on_the_cluster_is_identical_to_a_local_run(slurm_cluster, local_
     local = local_reference()
     assert local.rc == 0, local.log[-6000:]
 
-    ran_local = set(re.findall(r"^localrule (\w+):", res.stdout, re.M)) - {"all"}
-    ran_slurm = set(re.findall(r"^rule (\w+):", res.stdout, re.M))
-    if not ran_slurm:
+    # local jobs are printed as "localrule X:", cluster jobs only as submitted and finished
+    ran_local = set(re.findall(r"^localrule (\w+):", res.stdout, re.M))
+    ran_slurm = set(re.findall(r"^Finished jobid: \d+ \(Rule: (\w+)\)", res.stdout, re.M)) - ran_local
+    if not ran_slurm and omit:
         pytest.skip(f"no stage that runs on Slurm has landed yet (scripts missing for {omit})")
+    assert ran_slurm, "nothing ran on Slurm"
     assert {"prepare_model", "prepare_data"} <= ran_local  # downloads stay on the head node
     slurm_logs = {p.name.removeprefix("rule_") for p in (wd / "logs" / "slurm").iterdir()}
     assert ran_slurm <= slurm_logs, "a cluster rule left no Slurm log"
@@ -463,6 +515,6 @@ def test_ci_dag_on_the_cluster_is_identical_to_a_local_run(slurm_cluster, local_
     files_l = sorted(p.relative_to(local.wd) for p in (local.wd / "results").rglob("*") if p.is_file())
     assert files_c == files_l
     for rel in files_c:
-        assert_same_file(local.wd / rel, wd / rel)
+        assert_same_file(local.wd / rel, wd / rel, local.wd, wd)
     print(f"CI DAG: cluster {seconds:.0f} s, local {local.seconds:.0f} s; on Slurm: {sorted(ran_slurm)};"
           f" omitted (not landed): {omit}")
