@@ -49,10 +49,17 @@ def res(group, parent=None):
     mem, runtime = int(r.pop("mem_mb")), int(r.pop("runtime"))
     r["mem_mb"] = lambda wildcards, attempt: mem * attempt
     r["runtime"] = lambda wildcards, attempt: runtime * attempt
-    if not r.get("gpu"):
+    if not r.get("gpu") or r.get("gres"):  # gres replaces gpu/gpu_model (the plugin refuses both)
         r.pop("gpu", None)
         r.pop("gpu_model", None)
     return r
+
+
+# Downloads (the model, MMLU) need the login node's network, so they run in the head process; so do
+# plots and the report when their stages add them here. Everything else is a cluster job.
+localrules:
+    prepare_model,
+    prepare_data,
 
 
 def threads_of(group):
