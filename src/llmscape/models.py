@@ -45,15 +45,35 @@ def model_label(model: str, label: str | None = None) -> str:
 
 
 def weights_checksum(folder: Path) -> str:
-    """sha256 over the weight files (names and contents), streamed: works for sharded checkpoints."""
+    """sha256 over the tensors (name, dtype, shape, bytes, in name order) of every safetensors file,
+    streamed. Hashing tensors rather than file bytes makes it independent of the header's key order,
+    which safetensors does not keep stable between processes for metadata."""
+    import struct
+
     files = sorted(p for pat in WEIGHT_PATTERNS for p in Path(folder).glob(pat))
     if not files:
         raise ModelError(f"{folder} holds no *.safetensors weights. Fix: save the model with "
                          "save_pretrained(safe_serialization=True).")
-    h = hashlib.sha256()
+    entries = []
     for f in files:
-        h.update(f.name.encode())
-        h.update(assets.sha256_file(f).encode())
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        header.pop("__metadata__", None)
+        entries += [(name, f, 8 + n, info) for name, info in header.items()]
+    h = hashlib.sha256()
+    for name, f, base, info in sorted(entries, key=lambda e: e[0]):
+        h.update(f"{name}|{info['dtype']}|{info['shape']}".encode())
+        start, end = info["data_offsets"]
+        with open(f, "rb") as fh:
+            fh.seek(base + start)
+            left = end - start
+            while left > 0:
+                block = fh.read(min(left, 1 << 24))
+                if not block:
+                    raise ModelError(f"{f} is truncated (tensor {name}). Fix: rewrite or re-download it.")
+                h.update(block)
+                left -= len(block)
     return h.hexdigest()
 
 

@@ -1,7 +1,8 @@
-"""MMLU letter scoring, the same definition as extraction: the prediction is the argmax over the four
-answer-letter logits at the last prompt token, for tokens " A".." D" (leading space: ``pred``, primary)
-and "A".."D" (no space, Doimo et al.'s). 0-shot prompt = header + question block (``header: true``).
-Accuracy overall and per subject. Self-contained until the shared scorer in ``llmscape.extract`` lands.
+"""MMLU letter scoring of a model being fine-tuned: the extraction's own scorer
+(:func:`llmscape.extract.run_batches`), so accuracy here and in ``results/reps/*.json`` are the same
+definition: the argmax over the four answer-letter logits at the last prompt token, for tokens
+" A".." D" (leading space: ``pred``, primary) and "A".."D" (no space, Doimo et al.'s). The 0-shot prompt
+is header + question block (``header: true``) or the question block alone.
 """
 
 from __future__ import annotations
@@ -9,57 +10,29 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..data import LETTERS
+from ..extract import ExtractError, letter_token_ids, run_batches, tokenize
 from .data import prompt_text
 
-
-class ScoringError(ValueError):
-    pass
-
-
-def letter_token_ids(tok) -> tuple[list[int], list[int]]:
-    out = []
-    for prefix in (" ", ""):
-        ids = []
-        for L in LETTERS:
-            t = tok(prefix + L, add_special_tokens=False)["input_ids"]
-            if len(t) != 1:
-                raise ScoringError(f"the tokenizer splits {prefix + L!r} into {len(t)} tokens; letter scoring needs "
-                                   "one token per answer letter.")
-            ids.append(t[0])
-        out.append(ids)
-    return out[0], out[1]
+ScoringError = ExtractError  # a tokenizer that splits an answer letter is the same error as in extraction
 
 
 @torch.no_grad()
 def score(model, tok, rows, header: bool = True, batch_size: int = 16, device=None) -> dict:
-    """Accuracy of ``model`` on ``rows`` (columns subject, question, choices, answer)."""
-    device = device or next(model.parameters()).device
-    space, nospace = letter_token_ids(tok)
-    ids_all = [tok(prompt_text(r.subject, r.question, r.choices, header))["input_ids"] for r in rows.itertuples()]
-    order = np.argsort([len(x) for x in ids_all], kind="stable")
-    pred = np.zeros(len(rows), np.int64)
-    pred_ns = np.zeros(len(rows), np.int64)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    """Accuracy of ``model`` (plain or peft-wrapped) on ``rows`` (columns subject, question, choices, answer)."""
+    letter_token_ids(tok)  # fail early, naming the letter, if the tokenizer splits one
+    texts = [prompt_text(r.subject, r.question, r.choices, header) for r in rows.itertuples()]
+    ids = tokenize(tok, texts)
+    logits = np.zeros((len(rows), 2, 4), np.float32)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     was_training = model.training
     model.eval()
-    for s in range(0, len(order), batch_size):
-        chunk = order[s: s + batch_size]
-        L = max(len(ids_all[i]) for i in chunk)
-        ids = torch.full((len(chunk), L), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        last = torch.zeros(len(chunk), dtype=torch.long)
-        for j, i in enumerate(chunk):
-            n = len(ids_all[i])
-            ids[j, :n] = torch.tensor(ids_all[i])
-            mask[j, :n] = 1
-            last[j] = n - 1
-        keep = torch.unique(last)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep.to(device)).logits
-        at = logits[torch.arange(len(chunk)), torch.searchsorted(keep, last).to(device)].float()
-        pred[chunk] = at[:, space].argmax(-1).cpu().numpy()
-        pred_ns[chunk] = at[:, nospace].argmax(-1).cpu().numpy()
-    model.train(was_training)
+    try:
+        for res in run_batches(base, tok, ids, rows.subject.tolist(), token_budget=max(batch_size, 1) * 512,
+                               max_batch=max(batch_size, 1), capture=None):
+            logits[res.positions] = res.letter_logits
+    finally:
+        model.train(was_training)
+    pred, pred_ns = logits[:, 0].argmax(-1), logits[:, 1].argmax(-1)
     answer = rows["answer"].to_numpy()
     correct = pred == answer
     per_subject = {s: float(correct[(rows.subject == s).to_numpy()].mean()) for s in sorted(rows.subject.unique())}
