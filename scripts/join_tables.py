@@ -16,7 +16,7 @@ from llmscape.join.report import write_csv  # noqa: E402
 
 smk = snakemake  # noqa: F821
 variants, shots = list(smk.params.variants), [int(k) for k in smk.params.shots]
-pairs = [(v, k) for v in variants for k in shots]  # the order of the geometry and accuracy inputs
+pairs = [(v, int(k)) for v, k in smk.params.pairs]  # the order of the geometry and accuracy inputs
 geometry = pd.concat([pd.read_parquet(p) for p in smk.input.geometry], ignore_index=True)
 spectra = pd.concat([pd.read_parquet(p) for p in smk.input.spectra], ignore_index=True)
 accuracy = tables.read_accuracy(dict(zip(pairs, smk.input.accuracy)))
@@ -24,7 +24,7 @@ finetune = {r: json.loads(open(p).read()) for r, p in zip(smk.params.runs, smk.i
 interventions = {v: json.loads(open(p).read()) for v, p in zip(smk.params.interventions, smk.input.interventions)}
 meta = tables.variant_table(variants, finetune, interventions)
 joined = tables.join_model(geometry, spectra, meta, accuracy, variants=variants, shots=shots,
-                           layer_match=smk.params.layer_match)
+                           pairs=pairs, layer_match=smk.params.layer_match)
 joined.insert(0, "model", joined.pop("model"))
 write_parquet(smk.output.joined, joined)
 summary = tables.variants_summary(joined)

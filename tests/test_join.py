@@ -170,6 +170,21 @@ def test_missing_variant_shots_accuracy_and_metadata_are_errors():
                           variants=VARIANTS, shots=SHOTS)
 
 
+def test_variants_extracted_at_fewer_shots_join_by_pairs():
+    """extract.variant_shots: non-base variants at 0 shots only; the join takes (variant, shots) pairs."""
+    meta, _ = make_meta()
+    pairs = [("base", 0), ("base", 2)] + [(v, 0) for v in VARIANTS[1:]]
+    g, a = make_geometry(), make_accuracy()
+    keep_g = [(v, int(k)) in set(pairs) for v, k in zip(g["variant"], g["shots"])]
+    keep_a = [(v, int(k)) in set(pairs) for v, k in zip(a["variant"], a["shots"])]
+    j = tables.join_model(g[keep_g], make_spectra(), meta, a[keep_a], variants=VARIANTS, shots=SHOTS, pairs=pairs)
+    assert len(j) == len(pairs) * (N_BLOCKS + 1)
+    assert set(zip(j["variant"], j["shots"])) == set(pairs)
+    with pytest.raises(JoinError, match=r"geometry missing for \(variant, shots\)"):
+        tables.join_model(g[keep_g], make_spectra(), meta, a[keep_a], variants=VARIANTS, shots=SHOTS,
+                          pairs=pairs + [("srank-up-2", 2)])
+
+
 # ---------------------------------------------------------------------------------------------- correlations
 
 

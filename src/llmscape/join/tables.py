@@ -64,8 +64,10 @@ def block_of_layer(layer: int, n_blocks: int, match: str = "producer") -> int | 
 # inputs
 
 
-def check_geometry(geom: pd.DataFrame, variants, shots) -> int:
-    """Every (variant, shots) present, each with layers exactly 0..L for one common L; returns L + 1."""
+def check_geometry(geom: pd.DataFrame, variants, shots, pairs=None) -> int:
+    """Every (variant, shots) present, each with layers exactly 0..L for one common L; returns L + 1.
+    ``pairs`` (variant, shots) replaces the product of ``variants`` and ``shots`` when variants are
+    extracted at different shots (``extract.variant_shots``)."""
     missing_cols = [c for c in GEOMETRY_KEY if c not in geom.columns]
     if missing_cols:
         raise JoinError(f"geometry table lacks key column(s) {missing_cols}")
@@ -73,7 +75,7 @@ def check_geometry(geom: pd.DataFrame, variants, shots) -> int:
     if absent:
         raise JoinError(f"geometry table lacks metric column(s) {absent} (see llmscape.join.columns)")
     have = set(zip(geom["variant"], geom["shots"].astype(int)))
-    want = {(v, int(k)) for v in variants for k in shots}
+    want = {(v, int(k)) for v, k in pairs} if pairs is not None else {(v, int(k)) for v in variants for k in shots}
     if want - have:
         raise JoinError(f"geometry missing for (variant, shots): {_fmt_missing(want - have)}")
     if have - want:
@@ -226,19 +228,21 @@ def _checked_merge(left: pd.DataFrame, right: pd.DataFrame, on, what: str, valid
 
 def join_model(geometry: pd.DataFrame, spectra: pd.DataFrame, variants_meta: pd.DataFrame,
                accuracy: pd.DataFrame, *, variants, shots, layer_match: str = "producer",
-               spectral_metrics_=None) -> pd.DataFrame:
+               spectral_metrics_=None, pairs=None) -> pd.DataFrame:
     """The joined table of one model (module docstring). Raises JoinError on any lost row."""
     variants, shots = list(variants), [int(k) for k in shots]
     if len(set(variants)) != len(variants):
         raise JoinError(f"duplicate variants requested: {variants}")
-    n_layers = check_geometry(geometry, variants, shots)
-    geom = geometry[geometry["variant"].isin(variants) & geometry["shots"].astype(int).isin(shots)].copy()
+    pairs = ([(v, int(k)) for v, k in pairs] if pairs is not None else [(v, k) for v in variants for k in shots])
+    n_layers = check_geometry(geometry, variants, shots, pairs)
+    wanted = set(pairs)
+    geom = geometry[[(v, int(k)) in wanted for v, k in zip(geometry["variant"], geometry["shots"])]].copy()
     geom["shots"] = geom["shots"].astype(int)
     geom["layer"] = geom["layer"].astype(int)
     keep = list(GEOMETRY_KEY) + [c for c in GEOMETRY_INFO if c in geom.columns] + list(GEOMETRY_METRICS)
     geom = geom[keep].sort_values(["variant", "shots", "layer"]).reset_index(drop=True)
     n_rows = len(geom)
-    assert n_rows == len(variants) * len(shots) * n_layers
+    assert n_rows == len(wanted) * n_layers
 
     spec = aggregate_spectra(spectra, variants, spectral_metrics_)
     n_blocks = int(spec["block"].max()) + 1
