@@ -14,6 +14,8 @@ import torch
 from llmscape import data, extract as E, models
 from llmscape.prompts import PromptError
 
+pytestmark = pytest.mark.slow  # the real SmolLM2-135M on real MMLU prompts
+
 
 @pytest.fixture(scope="module")
 def rows_pool(small_data):
