@@ -307,7 +307,7 @@ def test_figures_are_written_and_non_empty(tmp_path):
 # ---------------------------------------------------------------------------------------------- rules + report
 
 RUN = "ft-lora-r8-lr0.001-s0"
-CKPT_STEPS = (1, 10, 20, 30)
+CKPT_STEPS = (1, 3, 10, 30)  # finetune.train max_steps 30, n_checkpoints 4: geomspace(1, 30, 4) rounded
 
 
 def write_constructed_inputs(workdir, model="toy"):
@@ -335,18 +335,21 @@ def write_constructed_inputs(workdir, model="toy"):
         write_parquet(res / "spectra" / model / f"{RUN}-step{step}.parquet", s)
 
 
-def stub_snakefile(workdir, root):
-    """A Snakefile that declares the other stages' target functions (as their .smk files do) and includes
-    the real one; only the join rules may run (--allowed-rules), the rest of the inputs exist already."""
-    sf = workdir / "Snakefile"
-    sf.write_text(
-        "def geometry_targets(): return []\n"
-        "def spectra_targets(): return []\n"
-        f"def intervention_variants(): return {[v for v in VARIANTS if v.startswith('srank-')]!r}\n"
-        f"def finetune_variants(): return [{RUN!r}]\n"
-        f"def checkpoint_variants(): return {[f'{RUN}-step{s}' for s in CKPT_STEPS]!r}\n"
-        f"include: {str(root / 'Snakefile')!r}\n")
-    return sf
+def join_test_config(workdir, root):
+    """The real workflow with a config whose variants, runs and checkpoints are exactly the constructed
+    inputs' (the CI config plus overrides); only the join rules may run (--allowed-rules), every other
+    input exists already. Returns the config file to pass."""
+    import yaml
+
+    cfg = yaml.safe_load((root / "config" / "ci.yaml").read_text())
+    cfg["model_label"] = "toy"
+    cfg["extract"]["variant_shots"] = None  # every variant at every shot, as the constructed tables
+    cfg["spectra"]["intervene"] = dict(groups=["up"], targets=[2, 4])
+    cfg["finetune"]["sweeps"] = [dict(method="lora", rank=[8], lr=[1e-3], seed=[0])]
+    cfg["finetune"]["train"].update(max_steps=30, n_checkpoints=len(CKPT_STEPS))
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
 
 
 def test_join_rules_and_report_end_to_end(tmp_path, root):
@@ -356,10 +359,9 @@ def test_join_rules_and_report_end_to_end(tmp_path, root):
     from llmscape.join.report import check_report
 
     write_constructed_inputs(tmp_path)
-    sf = stub_snakefile(tmp_path, root)
-    base = [sys.executable, "-m", "snakemake", "-s", str(sf), "--directory", str(tmp_path),
-            "--configfile", str(root / "config" / "ci.yaml"), "--config", "model_label=toy",
-            f"resources_dir={root / 'resources'}"]  # ci.yaml: shots 0 and 2, as SHOTS
+    cfg = join_test_config(tmp_path, root)
+    base = [sys.executable, "-m", "snakemake", "-s", str(root / "Snakefile"), "--directory", str(tmp_path),
+            "--configfile", str(cfg), "--config", f"resources_dir={root / 'resources'}"]  # shots 0 and 2 = SHOTS
     # --allowed-rules takes every following word: keep it last
     allowed = ["--allowed-rules", "join_tables", "correlate", "plot_join", "join_config", "join_all"]
     run = subprocess.run(base + ["--cores", "1", "join_all", *allowed], capture_output=True, text=True)
