@@ -8,7 +8,10 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The embedded default, unless config files are given on the command line: a cluster config then
+# stands alone (with the schema's defaults), instead of inheriting the laptop-sized settings.
+if not workflow.overwrite_configfiles:
+    workflow.configfile("config/config.yaml")
 
 
 report: "workflow/report/workflow.rst"

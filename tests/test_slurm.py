@@ -243,7 +243,10 @@ def test_llama3_8b_dryrun_without_gpu_or_slurm(tmp_path):
     class Res(dict):
         __getattr__ = dict.__getitem__
 
-    groups_with_gpu = {g: r for g, r in cfg["resources"].items() if r.get("gpu")}
+    def effective(group, r):  # per-method groups (finetune_<method>) inherit from finetune, as res() does
+        return {**cfg["resources"].get("finetune", {}), **r} if group.startswith("finetune_") else r
+
+    groups_with_gpu = {g: effective(g, r) for g, r in cfg["resources"].items() if effective(g, r).get("gpu")}
     gpu_jobs = [j for j in jobs if j["resources"].get("gpu") or "gpu" in str(j["resources"].get("gres", ""))]
     assert {j["rule"] for j in gpu_jobs} >= {"extract"}
     for j in jobs:
