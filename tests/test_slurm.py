@@ -81,7 +81,7 @@ def trace(wd: Path, rule: str) -> list[tuple[int, str, str]]:
 # sha256 of written model files (safetensors writes its metadata header in hash-map order, so two
 # processes write equal tensors with different bytes; the .safetensors files themselves are compared
 # tensor by tensor below), with the extraction fingerprint derived from that sha256.
-VOLATILE = re.compile(r"(time|seconds|elapsed|duration|wall|date|host|pid|checksum|fingerprint)", re.I)
+VOLATILE = re.compile(r"(time|seconds|elapsed|duration|wall|date|host|pid|checksum|fingerprint|per_s|memory)", re.I)
 
 
 def _norm(obj, root: str):

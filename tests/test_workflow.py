@@ -39,6 +39,20 @@ def test_ci_dag_runs_end_to_end(ci_run):
 
 
 @pytest.mark.slow
+def test_report_of_the_ci_run_is_complete(ci_run):
+    """snakemake --report: one self-contained HTML with the join's figures and tables, the configuration
+    and the per-rule runtimes."""
+    from llmscape.join.report import check_report
+
+    report = ci_run / "report.html"
+    res = smk(ci_run, "--cores", "1", "--report", str(report))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert check_report(report) == []
+    text = report.read_text(errors="replace")
+    assert "Geometry" in text and "spectra" in text.lower()
+
+
+@pytest.mark.slow
 def test_second_run_has_nothing_to_do(ci_run):
     res = smk(ci_run, "-n", "--cores", "1")
     assert res.returncode == 0
