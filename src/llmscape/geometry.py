@@ -101,13 +101,9 @@ class GeometryParams:
 
 
 def resolve_device(spec: str = "auto") -> str:
-    import torch
+    from .models import pick_device
 
-    if spec == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise GeometryError(f"geometry.device={spec} but CUDA is not available; use auto or cpu")
-    return spec
+    return pick_device(spec, key="geometry.device", error=GeometryError)
 
 
 def return_unique_rows(X: np.ndarray) -> np.ndarray:

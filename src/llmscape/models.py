@@ -148,13 +148,16 @@ def read_card(card: str | Path) -> dict:
     return info
 
 
-def pick_device(device: str = "auto") -> str:
+def pick_device(device: str = "auto", key: str = "extract.device", error: type[Exception] = None) -> str:
+    """``auto`` -> cuda when torch sees a GPU, else cpu; a CUDA device without a GPU is an error naming
+    the config ``key`` (raised as ``error``, ModelError by default). Shared by every stage."""
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"device {device!r} asked for, but torch sees no CUDA GPU. Fix: use device 'auto' or 'cpu'.")
+        raise (error or ModelError)(f"{key} {device!r} asked for, but torch sees no CUDA GPU. "
+                                    f"Fix: set {key} to auto or cpu.")
     return device
 
 

@@ -114,6 +114,14 @@ def meta_shapes(model_path: str | Path, trust_remote_code: bool = False) -> dict
     return linear_shapes(model)
 
 
+def ranked_targets(shapes, run, method: str) -> list[str]:
+    """The method's configured ``targets`` (finetune.methods.<method>.targets), each checked to take
+    ``run.rank`` (shared by every method that adapts a list of matrices at one rank)."""
+    names = select_targets(shapes, run.opt("targets"), where=f"finetune.methods.{method}.targets")
+    check_rank(shapes, names, run.rank, method)
+    return names
+
+
 def check_rank(shapes, names, rank: int, method: str) -> None:
     """A rank above min(out, in) of a targeted matrix is an error (LoRA would over-parameterise it, the
     spectral methods cannot take more singular vectors than exist)."""

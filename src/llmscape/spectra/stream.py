@@ -142,14 +142,9 @@ def iter_tensors(refs: list[MatrixRef]) -> Iterator[tuple[MatrixRef, "object"]]:
 
 
 def pick_device(device: str = "auto") -> str:
-    import torch
+    from ..models import pick_device as _pick
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SpectraError(f"spectra.device {device!r} asked for, but torch sees no CUDA GPU. "
-                           "Fix: set spectra.device to auto or cpu.")
-    return device
+    return _pick(device, key="spectra.device", error=SpectraError)
 
 
 def compute_eigenvalues(W, method: str = "auto", device: str = "cpu", block_rows: int = 8192) -> np.ndarray:

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from ..common import DEFAULT_TARGETS, check_rank, lora_config, lora_count, names_regex, select_targets
+from ..common import DEFAULT_TARGETS, lora_config, lora_count, names_regex, ranked_targets
 
 NAME = "lora"
 AXES = ("lr", "rank", "seed")
@@ -12,9 +12,7 @@ DEFAULTS = dict(
 
 
 def targets(shapes, run, ctx=None) -> list[str]:
-    names = select_targets(shapes, run.opt("targets"), where=f"finetune.methods.{NAME}.targets")
-    check_rank(shapes, names, run.rank, NAME)
-    return names
+    return ranked_targets(shapes, run, NAME)
 
 
 def expected_trainable(shapes, run, ctx=None) -> int:

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from ..common import DEFAULT_TARGETS, check_rank, freeze_all, lora_count, select_targets
+from ..common import DEFAULT_TARGETS, freeze_all, lora_count, ranked_targets
 from ..spectral import wrap
 from .layer import SpectralALinear
 
@@ -10,9 +10,7 @@ DEFAULTS = dict(targets=list(DEFAULT_TARGETS))  # the paper's Llama-3 run: q, k,
 
 
 def targets(shapes, run, ctx=None) -> list[str]:
-    names = select_targets(shapes, run.opt("targets"), where=f"finetune.methods.{NAME}.targets")
-    check_rank(shapes, names, run.rank, NAME)
-    return names
+    return ranked_targets(shapes, run, NAME)
 
 
 def expected_trainable(shapes, run, ctx=None) -> int:

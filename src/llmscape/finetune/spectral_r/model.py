@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from ..common import DEFAULT_TARGETS, check_rank, freeze_all, select_targets
+from ..common import DEFAULT_TARGETS, freeze_all, ranked_targets
 from ..spectral import wrap
 from .layer import SpectralRLinear
 
@@ -10,9 +10,7 @@ DEFAULTS = dict(targets=list(DEFAULT_TARGETS), scale=True)  # scale: r trainable
 
 
 def targets(shapes, run, ctx=None) -> list[str]:
-    names = select_targets(shapes, run.opt("targets"), where=f"finetune.methods.{NAME}.targets")
-    check_rank(shapes, names, run.rank, NAME)
-    return names
+    return ranked_targets(shapes, run, NAME)
 
 
 def expected_trainable(shapes, run, ctx=None) -> int:

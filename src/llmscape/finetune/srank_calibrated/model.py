@@ -3,8 +3,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..common import (DEFAULT_TARGETS, FinetuneError, check_rank, component, lora_config, lora_count, names_regex,
-                      select_targets)
+from ..common import (DEFAULT_TARGETS, FinetuneError, component, lora_config, lora_count, names_regex,
+                      ranked_targets)
 
 NAME = "srank-calibrated"
 AXES = ("lr", "rank", "seed")
@@ -31,9 +31,7 @@ def _check(run):
 def targets(shapes, run, ctx=None) -> list[str]:
     """The candidates (the selection needs the weights; see :func:`select`)."""
     _check(run)
-    names = select_targets(shapes, run.opt("targets"), where=f"finetune.methods.{NAME}.targets")
-    check_rank(shapes, names, run.rank, NAME)
-    return names
+    return ranked_targets(shapes, run, NAME)
 
 
 def stable_ranks(names, ctx=None, weights=None) -> dict[str, float]:
