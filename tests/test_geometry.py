@@ -62,12 +62,13 @@ def brute_knn(X, k):
     return dist, ind
 
 
-@pytest.mark.parametrize("sym_budget_mb", [2048, 0])  # symmetric blocks, and plain row strips
-def test_neighbour_graph_matches_brute_force_across_blocks(sym_budget_mb):
+@pytest.mark.parametrize("sym_budget_mb,blas", [(2048, "numpy"), (0, "numpy"), (2048, "torch")])
+def test_neighbour_graph_matches_brute_force_across_blocks(sym_budget_mb, blas):
+    # symmetric blocks and plain row strips; block products by numpy's BLAS and by torch's
     rng = np.random.default_rng(3)
     X = (rng.standard_normal((301, 7)) * np.arange(1, 8)).astype(np.float32)
     dist, ind = G.compute_neighbour_graph(X, 40, device="cpu", block_rows=37,  # 9 uneven blocks
-                                          sym_budget_mb=sym_budget_mb)
+                                          sym_budget_mb=sym_budget_mb, blas=blas)
     bd, bi = brute_knn(X, 40)
     assert dist.shape == ind.shape == (301, 41)
     assert np.array_equal(ind[:, 0], np.arange(301)) and np.all(dist[:, 0] == 0)
@@ -93,6 +94,19 @@ def test_neighbour_graph_refines_cancellation_prone_pairs():
 def test_unique_rows_keep_first_occurrence_in_order():
     X = np.array([[1, 2], [3, 4], [1, 2], [0.0, 5], [-0.0, 5], [3, 4], [7, 7]], dtype=np.float32)
     assert G.return_unique_rows(X).tolist() == [0, 1, 3, 6]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_unique_rows_equal_numpy_unique(dtype):
+    # the hash-and-verify grouping gives np.unique's first occurrences on many small cases full of
+    # duplicates and signed zeros (few distinct values, so collisions of whole rows are common)
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        n, d = int(rng.integers(1, 60)), int(rng.integers(1, 7))
+        X = rng.integers(-2, 3, (n, d)).astype(dtype)
+        X[rng.random(n) < 0.2] *= -1  # 0.0 -> -0.0 in some rows
+        ref = np.sort(np.unique(X + dtype(0), axis=0, return_index=True)[1])
+        assert G.return_unique_rows(X).tolist() == ref.tolist()
 
 
 # --- intrinsic dimension ---------------------------------------------------------------------
