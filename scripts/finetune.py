@@ -5,9 +5,8 @@ sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  (the checkout
 from pathlib import Path
 
 from llmscape import rulekit
-from llmscape.finetune.common import Context, RunSpec
+from llmscape.finetune.launch import job_spec, run_job
 from llmscape.finetune.merge import write_card
-from llmscape.finetune.train import train
 from llmscape.models import read_card
 
 log = rulekit.start(snakemake, "finetune")  # noqa: F821
@@ -18,12 +17,12 @@ import torch
 
 torch.set_num_threads(max(1, int(smk.threads)))  # the job's cores, not the node's
 base = read_card(smk.input.card)
-ctx = Context(adaptive_ranks=smk.input.get("ranks"), stable_ranks=smk.input.get("sranks"))
 out_dir = Path(smk.output.metrics).parent
-metrics = train(RunSpec(**p.run), base_path=base["path"], data_dir=Path(smk.input.table).parent, out_dir=out_dir,
-                train_cfg=dict(p.train), eval_cfg=dict(p.eval), ctx=ctx, run_name=run_name,
-                data_split=p.data["split"], eval_split=p.data["eval_split"],
-                trust_remote_code=p.trust_remote_code)
+spec = job_spec(p.run, base_path=base["path"], data_dir=Path(smk.input.table).parent, out_dir=out_dir,
+                train_cfg=dict(p.train), eval_cfg=dict(p.eval), adaptive_ranks=smk.input.get("ranks"),
+                stable_ranks=smk.input.get("sranks"), run_name=run_name, data_split=p.data["split"],
+                eval_split=p.data["eval_split"], trust_remote_code=p.trust_remote_code)
+metrics = run_job(spec, p.launch["num_processes"], threads=int(smk.threads), port=p.launch["main_process_port"])
 if metrics is not None:  # the main process writes the cards
     source = f"finetune:{run_name}:base={base['checksum']}"
     write_card(smk.output.card, base, run_name, smk.output.merged, source)

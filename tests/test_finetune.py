@@ -475,3 +475,50 @@ def test_changed_settings_do_not_resume_an_old_state(tiny_dir, data_dir, tmp_pat
         _train(run, tiny_dir, data_dir, tmp_path / "r", stop_after=2)
     m = _train(run, tiny_dir, data_dir, tmp_path / "r", tc=dict(max_steps=4, n_checkpoints=0))
     assert [x["step"] for x in m["train_loss"]] == [1, 2, 3, 4]  # started afresh, not at step 3
+
+
+# ---------------------------------------------------------------- several processes (accelerate launch)
+
+def _spec(run, tiny_dir, data_dir, out, **tc):
+    from dataclasses import asdict
+
+    from llmscape.finetune.launch import job_spec
+
+    return job_spec(asdict(run), base_path=tiny_dir, data_dir=data_dir, out_dir=out, train_cfg={**TC, **tc},
+                    eval_cfg=dict(per_subject=3), run_name="t", data_split="finetune", eval_split="analysis")
+
+
+def test_two_processes_equal_one_process_with_the_global_batch(tiny_dir, data_dir, tmp_path):
+    """The rule's multi-process path, for real: `accelerate launch` starts 2 CPU processes (gloo), each
+    on half of every global batch; the trained weights equal one process on the whole batch (no dropout,
+    one answer token per example, so the mean of the two halves' losses is the batch loss). A preempted
+    2-process run (SIGTERM-equivalent stop after step 3) resumes to the same weights."""
+    from safetensors.torch import load_file
+
+    from llmscape.finetune.launch import run_job
+
+    run = run_of("lora", rank=4, lr=5e-3, dropout=0.0)
+    one = run_job(_spec(run, tiny_dir, data_dir, tmp_path / "one", batch_size=4), 1)
+    two = run_job(_spec(run, tiny_dir, data_dir, tmp_path / "two", batch_size=2), 2, threads=2)
+    assert one["world_size"] == 1 and two["world_size"] == 2
+    assert two["tokens"] == one["tokens"]  # every example of the global batch seen exactly once
+    a = [x["loss"] for x in one["train_loss"]]
+    b = [x["loss"] for x in two["train_loss"]]
+    assert np.allclose(a, b, atol=1e-5), (a, b)
+    wa = load_file(tmp_path / "one" / "merged" / "model.safetensors")
+    wb = load_file(tmp_path / "two" / "merged" / "model.safetensors")
+    base = load_file(Path(tiny_dir) / "model.safetensors")
+    k = "model.layers.1.mlp.down_proj.weight"
+    assert not torch.equal(wa[k], base[k])
+    assert all(torch.allclose(wa[n], wb[n], atol=1e-6) for n in wa)
+
+    with pytest.raises(Preempted):
+        run_job(_spec(run, tiny_dir, data_dir, tmp_path / "cut", batch_size=2) | dict(stop_after=3), 2, threads=2)
+    assert list((tmp_path / "cut" / ".work" / "state").glob("step_*"))
+    resumed = run_job(_spec(run, tiny_dir, data_dir, tmp_path / "cut", batch_size=2), 2, threads=2)
+    assert [x["step"] for x in resumed["train_loss"]] == list(range(1, 7))
+    assert np.allclose([x["loss"] for x in resumed["train_loss"]], b, atol=1e-5)
+    wc = load_file(tmp_path / "cut" / "merged" / "model.safetensors")
+    assert all(torch.allclose(wb[n], wc[n], atol=1e-6) for n in wb)
+    # TensorBoard of the first attempt survives the resume (the curves continue)
+    assert len(list((tmp_path / "cut" / "tb").rglob("events.out.tfevents*"))) >= 2

@@ -57,7 +57,23 @@ def finetune_check():
         ft_grid.validate(FT_RUNS, _ft_model_shapes(), ctx, adaptive_producible=producible)
     except FinetuneError as e:
         raise WorkflowError(f"finetune config: {e}") from None
+    _ft_check_launch()
     _FT_CHECKED.append(True)
+
+
+FT_LAUNCH = {"num_processes": 1, "main_process_port": None, **FT.get("launch", {})}
+
+
+def _ft_check_launch():
+    """Several processes per run need as many GPUs where GPUs are requested (else the job could never
+    start them); checked for every method group before any job is submitted."""
+    n = int(FT_LAUNCH["num_processes"])
+    for run in FT_RUNS:
+        gpus = res(_ft_method_group(run), parent="finetune").get("gpu", 0)
+        if isinstance(gpus, int) and 0 < gpus < n:
+            raise WorkflowError(f"finetune.launch.num_processes is {n} but run {run} requests {gpus} GPU(s) "
+                                f"(resources.{_ft_method_group(run)}.gpu or resources.finetune.gpu). Fix: request "
+                                f"{n} GPUs or set finetune.launch.num_processes to {gpus}.")
 
 
 def _ft_method_group(run):
@@ -127,7 +143,6 @@ rule finetune:
         metrics="results/finetune/{model}/{run}/metrics.json",
         merged=directory("results/finetune/{model}/{run}/merged"),
         checkpoints=directory("results/finetune/{model}/{run}/checkpoints"),
-        tensorboard=directory("results/finetune/{model}/{run}/tb"),
         card="results/models/{model}/{run}/model.json",
         checkpoint_cards=expand("results/models/{{model}}/{{run}}-step{step}/model.json", step=FT_CKPT_STEPS),
     log:
@@ -142,6 +157,7 @@ rule finetune:
         eval=FT["eval"],
         data=FT["data"],
         steps=FT_CKPT_STEPS,
+        launch=FT_LAUNCH,
         trust_remote_code=config["trust_remote_code"],
     resources:
         **finetune_resources(),

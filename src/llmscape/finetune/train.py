@@ -86,6 +86,15 @@ class TrainState:
             setattr(self, k, v)
 
 
+def resolve_mixed_precision(tc: dict) -> str:
+    """``mixed_precision: auto`` = bf16 where training runs on CUDA, else no."""
+    mixed = tc.get("mixed_precision", "auto")
+    if mixed == "auto":
+        cuda = torch.cuda.is_available() and tc.get("device", "auto") != "cpu"
+        mixed = "bf16" if cuda else "no"
+    return mixed
+
+
 def _deepspeed_plugin(path, tc, mixed):
     from accelerate import DeepSpeedPlugin
 
@@ -131,9 +140,7 @@ def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None 
     method = registry.get(run.method)
 
     cuda = torch.cuda.is_available() and tc["device"] != "cpu"
-    mixed = tc["mixed_precision"]
-    if mixed == "auto":
-        mixed = "bf16" if cuda else "no"
+    mixed = resolve_mixed_precision(tc)
     ds = _deepspeed_plugin(tc["deepspeed"], tc, mixed) if tc["deepspeed"] else None
     acc = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=int(tc["grad_accum"]),
                       log_with="tensorboard", project_dir=str(out_dir / "tb"), deepspeed_plugin=ds,
@@ -190,7 +197,8 @@ def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None 
 
     def _trim(models, weights, output_dir):  # resume state holds only what training changes
         for i in range(len(weights)):
-            weights[i] = {k: v for k, v in weights[i].items() if k in keep or "spectral_" in k}
+            weights[i] = {k: v for k, v in weights[i].items()  # DDP's keys carry a "module." prefix
+                          if k.removeprefix("module.") in keep or "spectral_" in k}
 
     if ds is None:
         acc.register_save_state_pre_hook(_trim)
@@ -204,8 +212,12 @@ def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None 
             shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True, exist_ok=True)
         stamp.write_text(fingerprint)
+        (work / "PREEMPTED").unlink(missing_ok=True)
     acc.wait_for_everyone()
     latest = _latest_state(state_root)
+    if latest is None and acc.is_main_process:  # a fresh start: TensorBoard starts afresh too; a resumed
+        shutil.rmtree(out_dir / "tb", ignore_errors=True)  # run appends to the curves of its first attempt
+    acc.wait_for_everyone()
     if latest is not None:
         acc.load_state(str(latest), strict=False)
         log.info("resumed from %s (step %d)", latest, state.step)
@@ -289,11 +301,16 @@ def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None 
                     opt.zero_grad(set_to_none=True)
                 step_loss += float(loss.detach()) / accum
                 step_tokens += int(batch["attention_mask"].sum())
+            stop_now = stop["flag"] or stop_after == step + 1
+            if world > 1:  # the logged loss is the global batch's; all processes stop at the same step
+                agg = acc.reduce(torch.tensor([step_loss, float(step_tokens), float(stop_now)], device=dev,
+                                              dtype=torch.float64), "sum")
+                step_loss, step_tokens, stop_now = float(agg[0]) / world, int(agg[1]), bool(agg[2] > 0)
             lr_now = opt.param_groups[0]["lr"]
             sched.step()
             train_t += time.time() - t0
             state.step = step + 1
-            state.tokens += step_tokens * world
+            state.tokens += step_tokens
             state.train.append([state.step, step_loss, lr_now])
             acc.log({"train/loss": step_loss, "train/lr": lr_now}, step=state.step)
             if state.step % int(tc["eval_every"]) == 0 or state.step == max_steps:
@@ -305,13 +322,15 @@ def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None 
                 save_merged(acc.unwrap_model(model), base_path, ckpt_work / f"step_{state.step}", acc,
                             acc.is_main_process, extra=dict(run=run_name, step=state.step))
             want_save = (state.step in ckpt_steps or (tc["save_every"] and state.step % int(tc["save_every"]) == 0)
-                         or stop["flag"] or stop_after == state.step)
+                         or stop_now)
             if want_save and state.step < max_steps:
                 state.wall_s += time.time() - session_t0
                 state.train_s += train_t
                 session_t0, train_t = time.time(), 0.0
                 save_state(state.step)
-            if stop["flag"] or stop_after == state.step:
+            if stop_now:
+                if acc.is_main_process:  # tells a launching parent that this was a preemption, not a crash
+                    (work / "PREEMPTED").write_text(str(state.step))
                 raise Preempted(f"stopped after step {state.step}; state saved under {state_root}")
     finally:
         if prev is not None:
