@@ -425,11 +425,11 @@ def test_run_names_are_variant_safe_and_unique():
         grid.expand(dict(sweeps=[dict(method="lora", lr=[1e-4]), dict(method="lora", lr=[1e-4])]))
 
 
-def _dry_run(tmp_path, finetune: dict):
+def _dry_run(tmp_path, finetune: dict, **extra):
     import yaml
 
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text(yaml.safe_dump(dict(finetune=finetune)))
+    cfg.write_text(yaml.safe_dump(dict(finetune=finetune, **extra)))
     return subprocess.run(["snakemake", "-n", "--cores", "1", "finetune_all", "--configfile",
                            str(ROOT / "config/ci.yaml"), str(cfg)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
@@ -445,6 +445,15 @@ def test_dry_run_stops_on_bad_grid_before_any_job(tmp_path):
         res = _dry_run(tmp_path, dict(sweeps=[dict(method="lora", rank=[4096])]))
         out = res.stdout + res.stderr
         assert res.returncode != 0 and "rank 4096 is larger than matrix" in out and "Job stats" not in out
+    # impossible launches: more processes than requested GPUs; a dynamic srank schedule on several processes
+    res = _dry_run(tmp_path, dict(sweeps=[dict(method="lora", rank=[4])], launch=dict(num_processes=4)),
+                   resources=dict(finetune=dict(gpu=2)))
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "num_processes is 4 but run" in out and "Job stats" not in out
+    res = _dry_run(tmp_path, dict(sweeps=[dict(method="srank-calibrated", rank=[4])], launch=dict(num_processes=2),
+                                  methods={"srank-calibrated": dict(warm_steps=4)}))
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "changes the trained set during training" in out and "Job stats" not in out
 
 
 def test_real_model_lora_steps_lower_the_loss(examples):
@@ -522,3 +531,54 @@ def test_two_processes_equal_one_process_with_the_global_batch(tiny_dir, data_di
     assert all(torch.allclose(wb[n], wc[n], atol=1e-6) for n in wb)
     # TensorBoard of the first attempt survives the resume (the curves continue)
     assert len(list((tmp_path / "cut" / "tb").rglob("events.out.tfevents*"))) >= 2
+
+
+# ---------------------------------------------------------------- srank-calibrated: time-aware start, re-calibration
+
+def test_srank_time_aware_start_and_recalibration(tiny_dir, data_dir, tmp_path):
+    """Warm phase of full fine-tuning until the stable ranks settle, then LoRA on the selection of the
+    *current* weights; re-calibration keeps the trainable set equal to the current srank selection; the
+    warm-phase weights are in the merged model; a run stopped in the warm phase resumes to the same result."""
+    from safetensors.torch import load_file
+
+    from llmscape.finetune.srank_calibrated.calibration import stable_rank
+
+    m = registry.get("srank-calibrated")
+    # eps = 0 never settles: the LoRA phase commences at warm_steps
+    run = run_of("srank-calibrated", rank=2, lr=5e-3, dropout=0.0, warm_steps=3, warm_check_every=1, warm_eps=0.0,
+                 recalibrate_every=1)
+    full = _train(run, tiny_dir, data_dir, tmp_path / "full")
+    sched = full["srank_schedule"]
+    assert sched["lft_start_step"] == 3 and sched["warm_trainable_params"] == sum(
+        L * a * b for a, b in TINY_SHAPES.values())
+    kinds = [e["event"] for e in sched["events"]]
+    assert kinds[:5] == ["start", "check", "check", "check", "commence"] and kinds[5:] == ["recalibrate"] * 3
+    names = m.targets({f"model.layers.{i}.{'mlp' if c in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{c}": s
+                       for i in range(L) for c, s in TINY_SHAPES.items()}, run)
+    assert len(full["srank_selection"]) == 7 and set(full["srank_selection"]) <= set(names)  # 1 of 2 layers per type
+    assert full["trainable_params"] == sum(2 * sum(TINY_SHAPES[n.rsplit(".", 1)[1]]) for n in full["srank_selection"])
+    # every matrix moved in the warm phase (full fine-tuning), so all differ from the base in the merged model
+    merged = load_file(tmp_path / "full" / "merged" / "model.safetensors")
+    base = load_file(Path(tiny_dir) / "model.safetensors")
+    assert all(not torch.equal(merged[n + ".weight"], base[n + ".weight"]) for n in names)
+    # the final selection is the one the merged weights' stable ranks give (re-calibrated at the last step)
+    sr = {n: stable_rank(merged[n + ".weight"]) for n in names}
+    assert m.select(names, sr, run) == full["srank_selection"]
+
+    # stopped inside the warm phase, resumed: the same schedule and weights
+    with pytest.raises(Preempted):
+        _train(run, tiny_dir, data_dir, tmp_path / "cut", stop_after=2)
+    resumed = _train(run, tiny_dir, data_dir, tmp_path / "cut")
+    assert resumed["srank_schedule"]["events"][-1]["step"] == 6 and resumed["srank_selection"] == full["srank_selection"]
+    assert np.allclose([x["loss"] for x in resumed["train_loss"]], [x["loss"] for x in full["train_loss"]], atol=1e-5)
+    again = load_file(tmp_path / "cut" / "merged" / "model.safetensors")
+    assert all(torch.allclose(merged[n], again[n], atol=1e-6) for n in merged)
+
+
+def test_srank_warm_phase_ends_when_stable_ranks_settle(tiny_dir, data_dir, tmp_path):
+    # a huge eps settles at the first check: LoRA from step 1 with patience 1
+    run = run_of("srank-calibrated", rank=2, lr=5e-3, dropout=0.0, warm_steps=5, warm_check_every=1, warm_eps=10.0,
+                 warm_patience=1)
+    met = _train(run, tiny_dir, data_dir, tmp_path / "r", tc=dict(max_steps=3, n_checkpoints=0))
+    assert met["srank_schedule"]["lft_start_step"] == 1
+    assert met["srank_schedule"]["events"][2]["why"] == "stable ranks settled"

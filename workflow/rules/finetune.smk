@@ -68,7 +68,13 @@ def _ft_check_launch():
     """Several processes per run need as many GPUs where GPUs are requested (else the job could never
     start them); checked for every method group before any job is submitted."""
     n = int(FT_LAUNCH["num_processes"])
-    for run in FT_RUNS:
+    for run, spec in FT_RUNS.items():
+        dynamic = spec.method == "srank-calibrated" and (spec.opt("warm_steps") or spec.opt("recalibrate_every"))
+        if dynamic and (n > 1 or FT_TRAIN["deepspeed"]):
+            raise WorkflowError(f"run {run}: srank-calibrated's time-aware start / re-calibration changes the trained "
+                                "set during training, which several processes (DDP) and DeepSpeed do not allow. Fix: "
+                                "finetune.launch.num_processes 1 and finetune.train.deepspeed null for it, or "
+                                "warm_steps and recalibrate_every 0.")
         gpus = res(_ft_method_group(run), parent="finetune").get("gpu", 0)
         if isinstance(gpus, int) and 0 < gpus < n:
             raise WorkflowError(f"finetune.launch.num_processes is {n} but run {run} requests {gpus} GPU(s) "

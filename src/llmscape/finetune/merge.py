@@ -54,7 +54,8 @@ def weight_updates(model, accelerator=None) -> tuple[dict[str, torch.Tensor], di
             elif isinstance(mod, SpectralLinear):
                 deltas[clean_name(name) + ".weight"] = mod.delta_weight().cpu()
         for name, p in model.named_parameters():
-            if p.requires_grad and not any(m in name for m in ADAPTER_MARKERS):
+            trained = p.requires_grad or getattr(p, "_llmscape_trained", False)  # (srank-calibrated's warm phase)
+            if trained and not any(m in name for m in ADAPTER_MARKERS):
                 repl[clean_name(name)] = p.detach().float().cpu().clone()
     return deltas, repl
 
@@ -89,11 +90,8 @@ def save_merged(model, base_path: str | Path, dest: str | Path, accelerator=None
             meta = sf.metadata() or {}
             for k in sf.keys():
                 t = sf.get_tensor(k)
-                if k in deltas:
-                    t = (t.float() + deltas[k]).to(t.dtype)
-                    used.add(k)
-                elif k in repl:
-                    t = repl[k].to(t.dtype)
+                if k in deltas or k in repl:  # a replaced (trained) base plus an adapter's delta: both
+                    t = (repl[k] if k in repl else t.float()).add(deltas.get(k, 0)).to(t.dtype)
                     used.add(k)
                 out[k] = t.contiguous()
         meta.setdefault("format", "pt")

@@ -9,6 +9,8 @@
 
 Layout under ``out_dir`` (= results/finetune/{model}/{run}):
     metrics.json  merged/  checkpoints/step_N/ (merged)  tb/  .work/state/step_N/  .work/checkpoints/
+(tb/ and .work/ are not rule outputs, so a requeued job finds them: it resumes the state and appends
+to the TensorBoard curves; a fresh start clears both.)
 """
 
 from __future__ import annotations
@@ -174,9 +176,21 @@ def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None 
         from .common import lora_count
 
         expected = lora_count(shapes, {n: run.rank for n in model.srank_selection})
+    cal = getattr(model, "srank_calibration", None)  # srank-calibrated's time-aware schedule, when dynamic
+    if cal is not None:
+        if acc.num_processes > 1 or ds is not None:
+            raise FinetuneError(f"{run.method}: the time-aware start / re-calibration changes the trained set "
+                                "during training, which DDP and DeepSpeed do not allow. Fix: set "
+                                "finetune.launch.num_processes to 1 and finetune.train.deepspeed to null, or set "
+                                "warm_steps and recalibrate_every of finetune.methods.srank-calibrated to 0.")
+        cal.enable_all()  # the optimiser holds everything the schedule may train
+        expected = None  # the selection is made during training
     for p in model.parameters():  # trainable tensors in fp32 (mixed precision computes in bf16)
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
+    groups = registry.param_groups(model, run, float(tc["weight_decay"]))
+    if cal is not None:
+        cal.apply_flags()
     n_trainable = trainable_count(model)
     if expected is not None and n_trainable != expected:
         raise FinetuneError(f"{run.method}: {n_trainable} trainable parameters, the formula says {expected}")
@@ -185,15 +199,15 @@ def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
 
-    groups = registry.param_groups(model, run, float(tc["weight_decay"]))
     opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in groups], lr=run.lr)
     max_steps = int(tc["max_steps"])
     warm = warmup_of(max_steps, tc["warmup_steps"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, max_steps, warm, float(tc["lr_min_factor"])))
     model, opt = acc.prepare(model, opt)
     state = TrainState()
-    acc.register_for_checkpointing(state, sched)
-    keep = {n for n, p in acc.unwrap_model(model).named_parameters() if p.requires_grad}
+    acc.register_for_checkpointing(state, sched, *([cal] if cal is not None else []))
+    in_opt = {id(p) for g in groups for p in g["params"]}
+    keep = {n for n, p in acc.unwrap_model(model).named_parameters() if id(p) in in_opt}
 
     def _trim(models, weights, output_dir):  # resume state holds only what training changes
         for i in range(len(weights)):
@@ -312,6 +326,8 @@ def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None 
             state.step = step + 1
             state.tokens += step_tokens
             state.train.append([state.step, step_loss, lr_now])
+            if cal is not None:
+                cal.after_step(state.step)
             acc.log({"train/loss": step_loss, "train/lr": lr_now}, step=state.step)
             if state.step % int(tc["eval_every"]) == 0 or state.step == max_steps:
                 v = val_loss()
@@ -363,9 +379,13 @@ def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None 
             train_config=tc, eval_config=ec,
             train_loss=[dict(step=s, loss=l, lr=lr) for s, l, lr in state.train],
             val_loss=[dict(step=s, loss=l) for s, l in state.val],
-            accuracy=acc_res, trainable_params=n_trainable, total_params=n_total,
+            accuracy=acc_res, trainable_params=cal.lft_trainable() if cal is not None else n_trainable, total_params=n_total,
             trainable_share=n_trainable / n_total, expected_trainable=expected,
-            srank_selection=getattr(acc.unwrap_model(model), "srank_selection", None),
+            srank_selection=(cal.selection if cal is not None
+                             else getattr(acc.unwrap_model(model), "srank_selection", None)),
+            srank_schedule=(dict(lft_start_step=cal.start_step, events=cal.events,
+                                 warm_trainable_params=sum(cal._base_weight(n).numel() for n in cal.names)
+                                 if cal.warm_steps > 0 else 0) if cal is not None else None),
             param_groups=[dict(name=g["name"], lr=g["lr"], weight_decay=g["weight_decay"],
                                n=sum(p.numel() for p in g["params"])) for g in groups],
             steps=state.step, tokens=state.tokens, train_time_s=state.train_s, wall_time_s=state.wall_s,

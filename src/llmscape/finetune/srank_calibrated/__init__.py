@@ -1,12 +1,13 @@
 """``srank-calibrated``: LoRA on the matrices chosen by stable rank, per component type.
 
-OUR RECONSTRUCTION of the structure-aware part of Liu et al. (LREC-COLING 2024, methods.md B.3): that
+OUR RECONSTRUCTION of Liu et al. (LREC-COLING 2024, methods.md B.3): that
 paper's code was never released and its selection rule is not public. Here: srank(W) = ||W||_F^2 /
 ||W||_2^2 for every candidate matrix of the base model; within each component type (q, k, v, o, gate, up,
 down) the layers are ranked by srank and the ``fraction`` with the lowest (``direction: low``, the
 "lower stable rank generalises better" hypothesis) or highest (``high``) srank get a LoRA adapter of rank
-r. ``per_component: false`` ranks all candidates together instead. The time-aware start (a full-FT warm
-phase) and re-calibration during training are not implemented. Stable ranks come from the spectra
-stage's ``base.parquet`` when given, else from ``torch.linalg.svdvals`` of the loaded weights."""
+r. ``per_component: false`` ranks all candidates together instead. Stable ranks come from the spectra
+stage's ``base.parquet`` when given, else from ``torch.linalg.svdvals`` of the loaded weights.
+The time-aware start (a full fine-tuning warm phase until the stable ranks settle, ``warm_steps``) and
+re-calibration during training (``recalibrate_every``) are in ``calibration.py``; both are off by default."""
 
 from .model import AXES, DEFAULTS, NAME, apply, expected_trainable, select, stable_ranks, targets  # noqa: F401

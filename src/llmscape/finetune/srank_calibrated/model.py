@@ -15,6 +15,12 @@ DEFAULTS = dict(
     per_component=True,  # rank within each component type (else all candidates together)
     alpha=16.0,
     dropout=0.1,
+    # time-aware start and re-calibration (calibration.py; 0 = off, the static selection above)
+    warm_steps=0,  # at most this many full fine-tuning steps of the candidates before the LoRA phase
+    warm_check_every=2,  # T: stable ranks measured every T warm steps
+    warm_eps=1.0e-3,  # the LoRA phase commences once the relative change of every component's mean srank
+    warm_patience=2,  # is below warm_eps for this many consecutive checks
+    recalibrate_every=0,  # K: re-select by the current stable ranks every K LoRA steps
 )
 DIRECTIONS = ("low", "high")
 
@@ -23,6 +29,12 @@ def _check(run):
     if run.opt("direction") not in DIRECTIONS:
         raise FinetuneError(f"{NAME}: direction {run.opt('direction')!r} is not one of {DIRECTIONS}. Fix: set "
                             f"finetune.methods.{NAME}.direction.")
+    for key in ("warm_steps", "recalibrate_every", "warm_check_every", "warm_patience"):
+        v = run.opt(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < (1 if key in ("warm_check_every", "warm_patience") else 0):
+            raise FinetuneError(f"{NAME}: {key} = {v!r} must be an integer >= "
+                                f"{1 if key in ('warm_check_every', 'warm_patience') else 0}. Fix: set "
+                                f"finetune.methods.{NAME}.{key}.")
     if not 0 < float(run.opt("fraction")) <= 1:
         raise FinetuneError(f"{NAME}: fraction {run.opt('fraction')} is outside (0, 1]. Fix: set "
                             f"finetune.methods.{NAME}.fraction.")
@@ -87,7 +99,18 @@ def apply(model, run, ctx=None):
     from ..common import linear_shapes
 
     names = targets(linear_shapes(model), run, ctx)
-    chosen = select(names, stable_ranks(names, ctx, weights=lambda n: model.get_submodule(n).weight), run)
-    model = get_peft_model(model, lora_config(names_regex(chosen), run.rank, run.opt("alpha"), run.opt("dropout")))
-    model.srank_selection = chosen  # recorded in the metrics JSON
+    sranks = stable_ranks(names, ctx, weights=lambda n: model.get_submodule(n).weight)
+    if not (run.opt("warm_steps") or run.opt("recalibrate_every")):  # the static selection
+        chosen = select(names, sranks, run)
+        model = get_peft_model(model, lora_config(names_regex(chosen), run.rank, run.opt("alpha"), run.opt("dropout")))
+        model.srank_selection = chosen  # recorded in the metrics JSON
+        return model
+    from .calibration import Calibration
+
+    # every candidate carries an adapter; the schedule decides which train (and when)
+    model = get_peft_model(model, lora_config(names_regex(names), run.rank, run.opt("alpha"), run.opt("dropout")))
+    cal = Calibration(model, names, run, select)
+    cal.start(sranks)
+    model.srank_calibration = cal
+    model.srank_selection = cal.selection
     return model
