@@ -187,6 +187,9 @@ def test_identical_to_plain_dadapy():
     ours.set_id(row["id_gride"])
     ours.compute_density_kNN(k=P.density_k)
     assert np.array_equal(ours.compute_clustering_ADP(Z=P.z, halo=False), assignment)
+    # the core fraction (halo on) derived from that one call equals DADApy's own halo=True clustering
+    halo = np.asarray(ref.compute_clustering_ADP(Z=P.z, halo=True))
+    assert row["core_fraction"] == pytest.approx(np.mean(halo >= 0), abs=1e-12) and (halo < 0).any()
     # label overlap as dadapy computes it on coordinates
     ref_ov = Data(coordinates=X.astype(np.float64), verbose=False)
     ref_ov.compute_distances(maxk=P.maxk)

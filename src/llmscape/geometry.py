@@ -289,6 +289,20 @@ def return_label_overlap_k(labels: np.ndarray, fraction: float) -> int:
     return int(max(1, int(counts.max() * fraction)))
 
 
+def return_core_fraction(data, z: float) -> float:
+    """Share of points that ADP with ``halo=True`` keeps in a cluster, from the ``halo=False`` call
+    just made on ``data`` (no second clustering). DADApy's halo rule: a point of cluster j is halo when
+    its shifted log density Rho_c is below the highest saddle density of j, max_i Rho_bord[j, i]. DADApy
+    shifts Rho_c = log_den - m + 1 (m = min(log_den - Z err)) and stores log_den_bord = Rho_bord + m - 1;
+    the same two operations are applied to Rho_c here, so a point sitting exactly at its saddle (the
+    saddle point itself) compares equal, as inside DADApy, and is not halo."""
+    log_den_min = np.min(data.log_den - z * data.log_den_err)
+    rho_c = data.log_den - log_den_min + 1
+    level = np.asarray(data.log_den_bord).max(axis=1)
+    labels = np.asarray(data.cluster_assignment)
+    return float(np.mean(~(rho_c + log_den_min - 1 < level[labels])))
+
+
 def _nan_row() -> dict:
     return dict(id_2nn=math.nan, id_gride=math.nan, id_gride_err=math.nan, log_density_mean=math.nan,
                 n_clusters=math.nan, core_fraction=math.nan, ari_subjects=math.nan, ari_letters=math.nan,
@@ -371,8 +385,7 @@ def compute_layer_geometry(X: np.ndarray, subjects: np.ndarray, letters: np.ndar
             row["n_clusters"] = int(data.N_clusters)
             row["ari_subjects"] = float(adjusted_rand_score(sub_u, assignment))
             row["ari_letters"] = float(adjusted_rand_score(let_u, assignment))
-            halo = data.compute_clustering_ADP(Z=p.z, halo=True)
-            row["core_fraction"] = float(np.mean(np.asarray(halo) >= 0))
+            row["core_fraction"] = return_core_fraction(data, p.z)
             full = Data(distances=(dist, ind), maxk=graph_k, verbose=False)
             row["overlap_subjects"] = float(full.return_label_overlap(sub_u, class_fraction=p.label_fraction))
             row["overlap_letters"] = float(full.return_label_overlap(let_u, class_fraction=p.label_fraction))
