@@ -36,6 +36,13 @@ def test_ci_dag_runs_end_to_end(ci_run):
         assert (ci_run / "logs" / "extract" / "smollm2-135m" / "base" / f"{k}shot.log").stat().st_size > 0
         assert (ci_run / "benchmarks" / "extract" / "smollm2-135m" / "base" / f"{k}shot.tsv").exists()
     assert not list(ci_run.rglob("*.partial")) and not list(ci_run.rglob(".*.tmp"))
+    # the CI config trains each run as 2 processes through accelerate launch (finetune.launch)
+    import json
+
+    runs = sorted((ci_run / "results" / "finetune" / "smollm2-135m").glob("*/metrics.json"))
+    assert len(runs) == 2 and all(json.loads(m.read_text())["world_size"] == 2 for m in runs)
+    assert all("launching 2 processes" in log.read_text()
+               for log in (ci_run / "logs" / "finetune" / "smollm2-135m").glob("*.log"))
 
 
 @pytest.mark.slow
