@@ -303,6 +303,18 @@ def test_merged_weights_match_unmerged_adapter(tiny_dir, ranks_file, tmp_path):
 TC = dict(max_steps=6, batch_size=4, eval_every=2, val_rows=4, n_checkpoints=3, max_length=256)
 
 
+def assert_same_training(tiny_dir, met_a, dir_a, met_b, dir_b):
+    """Two runs trained alike: equal loss curves (1e-5) and merged weights (1e-6), and they did train."""
+    from safetensors.torch import load_file
+
+    a, b = ([x["loss"] for x in m["train_loss"]] for m in (met_a, met_b))
+    assert np.allclose(a, b, atol=1e-5), (a, b)
+    wa, wb = (load_file(Path(d) / "merged" / "model.safetensors") for d in (dir_a, dir_b))
+    k = "model.layers.1.mlp.down_proj.weight"
+    assert not torch.equal(wa[k], load_file(Path(tiny_dir) / "model.safetensors")[k])
+    assert all(torch.allclose(wa[n], wb[n], atol=1e-6) for n in wa)
+
+
 def _train(run, tiny_dir, data_dir, out, **kw):
     return train(run, base_path=tiny_dir, data_dir=data_dir, out_dir=out, train_cfg={**TC, **kw.pop("tc", {})},
                  eval_cfg=dict(per_subject=3), run_name="t", **kw)
@@ -310,8 +322,6 @@ def _train(run, tiny_dir, data_dir, out, **kw):
 
 @pytest.mark.parametrize("method", ["lora", "spectral-r"])
 def test_resume_after_kill_matches_uninterrupted(tiny_dir, data_dir, tmp_path, method):
-    from safetensors.torch import load_file
-
     # lora with dropout: the RNG state must be restored too; spectral-r: its SVD buffers must reload
     run = run_of("lora", rank=4, lr=5e-3, dropout=0.1) if method == "lora" else run_of("spectral-r", rank=4, lr=5e-2)
     full = _train(run, tiny_dir, data_dir, tmp_path / "full")
@@ -319,15 +329,8 @@ def test_resume_after_kill_matches_uninterrupted(tiny_dir, data_dir, tmp_path, m
         _train(run, tiny_dir, data_dir, tmp_path / "cut", stop_after=3)
     assert list((tmp_path / "cut" / ".work" / "state").glob("step_*"))
     resumed = _train(run, tiny_dir, data_dir, tmp_path / "cut")
-    a = [x["loss"] for x in full["train_loss"]]
-    b = [x["loss"] for x in resumed["train_loss"]]
-    assert len(b) == 6 and np.allclose(a, b, atol=1e-5), (a, b)
-    wa = load_file(tmp_path / "full" / "merged" / "model.safetensors")
-    wb = load_file(tmp_path / "cut" / "merged" / "model.safetensors")
-    base = load_file(Path(tiny_dir) / "model.safetensors")
-    k = "model.layers.1.mlp.down_proj.weight"
-    assert not torch.equal(wa[k], base[k])
-    assert all(torch.allclose(wa[n], wb[n], atol=1e-6) for n in wa)
+    assert len(resumed["train_loss"]) == 6
+    assert_same_training(tiny_dir, full, tmp_path / "full", resumed, tmp_path / "cut")
     if method != "lora":
         return
     # outputs of a run: metrics, merged checkpoints at log-spaced steps, TensorBoard events
@@ -502,8 +505,6 @@ def test_two_processes_equal_one_process_with_the_global_batch(tiny_dir, data_di
     on half of every global batch; the trained weights equal one process on the whole batch (no dropout,
     one answer token per example, so the mean of the two halves' losses is the batch loss). A preempted
     2-process run (SIGTERM-equivalent stop after step 3) resumes to the same weights."""
-    from safetensors.torch import load_file
-
     from llmscape.finetune.launch import run_job
 
     run = run_of("lora", rank=4, lr=5e-3, dropout=0.0)
@@ -511,24 +512,14 @@ def test_two_processes_equal_one_process_with_the_global_batch(tiny_dir, data_di
     two = run_job(_spec(run, tiny_dir, data_dir, tmp_path / "two", batch_size=2), 2, threads=2)
     assert one["world_size"] == 1 and two["world_size"] == 2
     assert two["tokens"] == one["tokens"]  # every example of the global batch seen exactly once
-    a = [x["loss"] for x in one["train_loss"]]
-    b = [x["loss"] for x in two["train_loss"]]
-    assert np.allclose(a, b, atol=1e-5), (a, b)
-    wa = load_file(tmp_path / "one" / "merged" / "model.safetensors")
-    wb = load_file(tmp_path / "two" / "merged" / "model.safetensors")
-    base = load_file(Path(tiny_dir) / "model.safetensors")
-    k = "model.layers.1.mlp.down_proj.weight"
-    assert not torch.equal(wa[k], base[k])
-    assert all(torch.allclose(wa[n], wb[n], atol=1e-6) for n in wa)
+    assert_same_training(tiny_dir, one, tmp_path / "one", two, tmp_path / "two")
 
     with pytest.raises(Preempted):
         run_job(_spec(run, tiny_dir, data_dir, tmp_path / "cut", batch_size=2) | dict(stop_after=3), 2, threads=2)
     assert list((tmp_path / "cut" / ".work" / "state").glob("step_*"))
     resumed = run_job(_spec(run, tiny_dir, data_dir, tmp_path / "cut", batch_size=2), 2, threads=2)
     assert [x["step"] for x in resumed["train_loss"]] == list(range(1, 7))
-    assert np.allclose([x["loss"] for x in resumed["train_loss"]], b, atol=1e-5)
-    wc = load_file(tmp_path / "cut" / "merged" / "model.safetensors")
-    assert all(torch.allclose(wb[n], wc[n], atol=1e-6) for n in wb)
+    assert_same_training(tiny_dir, two, tmp_path / "two", resumed, tmp_path / "cut")
     # TensorBoard of the first attempt survives the resume (the curves continue)
     assert len(list((tmp_path / "cut" / "tb").rglob("events.out.tfevents*"))) >= 2
 
@@ -582,3 +573,49 @@ def test_srank_warm_phase_ends_when_stable_ranks_settle(tiny_dir, data_dir, tmp_
     met = _train(run, tiny_dir, data_dir, tmp_path / "r", tc=dict(max_steps=3, n_checkpoints=0))
     assert met["srank_schedule"]["lft_start_step"] == 1
     assert met["srank_schedule"]["events"][2]["why"] == "stable ranks settled"
+
+
+SIGTERM_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {src!r})
+    from llmscape.finetune.launch import run_job
+    from llmscape.finetune.train import Preempted
+    try:
+        run_job(json.loads(open({spec!r}).read()), 2, threads=2)
+    except Preempted as e:
+        print("PREEMPTED", e)
+        sys.exit(143)
+    print("FINISHED")
+""")
+
+
+def test_sigterm_reaches_launched_processes_and_the_run_resumes(tiny_dir, data_dir, tmp_path):
+    """Slurm's preemption signal, for real: SIGTERM to the rule's process while 2 launched processes
+    train. It is forwarded through accelerate launch, the processes agree on a step, save, and the job
+    exits as preempted; the rerun resumes from that step and ends where an uninterrupted run ends."""
+    import signal
+    import time
+
+    from llmscape.finetune.launch import run_job
+
+    run = run_of("lora", rank=4, lr=5e-3, dropout=0.0)
+    tc = dict(batch_size=2, max_steps=150, eval_every=150, n_checkpoints=0)
+    spec = _spec(run, tiny_dir, data_dir, tmp_path / "cut", **tc)
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    script = tmp_path / "job.py"
+    script.write_text(SIGTERM_SCRIPT.format(src=str(ROOT / "src"), spec=str(tmp_path / "spec.json")))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.monotonic() + 240
+    while not list((tmp_path / "cut" / "tb").rglob("events.out.tfevents*")) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the trackers start right before the first step
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 143 and "PREEMPTED" in out, out[-3000:]
+    saved = list((tmp_path / "cut" / ".work" / "state").glob("step_*"))
+    assert len(saved) == 1 and 0 < int(saved[0].name.split("_")[1]) < 150, saved
+    resumed = run_job(spec, 2, threads=2)
+    full = run_job(_spec(run, tiny_dir, data_dir, tmp_path / "full", **tc), 2, threads=2)
+    assert [x["step"] for x in resumed["train_loss"]] == list(range(1, 151))
+    assert_same_training(tiny_dir, full, tmp_path / "full", resumed, tmp_path / "cut")
