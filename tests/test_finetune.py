@@ -338,6 +338,7 @@ def test_resume_after_kill_matches_uninterrupted(tiny_dir, data_dir, tmp_path, m
     for key in ("train_loss", "val_loss", "accuracy", "trainable_params", "wall_time_s", "peak_memory_mb", "versions"):
         assert key in m
     assert m["checkpoints"] == checkpoint_steps(6, 3) == [1, 2, 6]
+    assert [v["step"] for v in m["val_loss"]] == [1, 2, 4, 6]  # every eval_every = 2 steps and every checkpoint
     assert all((tmp_path / "full" / "checkpoints" / f"step_{s}" / "config.json").exists() for s in m["checkpoints"])
     assert list((tmp_path / "full" / "tb").rglob("events.out.tfevents*"))
     assert m["accuracy"]["n"] == 6 and 0 <= m["accuracy"]["accuracy"] <= 1

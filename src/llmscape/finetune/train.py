@@ -3,7 +3,7 @@
     accelerate + optional DeepSpeed ZeRO-2/3 (a JSON under config/deepspeed; "auto" fields filled here),
     bf16 mixed precision on GPU, optional gradient checkpointing, seeded data order and initialisation,
     AdamW with warmup + cosine to lr_min_factor * lr (methods.md A.9), gradient accumulation,
-    validation loss every ``eval_every`` steps, merged checkpoints at log-spaced steps (for spectra during
+    validation loss every ``eval_every`` steps and at every checkpoint, merged checkpoints at log-spaced steps (for spectra during
     training), resumable state (only the trainable tensors, optimiser, scheduler, RNG and curves), SIGTERM
     -> save and exit (a requeued Slurm job goes on from there), TensorBoard, and a metrics JSON.
 
@@ -329,7 +329,8 @@ def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None 
             if cal is not None:
                 cal.after_step(state.step)
             acc.log({"train/loss": step_loss, "train/lr": lr_now}, step=state.step)
-            if state.step % int(tc["eval_every"]) == 0 or state.step == max_steps:
+            # also at every checkpoint step: the join's generalisation gap of a checkpoint needs it
+            if state.step % int(tc["eval_every"]) == 0 or state.step == max_steps or state.step in ckpt_steps:
                 v = val_loss()
                 state.val.append([state.step, v])
                 acc.log({"val/loss": v}, step=state.step)
