@@ -600,7 +600,7 @@ def test_sigterm_reaches_launched_processes_and_the_run_resumes(tiny_dir, data_d
     from llmscape.finetune.launch import run_job
 
     run = run_of("lora", rank=4, lr=5e-3, dropout=0.0)
-    tc = dict(batch_size=2, max_steps=150, eval_every=150, n_checkpoints=0)
+    tc = dict(batch_size=2, max_steps=300, eval_every=300, n_checkpoints=0)
     spec = _spec(run, tiny_dir, data_dir, tmp_path / "cut", **tc)
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     script = tmp_path / "job.py"
@@ -609,14 +609,14 @@ def test_sigterm_reaches_launched_processes_and_the_run_resumes(tiny_dir, data_d
                             text=True)
     deadline = time.monotonic() + 240
     while not list((tmp_path / "cut" / "tb").rglob("events.out.tfevents*")) and time.monotonic() < deadline:
-        time.sleep(0.2)  # the trackers start right before the first step
-    time.sleep(3)
+        time.sleep(0.1)  # the trackers start after the SIGTERM handler, right before the first step
+    time.sleep(0.5)  # well before the 300 steps end (a signal after the loop would find no handler)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 143 and "PREEMPTED" in out, out[-3000:]
     saved = list((tmp_path / "cut" / ".work" / "state").glob("step_*"))
-    assert len(saved) == 1 and 0 < int(saved[0].name.split("_")[1]) < 150, saved
+    assert len(saved) == 1 and 0 < int(saved[0].name.split("_")[1]) < 300, saved
     resumed = run_job(spec, 2, threads=2)
     full = run_job(_spec(run, tiny_dir, data_dir, tmp_path / "full", **tc), 2, threads=2)
-    assert [x["step"] for x in resumed["train_loss"]] == list(range(1, 151))
+    assert [x["step"] for x in resumed["train_loss"]] == list(range(1, 301))
     assert_same_training(tiny_dir, full, tmp_path / "full", resumed, tmp_path / "cut")

@@ -52,6 +52,12 @@ def train_from_spec(spec: dict) -> dict | None:
                  trust_remote_code=spec["trust_remote_code"], stop_after=spec.get("stop_after"))
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -86,6 +92,8 @@ def run_job(spec: dict, num_processes: int = 1, *, threads: int = 1, port: int |
     cmd = launch_command(spec_path, n, threads_per_process=max(1, threads // n), port=port,
                          mixed_precision=resolve_mixed_precision(spec["train_cfg"]))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    if not _cuda():  # gloo between processes of one node: loopback, whether or not the hostname resolves
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     log.info("launching %d processes: %s", n, " ".join(cmd))
     (out_dir / "metrics.json").unlink(missing_ok=True)
     try:  # the workers' output goes where this process's stderr goes (the rule's log)

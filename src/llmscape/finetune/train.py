@@ -239,13 +239,7 @@ def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None 
     hparams = dict(method=run.method, lr=run.lr, seed=run.seed, rank=run.rank or 0,
                    value_lr_ratio=run.value_lr_ratio or 0.0, max_steps=max_steps, batch_size=tc["batch_size"],
                    grad_accum=tc["grad_accum"], trainable=n_trainable)
-    acc.init_trackers(run_name, config=hparams)
-
-    ckpt_steps = checkpoint_steps(max_steps, int(tc["n_checkpoints"]))
-    world = acc.num_processes
-    micro = int(tc["batch_size"])
-    accum = int(tc["grad_accum"])
-    global_batch = micro * accum * world
+    # SIGTERM from here on (the trackers start next, the loop right after) stops at the next step boundary
     stop = {"flag": False}
     prev = None
     if hasattr(signal, "SIGTERM"):
@@ -253,6 +247,13 @@ def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None 
             prev = signal.signal(signal.SIGTERM, lambda *a: stop.__setitem__("flag", True))
         except ValueError:  # not in the main thread
             prev = None
+    acc.init_trackers(run_name, config=hparams)
+
+    ckpt_steps = checkpoint_steps(max_steps, int(tc["n_checkpoints"]))
+    world = acc.num_processes
+    micro = int(tc["batch_size"])
+    accum = int(tc["grad_accum"])
+    global_batch = micro * accum * world
 
     def to_dev(b):
         return {k: v.to(dev) for k, v in b.items()}
