@@ -386,8 +386,7 @@ def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None 
             srank_selection=(cal.selection if cal is not None
                              else getattr(acc.unwrap_model(model), "srank_selection", None)),
             srank_schedule=(dict(lft_start_step=cal.start_step, events=cal.events,
-                                 warm_trainable_params=sum(cal._base_weight(n).numel() for n in cal.names)
-                                 if cal.warm_steps > 0 else 0) if cal is not None else None),
+                                 warm_trainable_params=cal.warm_trainable()) if cal is not None else None),
             param_groups=[dict(name=g["name"], lr=g["lr"], weight_decay=g["weight_decay"],
                                n=sum(p.numel() for p in g["params"])) for g in groups],
             steps=state.step, tokens=state.tokens, train_time_s=state.train_s, wall_time_s=state.wall_s,

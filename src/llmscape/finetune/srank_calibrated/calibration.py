@@ -95,7 +95,12 @@ class Calibration:
                     p.grad = None
 
     def lft_trainable(self) -> int:
+        """Adapter parameters trained at one time in the LoRA phase (the current selection)."""
         return sum(p.numel() for n in self.selection for p in self._adapter_params(n))
+
+    def warm_trainable(self) -> int:
+        """Parameters trained in the warm phase (the candidates' full matrices; 0 without one)."""
+        return sum(self._base_weight(n).numel() for n in self.names) if self.warm_steps > 0 else 0
 
     # --- the schedule -----------------------------------------------------------------------------
     @torch.no_grad()
