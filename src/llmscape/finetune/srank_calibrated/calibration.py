@@ -26,13 +26,9 @@ import logging
 import torch
 
 from ..common import component
+from .model import stable_rank
 
 log = logging.getLogger("llmscape.finetune")
-
-
-def stable_rank(W: torch.Tensor) -> float:
-    s = torch.linalg.svdvals(W.detach().float())
-    return float((s ** 2).sum() / s[0] ** 2) if s[0] > 0 else float("nan")
 
 
 class Calibration:

@@ -65,13 +65,15 @@ def stable_ranks(names, ctx=None, weights=None) -> dict[str, float]:
     weights = weights or getattr(ctx, "weights", None)
     if weights is None:
         raise FinetuneError(f"{NAME}: no stable ranks: neither the spectra parquet nor the weights are available.")
+    return {n: stable_rank(weights(n)) for n in names}
+
+
+def stable_rank(W) -> float:
+    """||W||_F^2 / ||W||_2^2 from the singular values (NaN for a zero matrix)."""
     import torch
 
-    out = {}
-    for n in names:
-        s = torch.linalg.svdvals(weights(n).detach().float())
-        out[n] = float((s ** 2).sum() / s[0] ** 2)
-    return out
+    s = torch.linalg.svdvals(W.detach().float())
+    return float((s ** 2).sum() / s[0] ** 2) if s[0] > 0 else float("nan")
 
 
 def select(names, sranks: dict[str, float], run) -> list[str]:
