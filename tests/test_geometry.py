@@ -62,31 +62,75 @@ def brute_knn(X, k):
     return dist, ind
 
 
+@pytest.mark.parametrize("k", [40, 200])  # a top-k of a few per row; most of every row (packed-key sort)
 @pytest.mark.parametrize("sym_budget_mb,blas", [(2048, "numpy"), (0, "numpy"), (2048, "torch")])
-def test_neighbour_graph_matches_brute_force_across_blocks(sym_budget_mb, blas):
+def test_neighbour_graph_matches_brute_force_across_blocks(sym_budget_mb, blas, k):
     # symmetric blocks and plain row strips; block products by numpy's BLAS and by torch's
     rng = np.random.default_rng(3)
     X = (rng.standard_normal((301, 7)) * np.arange(1, 8)).astype(np.float32)
-    dist, ind = G.compute_neighbour_graph(X, 40, device="cpu", block_rows=37,  # 9 uneven blocks
+    dist, ind = G.compute_neighbour_graph(X, k, device="cpu", block_rows=37,  # 9 uneven blocks
                                           sym_budget_mb=sym_budget_mb, blas=blas)
-    bd, bi = brute_knn(X, 40)
-    assert dist.shape == ind.shape == (301, 41)
+    bd, bi = brute_knn(X, k)
+    assert dist.shape == ind.shape == (301, k + 1)
     assert np.array_equal(ind[:, 0], np.arange(301)) and np.all(dist[:, 0] == 0)
     assert np.allclose(dist, bd, rtol=1e-5, atol=1e-6)
     assert (ind == bi).mean() > 0.999
     assert np.all(np.diff(dist, axis=1) >= 0)
 
 
-def test_neighbour_graph_refines_cancellation_prone_pairs():
+def test_packed_selection_orders_ties_by_index():
+    # the 125 points of the grid {-2..2}^3 (mean 0, so the float32 products are exact): many equal
+    # distances, which the packed-key sort must keep in index order, the point itself first
+    rng = np.random.default_rng(5)
+    X = np.stack(np.meshgrid(*[np.arange(-2, 3)] * 3), -1).reshape(-1, 3)
+    X = X[rng.permutation(len(X))].astype(np.float32)
+    n = len(X)
+    dist, ind = G.compute_neighbour_graph(X, n - 1, device="cpu", block_rows=17)
+    d2 = ((X[:, None, :].astype(np.float64) - X[None]) ** 2).sum(-1)
+    np.fill_diagonal(d2, -1)
+    order = np.argsort(d2, axis=1, kind="stable")  # by distance, then by index
+    assert np.array_equal(ind, order)
+    assert np.array_equal(dist[:, 1:], np.sqrt(np.take_along_axis(d2, order, 1)[:, 1:]))
+
+
+def test_neighbour_graph_identical_with_one_or_two_threads():
+    # the CPU path splits products and sorts over torch.get_num_threads() workers: same bits either way
+    import torch
+
+    rng = np.random.default_rng(6)
+    X = rng.standard_normal((700, 50)).astype(np.float32)
+    before = torch.get_num_threads()
+    out = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out[threads] = [G.compute_neighbour_graph(X, k, device="cpu", block_rows=256) for k in (30, 600)]
+    finally:
+        torch.set_num_threads(before)
+    for (d1, i1), (d2, i2) in zip(out[1], out[2]):
+        assert np.array_equal(d1, d2) and np.array_equal(i1, i2)
+
+
+def test_ari_equals_scikit_learn():
+    rng = np.random.default_rng(7)
+    for t in range(300):
+        n = int(rng.integers(1, 200))
+        a = rng.integers(0, int(rng.integers(1, 40)), n)
+        b = a.copy() if t % 5 == 0 else np.arange(n) if t % 7 == 0 else rng.integers(-1, 6, n)
+        assert G.return_ari(a, b) == adjusted_rand_score(a, b)
+
+
+@pytest.mark.parametrize("k", [10, 100])
+def test_neighbour_graph_refines_cancellation_prone_pairs(k):
     # two tight clusters far from their common mean: |x|^2 + |y|^2 - 2xy in float32 is pure noise
     rng = np.random.default_rng(4)
     off = np.zeros(16)
     off[0] = 1e3
     X = np.concatenate([off + 1e-2 * rng.standard_normal((60, 16)), -off + 1e-2 * rng.standard_normal((60, 16))])
     X = X.astype(np.float32)
-    bd, _ = brute_knn(X, 10)
-    d_ref, _ = G.compute_neighbour_graph(X, 10, device="cpu", block_rows=50)
-    d_raw, _ = G.compute_neighbour_graph(X, 10, device="cpu", block_rows=50, refine_tol=0)
+    bd, _ = brute_knn(X, k)
+    d_ref, _ = G.compute_neighbour_graph(X, k, device="cpu", block_rows=50)
+    d_raw, _ = G.compute_neighbour_graph(X, k, device="cpu", block_rows=50, refine_tol=0)
     assert np.allclose(d_ref[:, 1:], bd[:, 1:], rtol=1e-4)
     assert not np.allclose(d_raw[:, 1:], bd[:, 1:], rtol=1e-2)  # why the refinement exists
 
