@@ -11,9 +11,9 @@ deduplicated last-token vectors,
 * class-balanced label neighbourhood overlap (class fraction 0.3) for subjects and letters;
 * data (neighbourhood) overlap with k = 30 between the same questions in two representations.
 
-The k-nearest-neighbour graph of a layer is computed once (:func:`compute_neighbour_graph`: torch,
-blocked, symmetric, CUDA when present) and reused by everything above; DADApy gets it as precomputed
-distances. DADApy's convention for ``Data(distances=(dist, ind), maxk=maxk)``: both arrays have
+The k-nearest-neighbour graph of a layer is computed once (:func:`compute_neighbour_graph`: blocked,
+symmetric; numpy with our own threads on CPU, torch on CUDA when present) and reused by everything
+above; DADApy gets it as precomputed distances. DADApy's convention for ``Data(distances=(dist, ind), maxk=maxk)``: both arrays have
 maxk + 1 columns, column 0 is the point itself at distance 0, the rest sorted by distance; ADP walks
 all ``maxk`` columns, so ``maxk`` changes the clustering and is passed explicitly.
 
