@@ -232,6 +232,7 @@ def _knn_numpy(X: np.ndarray, k: int, dev: str, precision: str, B: int, symmetri
     import torch
 
     dt = np.dtype(precision)
+    as_int = np.int32 if dt == np.float32 else np.int64
     n, d = X.shape
     k1 = k + 1
     threads = max(1, torch.get_num_threads())
@@ -254,7 +255,10 @@ def _knn_numpy(X: np.ndarray, k: int, dev: str, precision: str, B: int, symmetri
 
         def part(r0, r1):
             np.matmul(L[s + r0:s + r1], Rt, out=out[r0:r1])
-            np.maximum(out[r0:r1], 0.0, out=out[r0:r1])
+            # clamp at 0 in the integer view: rounding's negatives and -0.0 (sign bit set, which would
+            # order first as an integer) all become +0.0
+            bits = out[r0:r1].view(as_int)
+            np.maximum(bits, 0, out=bits)
 
         _in_chunks(pool, threads, e - s, part)
 
@@ -371,7 +375,7 @@ def _knn_torch(X: np.ndarray, k: int, dev: str, precision: str, B: int, symmetri
     def product(s, e, s2, e2, out):
         out.copy_(torch.addmm(sq[None, s2:e2], Xc[s:e], Xc[s2:e2].T, beta=1.0, alpha=-2.0))
         out += sq[s:e, None]
-        out.clamp_(min=0.0)
+        out.view(as_int).clamp_(min=0)  # in the integer view: negatives and -0.0 become +0.0
 
     run_v = torch.empty((n, k1), dtype=dt, device=dev)
     run_i = torch.empty((n, k1), dtype=torch.int64, device=dev)
