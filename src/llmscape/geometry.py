@@ -53,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -281,13 +282,16 @@ def _knn_numpy(X: np.ndarray, k: int, dev: str, precision: str, B: int, symmetri
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
 
 
 def _workers(threads: int) -> ThreadPoolExecutor:
-    """A process-wide pool of ``threads`` workers (started once: a new pool per layer cost 5 ms)."""
-    if threads not in _POOLS:
-        _POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="llmscape-knn")
-    return _POOLS[threads]
+    """A process-wide pool of ``threads`` workers (started once: a new pool per layer cost 5 ms).
+    Several graphs (two in flight in compute_geometry) share it."""
+    with _POOLS_LOCK:
+        if threads not in _POOLS:
+            _POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="llmscape-knn")
+        return _POOLS[threads]
 
 
 def _in_chunks(pool, threads: int, rows: int, work) -> None:
