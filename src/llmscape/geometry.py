@@ -13,9 +13,10 @@ deduplicated last-token vectors,
 
 The k-nearest-neighbour graph of a layer is computed once (:func:`compute_neighbour_graph`: blocked,
 symmetric; numpy with our own threads on CPU, torch on CUDA when present) and reused by everything
-above; DADApy gets it as precomputed distances. DADApy's convention for ``Data(distances=(dist, ind), maxk=maxk)``: both arrays have
-maxk + 1 columns, column 0 is the point itself at distance 0, the rest sorted by distance; ADP walks
-all ``maxk`` columns, so ``maxk`` changes the clustering and is passed explicitly.
+above; DADApy gets it as precomputed distances. DADApy's convention for
+``Data(distances=(dist, ind), maxk=maxk)``: both arrays have maxk + 1 columns, column 0 is the point
+itself at distance 0, the rest sorted by distance; ADP walks all ``maxk`` columns, so ``maxk``
+changes the clustering and is passed explicitly.
 
 Output tables (column names are a contract with the join stage; keep them stable)
 --------------------------------------------------------------------------------
@@ -180,14 +181,9 @@ def compute_neighbour_graph(X: np.ndarray, k: int, *, device: str = "auto", prec
     if refine_tol > 0 and precision != "float64":
         _refine(X, run_v, run_i, sq, k, refine_tol)
     dist = np.empty(run_v.shape, dtype=np.float64)
-    if knn is _knn_numpy:
-        import torch
-
-        threads = max(1, torch.get_num_threads())
-        _in_chunks(_workers(threads), threads, n,
-                   lambda r0, r1: np.sqrt(run_v[r0:r1], out=dist[r0:r1], dtype=np.float64))
-    else:
-        np.sqrt(run_v, out=dist, dtype=np.float64)
+    threads = _cpu_threads() if knn is _knn_numpy else 1
+    _in_chunks(_workers(threads), threads, n,
+               lambda r0, r1: np.sqrt(run_v[r0:r1], out=dist[r0:r1], dtype=np.float64))
     return dist, run_i
 
 
@@ -224,19 +220,17 @@ def _knn_numpy(X: np.ndarray, k: int, dev: str, precision: str, B: int, symmetri
     norms ride along in the product, [-2x, |x|^2, 1] . [y, 1, |y|^2] = |x - y|^2, one BLAS call per
     block.
 
-    Threads: ``torch.get_num_threads()`` Python workers split every product and every selection by
+    Threads: :func:`_cpu_threads` Python workers split every product and every selection by
     rows, each calling a one-thread BLAS (:func:`blas_single_thread`). OpenBLAS's own threads spin
     after each call and stole the cores from what came next (the top-k, the sort, the DADApy metrics
     of the previous layer running beside): on the embedded model's layers the whole geometry ran
     1.5x faster without them (bench/).
     """
-    import torch
-
     dt = np.dtype(precision)
     as_int = np.int32 if dt == np.float32 else np.int64
     n, d = X.shape
     k1 = k + 1
-    threads = max(1, torch.get_num_threads())
+    threads = _cpu_threads()
     pool = _workers(threads)
     mean = X.mean(axis=0, dtype=np.float64).astype(dt)
     sq = np.empty(n, dtype=dt)
@@ -279,6 +273,13 @@ def _knn_numpy(X: np.ndarray, k: int, dev: str, precision: str, B: int, symmetri
             else:
                 _select_topk(strip, s, k1, run_v[s:e], run_i[s:e])
     return run_v, run_i, sq
+
+
+def _cpu_threads() -> int:
+    """Workers of the CPU graph: torch's thread count, which the rule sets from its ``threads``."""
+    import torch
+
+    return max(1, torch.get_num_threads())
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
