@@ -8,7 +8,7 @@ log = rulekit.start(snakemake, "plot_geometry")  # noqa: F821
 
 import pandas as pd  # noqa: E402
 
-from llmscape import geometry_plots  # noqa: E402
+from llmscape.geometry import plots as geometry_plots  # noqa: E402
 
 smk = snakemake  # noqa: F821
 table = pd.concat([pd.read_parquet(p) for p in smk.input.tables], ignore_index=True)

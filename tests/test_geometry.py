@@ -1,4 +1,4 @@
-"""Known-answer tests of the geometry stage (src/llmscape/geometry.py)."""
+"""Known-answer tests of the geometry stage (src/llmscape/geometry/)."""
 
 from __future__ import annotations
 

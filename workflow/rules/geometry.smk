@@ -1,4 +1,4 @@
-# Representation geometry per layer of every extraction (src/llmscape/geometry.py), the neighbourhood
+# Representation geometry per layer of every extraction (src/llmscape/geometry/), the neighbourhood
 # overlaps between paired extractions (k-shot vs 0-shot, variant vs base), and the per-model figures.
 
 

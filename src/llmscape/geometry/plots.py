@@ -1,4 +1,4 @@
-"""Figures of the geometry tables (columns documented in llmscape.geometry): one line per shots setting."""
+"""Figures of the geometry tables (columns in llmscape.geometry): one line per shots setting."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _lines(ax, table: pd.DataFrame, column: str, style: str = "-", label_suffix:
 
 
 def _save(fig, dest, title: str):
-    from llmscape.io import atomic_path
+    from ..io import atomic_path
 
     if title:
         fig.suptitle(title)

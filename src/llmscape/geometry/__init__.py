@@ -1,0 +1,76 @@
+"""Representation geometry per layer: intrinsic dimension, density peaks, ARIs and overlaps.
+
+Definitions follow Doimo et al., "The representation landscape of few-shot learning and fine-tuning
+in large language models" (NeurIPS 2024; docs/geometry.md): per layer, on the deduplicated last-token
+vectors,
+
+* intrinsic dimension by 2NN and by Gride at the scales (n1, 2 n1) = (1, 2), (2, 4), ...; the headline
+  ID is the (16, 32) scale (``id_scale`` = 16), matching the density k = 16;
+* kNN log density with k = 16 at the headline ID, Advanced Density Peaks (ADP) clustering with Z = 1.6
+  and the halo off; the core-point fraction is the share ADP with the halo on would keep;
+* adjusted Rand index of the ADP assignment against subjects and against answer letters;
+* class-balanced label neighbourhood overlap (class fraction 0.3) for subjects and letters;
+* data (neighbourhood) overlap with k = 30 between the same questions in two representations.
+
+The k-nearest-neighbour graph of a layer is computed once (:func:`compute_neighbour_graph`: blocked,
+symmetric; numpy with our own threads on CPU, torch on CUDA when present) and reused by everything
+above; DADApy gets it as precomputed distances. DADApy's convention for
+``Data(distances=(dist, ind), maxk=maxk)``: both arrays have maxk + 1 columns, column 0 is the point
+itself at distance 0, the rest sorted by distance; ADP walks all ``maxk`` columns, so ``maxk``
+changes the clustering and is passed explicitly.
+
+The package, one job a module:
+
+``params``    GeometryParams, statuses, the column lists of the output tables
+``graph``     the neighbour-graph engine (blocked products, selection, float64 refinement, thread pools)
+``metrics``   DADApy metrics, ARIs and overlaps on one layer's graph
+``files``     reading extractions, writing and reading the saved neighbour lists
+``pipeline``  every layer of one extraction (graphs pipelined with metrics), overlaps between extractions
+``plots``     the per-variant figures
+
+Output tables (column names are a contract with the join stage; keep them stable)
+--------------------------------------------------------------------------------
+``{shots}shot.parquet``: one row per (model, variant, shots, layer)
+
+    model, variant, shots, layer (int, index into ``hidden``), layer_name,
+    status          "ok", or why the metrics are NaN: "non_finite", "constant", "too_few_points", "failed"
+    n_questions     rows in the extraction; n_points: distinct vectors analysed; n_duplicates = the difference
+    maxk            neighbours given to DADApy (min(config maxk, n_points - 1))
+    id_2nn          2NN intrinsic dimension (DADApy, linear fit on 90% of the ratios)
+    id_gride, id_gride_err   Gride ID at the headline scale (id_scale_n1, 2 id_scale_n1)
+    id_scale_n1     n1 of the headline scale (16)
+    density_k, log_density_mean   kNN density parameters and the mean log density
+    z, n_clusters   ADP merging parameter and number of clusters (halo off)
+    core_fraction   fraction of points outside the halo (ADP with halo on)
+    ari_subjects, ari_letters     ARI of the ADP assignment (halo off) with subject / answer letter
+    label_fraction, overlap_subjects, overlap_letters   class-balanced label overlap
+    overlap_k, overlap_next_layer data overlap of layer l with layer l + 1 (NaN for the last layer)
+    seconds_graph, seconds_metrics, device
+
+``{shots}shot_gride.parquet``: long table, one row per (layer, scale):
+    model, variant, shots, layer, n1, n2, id, err
+
+``{shots}shot_overlap.parquet`` (:func:`compute_pair_overlaps`): one row per (layer, comparison):
+    model, variant, shots, layer, layer_name, comparison ("shots": against 0-shot of the same variant;
+    "variant": against base at the same shots), ref_variant, ref_shots, k, n_points, overlap
+
+``{shots}shot_knn.npz``: question_id (n,), layer_name, knn (n_layers, n, overlap_k) int32: each
+question's overlap_k nearest neighbours as row indices into question_id; -1 for rows dropped as
+duplicates and for layers without a neighbour graph (non-finite, constant, too few points). The pair overlaps are computed from these files.
+"""
+
+from .files import read_knn, read_labels, write_knn
+from .graph import blas_single_thread, compute_neighbour_graph, resolve_device, return_unique_rows
+from .metrics import (compute_layer_geometry, compute_layer_graph, compute_layer_metrics, return_ari,
+                      return_core_fraction, return_data_overlap, return_label_overlap_k)
+from .params import (GRIDE_COLUMNS, OVERLAP_COLUMNS, STATUS_OK, TABLE_COLUMNS, GeometryError,
+                     GeometryParams)
+from .pipeline import compute_geometry, compute_pair_overlaps
+
+__all__ = [
+    "GRIDE_COLUMNS", "OVERLAP_COLUMNS", "STATUS_OK", "TABLE_COLUMNS", "GeometryError", "GeometryParams",
+    "blas_single_thread", "compute_geometry", "compute_layer_geometry", "compute_layer_graph",
+    "compute_layer_metrics", "compute_neighbour_graph", "compute_pair_overlaps", "read_knn", "read_labels",
+    "resolve_device", "return_ari", "return_core_fraction", "return_data_overlap", "return_label_overlap_k",
+    "return_unique_rows", "write_knn",
+]

@@ -1,0 +1,58 @@
+"""Reading extractions and the saved neighbour lists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .params import GeometryError
+
+
+def read_labels(h5_path: str | Path) -> dict:
+    """question_id, subject codes and names, answer letters and layer names of an extraction."""
+    import h5py
+
+    h5_path = Path(h5_path)
+    if not h5_path.exists():
+        raise GeometryError(f"no extraction at {h5_path}")
+    with h5py.File(h5_path, "r") as f:
+        missing = [k for k in ("hidden", "question_id", "subject", "answer") if k not in f]
+        if missing:
+            raise GeometryError(f"{h5_path} lacks datasets {missing}: not an llmscape extraction")
+        shape = f["hidden"].shape
+        if len(shape) != 3:
+            raise GeometryError(f"{h5_path}: hidden has shape {shape}, expected (n_layers, n_questions, d)")
+        qid = np.asarray(f["question_id"][:], dtype=np.int64)
+        subject = np.asarray(f["subject"].asstr()[:], dtype=object)
+        answer = np.asarray(f["answer"][:], dtype=np.int64)
+        if "layer_name" in f:
+            layer_name = [str(s) for s in f["layer_name"].asstr()[:]]
+        else:
+            layer_name = [f"l{i}" for i in range(shape[0])]
+        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+    n = shape[1]
+    for key, arr in (("question_id", qid), ("subject", subject), ("answer", answer)):
+        if arr.shape != (n,):
+            raise GeometryError(f"{h5_path}: {key} has shape {arr.shape}, hidden has {n} questions")
+    if len(layer_name) != shape[0]:
+        raise GeometryError(f"{h5_path}: {len(layer_name)} layer names for {shape[0]} layers")
+    if n < 2:
+        raise GeometryError(f"{h5_path}: {n} question(s); geometry needs many")
+    subject_names, subject_codes = np.unique(subject.astype(str), return_inverse=True)
+    return dict(question_id=qid, subject=subject_codes.astype(np.int64), subject_names=subject_names,
+                answer=answer, layer_name=layer_name, shape=shape, attrs=attrs)
+
+
+
+def write_knn(dest: str | Path, knn: dict) -> None:
+    from ..io import atomic_path
+
+    with atomic_path(dest) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **knn)
+
+
+def read_knn(path: str | Path) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}

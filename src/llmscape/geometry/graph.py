@@ -1,0 +1,370 @@
+"""The k-nearest-neighbour graph of a layer: blocked, symmetric, exact where float32 rounding could
+reorder neighbours; numpy with our own threads on CPU, torch on CUDA."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .params import GeometryError
+
+log = logging.getLogger("llmscape.geometry")
+
+
+def resolve_device(spec: str = "auto") -> str:
+    from ..models import pick_device
+
+    return pick_device(spec, key="geometry.device", error=GeometryError)
+
+
+def return_unique_rows(X: np.ndarray) -> np.ndarray:
+    """Sorted row indices of the first occurrence of every distinct row (exact, bitwise equality
+    after mapping -0.0 to 0.0). Keeping them in order keeps the labels aligned.
+
+    Same answer as ``np.unique(X, axis=0, return_index=True)``, without its lexicographic sort of
+    whole rows (about 5 s at 9,181 x 4,096 in float64; this takes about 0.05 s): rows are grouped by
+    Python's hash of their bytes, and rows sharing a hash are compared in full, so a hash collision can
+    never merge distinct rows.
+    """
+    X = np.ascontiguousarray(X)
+    if X.ndim != 2:
+        raise ValueError(f"expected a 2-d array, got shape {X.shape}")
+    n = X.shape[0]
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    X = X + X.dtype.type(0)  # -0.0 -> 0.0, so equal values compare equal bitwise
+    h = np.fromiter((hash(r.tobytes()) for r in X), dtype=np.int64, count=n)
+    order = np.argsort(h, kind="stable")  # equal hashes: in original order, first occurrence first
+    hs = h[order]
+    starts = np.flatnonzero(np.r_[True, hs[1:] != hs[:-1]])
+    sizes = np.diff(np.r_[starts, n])
+    keep = list(order[starts])
+    for st, size in zip(starts[sizes > 1], sizes[sizes > 1]):  # duplicates (or a collision): compare rows
+        group = order[st: st + size]
+        reps = [group[0]]
+        for i in group[1:]:
+            if not any(np.array_equal(X[i].view(np.uint8), X[r].view(np.uint8)) for r in reps):
+                reps.append(i)
+                keep.append(i)
+    return np.sort(np.asarray(keep, dtype=np.int64))
+
+
+def compute_neighbour_graph(X: np.ndarray, k: int, *, device: str = "auto", precision: str = "float32",
+                            block_rows: int = 2048, refine_tol: float = 1e-4,
+                            sym_budget_mb: int = 2048, blas: str = "numpy") -> tuple[np.ndarray, np.ndarray]:
+    """Euclidean k nearest neighbours of every row of X, DADApy layout.
+
+    Returns (dist, ind), each (N, k + 1): column 0 is the point itself at distance 0, then the k
+    nearest other points in increasing distance. dist is float64, ind int64.
+
+    Squared distances come from |x|^2 + |y|^2 - 2 x.y on centred data, in blocks of ``block_rows``
+    rows; each (I, J >= I) block of the symmetric matrix is computed once and its transpose reused
+    for row block J, halving the matrix products (while the upper triangle fits ``sym_budget_mb``);
+    one selection per row strip. On CPU (``blas="numpy"``) everything runs in numpy (see
+    :func:`_knn_numpy`); on CUDA, or with ``blas="torch"``, in torch (:func:`_knn_torch`).
+    Where a squared distance is below ``refine_tol`` (|x|^2 + |y|^2), the formula has lost its
+    relative precision: those pairs (or, when a whole neighbourhood is that tight, the whole row) are
+    recomputed in float64 (:func:`_refine`).
+    """
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise ValueError(f"expected a 2-d array, got shape {X.shape}")
+    n = X.shape[0]
+    if not 1 <= k <= n - 1:
+        raise ValueError(f"k={k} neighbours need at least k + 1 points, have {n}")
+    if precision not in ("float32", "float64"):
+        raise ValueError(f"precision must be float32 or float64, got {precision!r}")
+    if blas not in ("numpy", "torch"):
+        raise ValueError(f"blas must be numpy or torch, got {blas!r}")
+    dev = resolve_device(device)
+    B = max(1, min(int(block_rows), n))
+    itemsize = 4 if precision == "float32" else 8
+    # each (I, J >= I) block is computed once; its transpose serves row block J later. Keeping the
+    # upper triangle costs n^2/2 values: above the budget, fall back to full row strips.
+    symmetric = (n * n // 2) * itemsize <= int(sym_budget_mb) << 20
+    knn = _knn_numpy if dev == "cpu" and blas == "numpy" else _knn_torch
+    run_v, run_i, sq = knn(X, k, dev, precision, B, symmetric)
+    run_v[:, 0] = 0.0
+    if refine_tol > 0 and precision != "float64":
+        _refine(X, run_v, run_i, sq, k, refine_tol)
+    dist = np.empty(run_v.shape, dtype=np.float64)
+    threads = _cpu_threads() if knn is _knn_numpy else 1
+    _in_chunks(_workers(threads), threads, n,
+               lambda r0, r1: np.sqrt(run_v[r0:r1], out=dist[r0:r1], dtype=np.float64))
+    return dist, run_i
+
+
+def _strips(n: int, B: int, symmetric: bool, empty, product, keep, put_transpose):
+    """Row strips (s, e, d2[s:e, :]) of the n x n squared distances, one at a time.
+
+    empty(rows) allocates a (rows, n) strip; product(s, e, s2, e2, out) fills its block of columns
+    s2:e2 in place. When ``symmetric``, each upper block (I, J > I) is computed once, kept as
+    keep(block), and written transposed into strip J by put_transpose(out, kept).
+    """
+    starts = list(range(0, n, B))
+    kept: dict[tuple[int, int], object] = {}
+    for a, s in enumerate(starts):
+        e = min(n, s + B)
+        strip = empty(e - s)
+        for b, s2 in enumerate(starts):
+            e2 = min(n, s2 + B)
+            out = strip[:, s2:e2]
+            if symmetric and b < a:
+                put_transpose(out, kept.pop((b, a)))
+                continue
+            product(s, e, s2, e2, out)
+            if symmetric and b > a:
+                kept[(a, b)] = keep(out)
+        yield s, e, strip
+        del strip
+
+
+def _knn_numpy(X: np.ndarray, k: int, dev: str, precision: str, B: int, symmetric: bool):
+    """CPU neighbour search in numpy alone. Returns (squared distances, indices, |x|^2), unrefined.
+
+    The products go through numpy's BLAS (OpenBLAS in the numpy wheel, the BLAS sklearn and so the
+    published path use): torch's MKL runs 1.6x slower on AMD EPYC (measured, bench/). The squared
+    norms ride along in the product, [-2x, |x|^2, 1] . [y, 1, |y|^2] = |x - y|^2, one BLAS call per
+    block.
+
+    Threads: :func:`_cpu_threads` Python workers split every product and every selection by
+    rows, each calling a one-thread BLAS (:func:`blas_single_thread`). OpenBLAS's own threads spin
+    after each call and stole the cores from what came next (the top-k, the sort, the DADApy metrics
+    of the previous layer running beside): on the embedded model's layers the whole geometry ran
+    1.5x faster without them (bench/).
+    """
+    dt = np.dtype(precision)
+    as_int = np.int32 if dt == np.float32 else np.int64
+    n, d = X.shape
+    k1 = k + 1
+    threads = _cpu_threads()
+    pool = _workers(threads)
+    mean = X.mean(axis=0, dtype=np.float64).astype(dt)
+    sq = np.empty(n, dtype=dt)
+    L = np.empty((n, d + 2), dtype=dt)
+    R = np.empty((n, d + 2), dtype=dt)
+
+    def prepare(r0, r1):  # centred rows, their squared norms (pairwise sums), and the two factors
+        Xc = X[r0:r1].astype(dt)
+        Xc -= mean
+        sq[r0:r1] = np.square(Xc).sum(axis=1)
+        np.multiply(Xc, -2.0, out=L[r0:r1, :d])
+        L[r0:r1, d], L[r0:r1, d + 1] = sq[r0:r1], 1.0
+        R[r0:r1, :d], R[r0:r1, d], R[r0:r1, d + 1] = Xc, 1.0, sq[r0:r1]
+
+    def product(s, e, s2, e2, out):
+        Rt = R[s2:e2].T
+
+        def part(r0, r1):
+            np.matmul(L[s + r0:s + r1], Rt, out=out[r0:r1])
+            # clamp at 0 in the integer view: rounding's negatives and -0.0 (sign bit set, which would
+            # order first as an integer) all become +0.0
+            bits = out[r0:r1].view(as_int)
+            np.maximum(bits, 0, out=bits)
+
+        _in_chunks(pool, threads, e - s, part)
+
+    def put_transpose(out, block):
+        _in_chunks(pool, threads, out.shape[0], lambda r0, r1: np.copyto(out[r0:r1], block[:, r0:r1].T))
+
+    run_v = np.empty((n, k1), dtype=dt)
+    run_i = np.empty((n, k1), dtype=np.int64)
+    # where k1 is most of a row, a full sort of packed (distance, index) keys beats a top-k
+    packed = dt == np.float32 and 2 * k1 > n
+    with blas_single_thread():
+        _in_chunks(pool, threads, n, prepare)
+        for s, e, strip in _strips(n, B, symmetric, lambda rows: np.empty((rows, n), dtype=dt), product,
+                                   np.copy, put_transpose):
+            if packed:
+                _select_packed(strip, s, k1, run_v[s:e], run_i[s:e], pool, threads)
+            else:
+                _select_topk(strip, s, k1, run_v[s:e], run_i[s:e])
+    return run_v, run_i, sq
+
+
+def _cpu_threads() -> int:
+    """Workers of the CPU graph: torch's thread count, which the rule sets from its ``threads``."""
+    import torch
+
+    return max(1, torch.get_num_threads())
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _workers(threads: int) -> ThreadPoolExecutor:
+    """A process-wide pool of ``threads`` workers (started once: a new pool per layer cost 5 ms).
+    Several graphs (two in flight in compute_geometry) share it."""
+    with _POOLS_LOCK:
+        if threads not in _POOLS:
+            _POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="llmscape-knn")
+        return _POOLS[threads]
+
+
+def _in_chunks(pool, threads: int, rows: int, work) -> None:
+    """work(r0, r1) over ``threads`` contiguous row chunks of range(rows), in the pool."""
+    step = -(-rows // threads)
+    chunks = [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+    if len(chunks) == 1:
+        work(*chunks[0])
+    else:
+        for f in [pool.submit(work, *c) for c in chunks]:
+            f.result()
+
+
+_BLAS = None
+
+
+def blas_single_thread():
+    """Context: numpy's BLAS runs one thread (threadpoolctl); the caller parallelises instead."""
+    global _BLAS
+    from threadpoolctl import ThreadpoolController
+
+    if _BLAS is None:
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=1, user_api="blas")
+
+
+def _select_packed(strip: np.ndarray, s: int, k1: int, out_v: np.ndarray, out_i: np.ndarray, pool,
+                   threads: int) -> None:
+    """The k1 smallest entries of every row of a float32 strip (rows s, s + 1, ... of the n x n squared
+    distances, all n columns) in increasing order, the point itself first, ties by column index.
+
+    Each entry becomes one int64 key, (bits of d2 as int32) << b | column, with b bits for a column
+    index: for d2 >= 0 the bit patterns order like the values, so sorting the keys sorts the distances
+    and carries the indices along, exactly. When k1 is most of the row (the embedded model's layers:
+    1,001 of 1,140), one numpy sort of these keys is about 2x cheaper than torch's top-k. Rows are
+    split over ``threads`` workers of ``pool``.
+    """
+    rows, n = strip.shape
+    b = max(1, (n - 1).bit_length())
+    col = np.arange(n, dtype=np.int64)
+
+    def work(r0: int, r1: int) -> None:
+        key = strip[r0:r1].view(np.int32).astype(np.int64)
+        key <<= b
+        key |= col
+        key[np.arange(r1 - r0), np.arange(s + r0, s + r1)] = -1  # the point itself sorts first
+        key.sort(axis=1)
+        key = key[:, :k1]
+        np.bitwise_and(key, (1 << b) - 1, out=out_i[r0:r1])
+        out_v[r0:r1] = (key >> b).astype(np.int32).view(np.float32)
+        out_i[r0:r1, 0] = np.arange(s + r0, s + r1)
+
+    _in_chunks(pool, threads, rows, work)  # numpy's sort releases the GIL
+
+
+def _select_topk(strip: np.ndarray, s: int, k1: int, out_v: np.ndarray, out_i: np.ndarray) -> None:
+    """The k1 smallest entries of every row of a strip, by torch's top-k (a few of many per row)."""
+    import torch
+
+    rows = strip.shape[0]
+    strip[np.arange(rows), np.arange(s, s + rows)] = -1.0  # the point itself first
+    t = torch.from_numpy(strip)
+    # top-k on the integer view: for floats >= 0 (and the one -1 per row) the bit patterns order like
+    # the values, and integer comparisons make torch's top-k about 1.6x faster on CPU
+    as_int = torch.int32 if t.dtype == torch.float32 else torch.int64
+    v, i = torch.topk(t.view(as_int), k1, dim=1, largest=False, sorted=True)
+    out_v[:] = v.view(t.dtype).numpy()
+    out_i[:] = i.numpy()
+
+
+def _knn_torch(X: np.ndarray, k: int, dev: str, precision: str, B: int, symmetric: bool):
+    """Neighbour search in torch (CUDA, or CPU with torch's BLAS). Returns numpy (squared distances,
+    indices, |x|^2), unrefined."""
+    import torch
+
+    dev = torch.device(dev)
+    dt = {"float32": torch.float32, "float64": torch.float64}[precision]
+    as_int = {torch.float32: torch.int32, torch.float64: torch.int64}[dt]
+    n, k1 = X.shape[0], k + 1
+    mean = X.mean(axis=0, dtype=np.float64)
+    Xc = torch.as_tensor(X, device=dev).to(dt)
+    Xc -= torch.as_tensor(mean, device=dev).to(dt)
+    sq = (Xc * Xc).sum(dim=1)
+
+    def product(s, e, s2, e2, out):
+        out.copy_(torch.addmm(sq[None, s2:e2], Xc[s:e], Xc[s2:e2].T, beta=1.0, alpha=-2.0))
+        out += sq[s:e, None]
+        out.view(as_int).clamp_(min=0)  # in the integer view: negatives and -0.0 become +0.0
+
+    run_v = torch.empty((n, k1), dtype=dt, device=dev)
+    run_i = torch.empty((n, k1), dtype=torch.int64, device=dev)
+    for s, e, strip in _strips(n, B, symmetric, lambda rows: torch.empty((rows, n), dtype=dt, device=dev),
+                               product, torch.clone, lambda out, block: out.copy_(block.T)):
+        strip[torch.arange(e - s, device=dev), torch.arange(s, e, device=dev)] = -1.0  # the point itself first
+        v, run_i[s:e] = torch.topk(strip.view(as_int), k1, dim=1, largest=False, sorted=True)
+        run_v[s:e] = v.view(dt)
+        del strip
+    return run_v.cpu().numpy(), run_i.cpu().numpy(), sq.cpu().numpy()
+
+
+def _smallest(d2: np.ndarray, k1: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values, indices) of the k1 smallest entries of every row, in increasing order."""
+    if k1 < d2.shape[1]:
+        idx = np.argpartition(d2, k1 - 1, axis=1)[:, :k1]
+    else:
+        idx = np.broadcast_to(np.arange(d2.shape[1]), d2.shape).copy()
+    v = np.take_along_axis(d2, idx, 1)
+    pos = np.argsort(v, axis=1, kind="stable")
+    return np.take_along_axis(v, pos, 1), np.take_along_axis(idx, pos, 1)
+
+
+def _refine(X: np.ndarray, run_v: np.ndarray, run_i: np.ndarray, sq: np.ndarray, k: int, tol: float) -> None:
+    """The numerically careful step of :func:`compute_neighbour_graph`, in place, in numpy.
+
+    A squared distance below tol (|x|^2 + |y|^2) is inside the rounding noise of the float32
+    formula. Rows whose k-th neighbour is already there (a tight group far from the data mean) are
+    redone in float64, centred on those rows; in the other rows only the near pairs are recomputed
+    directly as |x - y|^2 and the row re-sorted (the selected set is right, the order may not be).
+    Only rows whose nearest neighbour is below tol (|x|^2 + max |y|^2) can hold such a pair, so the
+    full test runs on those alone (on real data: none or a few).
+    """
+    n, k1 = X.shape[0], k + 1
+    cand = np.flatnonzero(run_v[:, 1] < tol * (sq + sq.max()))
+    if cand.size == 0:
+        return
+    X64 = np.asarray(X, dtype=np.float64)
+    whole = cand[run_v[cand, k] < tol * (sq[cand] + sq[run_i[cand, k]])]
+    if whole.size:
+        Y = X64 - X64[whole].mean(axis=0)
+        sqY = np.square(Y).sum(axis=1)
+        chunk = max(1, (1 << 25) // n)
+        for p in range(0, whole.size, chunk):
+            r = whole[p:p + chunk]
+            d2 = Y[r] @ Y.T
+            d2 *= -2.0
+            d2 += sqY[None, :]
+            d2 += sqY[r, None]
+            np.maximum(d2, 0.0, out=d2)
+            d2[np.arange(r.size), r] = -1.0
+            v, i = _smallest(d2, k1)
+            v[:, 0] = 0.0
+            run_v[r], run_i[r] = v, i
+        log.info("recomputed %d neighbourhoods in float64 (tight groups far from the mean)", whole.size)
+    rest = np.setdiff1d(cand, whole, assume_unique=True)
+    if rest.size == 0:
+        return
+    sus = run_v[rest] < tol * (sq[rest, None] + sq[run_i[rest]])
+    sus[:, 0] = False
+    rr, c = np.nonzero(sus)
+    if rr.size == 0:
+        return
+    r = rest[rr]
+    j = run_i[r, c]
+    chunk = max(1, (1 << 26) // max(1, X.shape[1]))
+    exact = np.empty(r.size, dtype=np.float64)
+    for p in range(0, r.size, chunk):
+        q = slice(p, p + chunk)
+        exact[q] = np.square(X64[r[q]] - X64[j[q]]).sum(axis=1)
+    run_v[r, c] = exact
+    rows = np.unique(r)
+    sub_v, sub_i = run_v[rows, 1:], run_i[rows, 1:]
+    pos = np.argsort(sub_v, axis=1, kind="stable")
+    run_v[rows, 1:] = np.take_along_axis(sub_v, pos, 1)
+    run_i[rows, 1:] = np.take_along_axis(sub_i, pos, 1)
+    log.debug("recomputed %d near pairs directly", int(r.size))
