@@ -273,7 +273,9 @@ def test_duplicates_are_dropped_with_labels_aligned():
     clean, _, _ = geometry_of(X, y, letters)
     assert row["n_duplicates"] == 60 and row["n_points"] == len(y) and row["n_questions"] == len(yd)
     assert row["ari_subjects"] == pytest.approx(clean["ari_subjects"]) and row["ari_subjects"] > 0.95
-    assert row["id_gride"] == pytest.approx(clean["id_gride"], rel=1e-6)
+    # the float32 products round a row by its place in the BLAS call, and the duplicates move every row:
+    # equal to float32 precision, not bit for bit
+    assert row["id_gride"] == pytest.approx(clean["id_gride"], rel=1e-5)
     assert (knn < 0).all(axis=1).sum() == 60  # dropped rows have no neighbour list
     assert knn.max() < len(yd)
 

@@ -165,7 +165,10 @@ def _knn_numpy(X: np.ndarray, k: int, dev: str, precision: str, B: int, symmetri
             bits = out[r0:r1].view(as_int)
             np.maximum(bits, 0, out=bits)
 
-        _in_chunks(pool, threads, e - s, part)
+        # fixed chunks: BLAS may round a row differently by its position in the product (its kernels
+        # handle the rows beyond a multiple of their unroll apart), so chunks that depended on the
+        # thread count would make the graph depend on it too
+        _in_chunks(pool, threads, e - s, part, chunk_rows=_PRODUCT_ROWS)
 
     def put_transpose(out, block):
         _in_chunks(pool, threads, out.shape[0], lambda r0, r1: np.copyto(out[r0:r1], block[:, r0:r1].T))
@@ -192,6 +195,7 @@ def _cpu_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
+_PRODUCT_ROWS = 128  # rows of one BLAS call in the CPU graph
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 
@@ -205,9 +209,10 @@ def _workers(threads: int) -> ThreadPoolExecutor:
         return _POOLS[threads]
 
 
-def _in_chunks(pool, threads: int, rows: int, work) -> None:
-    """work(r0, r1) over ``threads`` contiguous row chunks of range(rows), in the pool."""
-    step = -(-rows // threads)
+def _in_chunks(pool, threads: int, rows: int, work, chunk_rows: int | None = None) -> None:
+    """work(r0, r1) over contiguous row chunks of range(rows), in the pool: ``threads`` chunks, or chunks
+    of ``chunk_rows`` rows whatever the thread count."""
+    step = chunk_rows or -(-rows // threads)
     chunks = [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
     if len(chunks) == 1:
         work(*chunks[0])
