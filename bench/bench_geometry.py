@@ -2,7 +2,7 @@
 
 ours       llmscape.geometry.compute_geometry: one neighbour graph per layer (float32, blocked,
            symmetric, numpy on CPU), handed to dadapy as precomputed distances and reused by every metric.
-published  Doimo et al.'s recipe (methods.md A.5-A.7) on plain dadapy: per layer, float64 coordinates,
+published  Doimo et al.'s recipe (NeurIPS 2024; docs/geometry.md) on plain dadapy: per layer, float64 coordinates,
            np.unique deduplication, Data(coordinates).compute_distances(maxk=1000), then the same
            metrics (Gride, 2NN, kNN density, ADP halo off and on, ARIs, label overlaps, overlap with
            the next layer) from dadapy's own distances.
@@ -68,7 +68,7 @@ def run_ours(h5: str, threads: int):
     from llmscape import geometry as G
 
     torch.set_num_threads(threads)
-    table, _, _ = G.compute_geometry(h5, G.GeometryParams(**PARAMS, device="cpu"))
+    table = G.compute_geometry(h5, G.GeometryParams(**PARAMS, device="cpu", n_boot=0)).table
     return table
 
 

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Small maxk keeps the tests fast; the scales and k follow the paper.
 P = G.GeometryParams(maxk=100, id_range_max=64, id_scale=16, density_k=16, z=1.6, label_fraction=0.3,
-                     overlap_k=30, device="cpu", block_rows=512)
+                     overlap_k=30, device="cpu", block_rows=512, n_boot=0)
 
 
 def blobs(n_per=200, n_blobs=5, dim=20, sep=30.0, seed=0):
@@ -168,7 +168,7 @@ def test_id_of_a_linear_subspace():
     d, D, n = 6, 100, 2000
     basis = np.linalg.qr(rng.standard_normal((D, d)))[0]
     X = (rng.standard_normal((n, d)) @ basis.T + 3.0).astype(np.float32)
-    row, gride, _ = geometry_of(X)
+    row, gride, _, _ = geometry_of(X)
     assert row["status"] == "ok"
     assert abs(row["id_gride"] - d) / d < 0.10, row["id_gride"]
     assert abs(row["id_2nn"] - d) / d < 0.10, row["id_2nn"]
@@ -182,7 +182,7 @@ def test_id_of_a_curved_manifold():
     Y /= np.linalg.norm(Y, axis=1, keepdims=True)
     R = np.linalg.qr(rng.standard_normal((40, 4)))[0]
     X = (Y @ R.T).astype(np.float32)
-    row, _, _ = geometry_of(X)
+    row, _, _, _ = geometry_of(X)
     assert abs(row["id_gride"] - 3) / 3 < 0.10, row["id_gride"]
     assert abs(row["id_2nn"] - 3) / 3 < 0.10, row["id_2nn"]
 
@@ -193,7 +193,7 @@ def test_id_of_a_curved_manifold():
 def test_separated_blobs_give_their_labels_back():
     X, y = blobs()
     letters = random_letters(len(y))
-    row, _, _ = geometry_of(X, y, letters)
+    row, _, _, _ = geometry_of(X, y, letters)
     assert row["n_clusters"] == 5
     assert row["ari_subjects"] >= 0.95
     assert abs(row["ari_letters"]) < 0.05
@@ -219,7 +219,7 @@ def test_identical_to_plain_dadapy():
     X, y = blobs(n_per=150, n_blobs=6, dim=12, sep=1.5, seed=8)
     X = (X * rng.uniform(0.5, 2.0, size=12)).astype(np.float32)
     letters = random_letters(len(y))
-    row, gride, _ = geometry_of(X, y, letters)
+    row, gride, _, _ = geometry_of(X, y, letters)
     ids, errs, assignment, ref = plain_dadapy(X, P.maxk)
     assert np.allclose([g["id"] for g in gride], ids, rtol=1e-5)
     assert np.allclose([g["err"] for g in gride], errs, rtol=1e-4)
@@ -269,8 +269,8 @@ def test_duplicates_are_dropped_with_labels_aligned():
     Xd = np.concatenate([X, X[dup]])
     yd, ld = np.concatenate([y, y[dup]]), np.concatenate([letters, letters[dup]])
     perm = rng.permutation(len(yd))
-    row, _, knn = geometry_of(Xd[perm], yd[perm], ld[perm])
-    clean, _, _ = geometry_of(X, y, letters)
+    row, _, knn, _ = geometry_of(Xd[perm], yd[perm], ld[perm])
+    clean, _, _, _ = geometry_of(X, y, letters)
     assert row["n_duplicates"] == 60 and row["n_points"] == len(y) and row["n_questions"] == len(yd)
     assert row["ari_subjects"] == pytest.approx(clean["ari_subjects"]) and row["ari_subjects"] > 0.95
     # the float32 products round a row by its place in the BLAS call, and the duplicates move every row:
@@ -294,7 +294,7 @@ def test_degenerate_layers_give_nan_and_a_warning(tmp_path, caplog):
     ]).astype(np.float16)
     h5 = write_h5(tmp_path / "0shot.h5", hidden, np.array(["a", "b", "c"])[y], random_letters(n))
     with caplog.at_level(logging.WARNING, logger="llmscape.geometry"):
-        table, gride, knn = G.compute_geometry(h5, P)
+        table, gride, knn, _ = G.compute_geometry(h5, P)
     assert table["status"].tolist() == ["constant", "non_finite", "too_few_points", "non_finite", "ok", "ok"]
     assert table.loc[:3, ["id_gride", "id_2nn", "n_clusters", "ari_subjects", "overlap_letters"]].isna().all().all()
     assert table.loc[0, "n_duplicates"] == n - 1 and table.loc[2, "n_points"] == 10
@@ -327,8 +327,8 @@ def test_pair_overlaps_check_alignment(tmp_path):
     hid0 = np.stack([X, X + 0.01 * rng.standard_normal(X.shape).astype(np.float32)])
     hid5 = np.stack([rng.standard_normal(X.shape).astype(np.float32), X])
     subj = np.array(["a", "b", "c"])[y]
-    _, _, k0 = G.compute_geometry(write_h5(tmp_path / "0.h5", hid0, subj, random_letters(n)), P)
-    _, _, k5 = G.compute_geometry(write_h5(tmp_path / "5.h5", hid5, subj, random_letters(n), shots=5), P)
+    _, _, k0, _ = G.compute_geometry(write_h5(tmp_path / "0.h5", hid0, subj, random_letters(n)), P)
+    _, _, k5, _ = G.compute_geometry(write_h5(tmp_path / "5.h5", hid5, subj, random_letters(n), shots=5), P)
     ov = G.compute_pair_overlaps(k5, [("shots", "base", 0, k0)], model="toy", variant="base", shots=5, k=30)
     assert list(ov.columns) == G.OVERLAP_COLUMNS and len(ov) == 2
     assert ov.loc[0, "overlap"] < 0.5 < ov.loc[1, "overlap"]  # noise vs blobs; the same blobs
@@ -343,10 +343,11 @@ def test_pair_overlaps_check_alignment(tmp_path):
 def test_schema_defaults_match_the_library():
     schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
     props = schema["properties"]["geometry"]["properties"]
-    defaults = {k: v["default"] for k, v in props.items()}
+    defaults = {k: v["default"] for k, v in props.items() if k != "resolution_study"}  # the study's own rule
     assert G.GeometryParams.from_config(defaults) == G.GeometryParams()
     for cfg in ("config.yaml", "ci.yaml", "llama3-8b.yaml"):
-        G.GeometryParams.from_config(yaml.safe_load((ROOT / "config" / cfg).read_text())["geometry"])
+        geometry = yaml.safe_load((ROOT / "config" / cfg).read_text())["geometry"]
+        G.GeometryParams.from_config({k: v for k, v in geometry.items() if k != "resolution_study"})
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")

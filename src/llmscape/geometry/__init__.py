@@ -25,8 +25,10 @@ The package, one job a module:
 ``graph``     the neighbour-graph engine (blocked products, selection, float64 refinement, thread pools)
 ``metrics``   DADApy metrics, ARIs and overlaps on one layer's graph
 ``files``     reading extractions, writing and reading the saved neighbour lists
+``resample``  the subsamples of the intervals, their graphs read from the layer's, the interval formula
+``resolution`` the resolution rule and the resolution study
 ``pipeline``  every layer of one extraction (graphs pipelined with metrics), overlaps between extractions
-``plots``     the per-variant figures
+``plots``     the per-variant figures and the resolution study's figure
 
 Output tables (column names are a contract with the join stage; keep them stable)
 --------------------------------------------------------------------------------
@@ -46,31 +48,50 @@ Output tables (column names are a contract with the join stage; keep them stable
     label_fraction, overlap_subjects, overlap_letters   class-balanced label overlap
     overlap_k, overlap_next_layer data overlap of layer l with layer l + 1 (NaN for the last layer)
     seconds_graph, seconds_metrics, device
+    subject_size_min, subject_size_median, letter_size_min, letter_size_median   classes of the points analysed
+    resolution_size 2 x max(density_k, 2 id_scale): the smallest class the scales resolve
+    resolution      "resolved", or "below_subjects", "below_letters", "below_both" (numbers kept, marked)
+    n_boot, boot_fraction, confidence   subsamples used for the intervals (0: none), their share of every
+                    subject, the coverage
+    {metric}_lo, {metric}_hi   interval of every metric of INTERVAL_METRICS (NaN without subsamples)
+
+``{shots}shot_boot.parquet``: one row per (layer, subsample): model, variant, shots, layer, draw,
+    n_points and the value of every metric of INTERVAL_METRICS in that subsample
 
 ``{shots}shot_gride.parquet``: long table, one row per (layer, scale):
     model, variant, shots, layer, n1, n2, id, err
 
 ``{shots}shot_overlap.parquet`` (:func:`compute_pair_overlaps`): one row per (layer, comparison):
     model, variant, shots, layer, layer_name, comparison ("shots": against 0-shot of the same variant;
-    "variant": against base at the same shots), ref_variant, ref_shots, k, n_points, overlap
+    "variant": against base at the same shots), ref_variant, ref_shots, k, n_points, overlap,
+    overlap_lo, overlap_hi, n_boot (the same subsamples as the geometry jobs)
 
-``{shots}shot_knn.npz``: question_id (n,), layer_name, knn (n_layers, n, overlap_k) int32: each
-question's overlap_k nearest neighbours as row indices into question_id; -1 for rows dropped as
-duplicates and for layers without a neighbour graph (non-finite, constant, too few points). The pair overlaps are computed from these files.
+``{shots}shot_knn.npz``: question_id (n,), subject (n,) codes, layer, layer_name, knn (n_layers, n, K)
+int32: each question's K nearest neighbours as row indices into question_id (K = overlap_k, or about
+twice that with subsamples, so that each subsample's overlap_k nearest members can be read); -1 for rows
+dropped as duplicates and for layers without a neighbour graph (non-finite, constant, too few points).
+The pair overlaps and their intervals are computed from these files.
+
+``resolution/{variant}_{shots}shot.parquet`` (:mod:`resolution`): one row per (layer, questions per
+subject, subsample), columns ``resolution.STUDY_COLUMNS``.
 """
 
 from .files import read_knn, read_labels, write_knn
 from .graph import blas_single_thread, compute_neighbour_graph, resolve_device, return_unique_rows
-from .metrics import (compute_layer_geometry, compute_layer_graph, compute_layer_metrics, return_ari,
-                      return_core_fraction, return_data_overlap, return_label_overlap_k)
-from .params import (GRIDE_COLUMNS, OVERLAP_COLUMNS, STATUS_OK, TABLE_COLUMNS, GeometryError,
-                     GeometryParams)
-from .pipeline import compute_geometry, compute_pair_overlaps
+from .metrics import (LayerResult, compute_layer_geometry, compute_layer_graph, compute_layer_metrics,
+                      return_ari, return_class_sizes, return_core_fraction, return_data_overlap,
+                      return_label_overlap_k, return_resolution)
+from .params import (BOOT_COLUMNS, GRIDE_COLUMNS, INTERVAL_METRICS, OVERLAP_COLUMNS, RESOLUTION_FACTOR, RESOLVED,
+                     STATUS_OK, TABLE_COLUMNS, GeometryError, GeometryParams)
+from .pipeline import ExtractionGeometry, compute_geometry, compute_pair_overlaps
+from .resample import draw_members, return_interval, return_member_knn, return_subgraph
 
 __all__ = [
-    "GRIDE_COLUMNS", "OVERLAP_COLUMNS", "STATUS_OK", "TABLE_COLUMNS", "GeometryError", "GeometryParams",
+    "BOOT_COLUMNS", "GRIDE_COLUMNS", "INTERVAL_METRICS", "OVERLAP_COLUMNS", "RESOLUTION_FACTOR", "RESOLVED",
+    "STATUS_OK", "TABLE_COLUMNS", "ExtractionGeometry", "GeometryError", "GeometryParams", "LayerResult",
     "blas_single_thread", "compute_geometry", "compute_layer_geometry", "compute_layer_graph",
-    "compute_layer_metrics", "compute_neighbour_graph", "compute_pair_overlaps", "read_knn", "read_labels",
-    "resolve_device", "return_ari", "return_core_fraction", "return_data_overlap", "return_label_overlap_k",
-    "return_unique_rows", "write_knn",
+    "compute_layer_metrics", "compute_neighbour_graph", "compute_pair_overlaps", "draw_members", "read_knn",
+    "read_labels", "resolve_device", "return_ari", "return_class_sizes", "return_core_fraction",
+    "return_data_overlap", "return_interval", "return_label_overlap_k", "return_member_knn", "return_resolution",
+    "return_subgraph", "return_unique_rows", "write_knn",
 ]

@@ -196,17 +196,18 @@ def _cpu_threads() -> int:
 
 
 _PRODUCT_ROWS = 128  # rows of one BLAS call in the CPU graph
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[str, int], ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 
 
-def _workers(threads: int) -> ThreadPoolExecutor:
-    """A process-wide pool of ``threads`` workers (started once: a new pool per layer cost 5 ms).
-    Several graphs (two in flight in compute_geometry) share it."""
+def _workers(threads: int, job: str = "knn") -> ThreadPoolExecutor:
+    """A process-wide pool of ``threads`` workers for one kind of job (started once: a new pool per
+    layer cost 5 ms). Several graphs (two in flight in compute_geometry) share the "knn" pool; the
+    subsamples of a layer run in the "boot" pool, so a graph's row chunks never queue behind them."""
     with _POOLS_LOCK:
-        if threads not in _POOLS:
-            _POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="llmscape-knn")
-        return _POOLS[threads]
+        if (job, threads) not in _POOLS:
+            _POOLS[job, threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"llmscape-{job}")
+        return _POOLS[job, threads]
 
 
 def _in_chunks(pool, threads: int, rows: int, work, chunk_rows: int | None = None) -> None:

@@ -7,11 +7,13 @@ import logging
 import math
 import time
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 
-from .graph import compute_neighbour_graph, return_unique_rows
-from .params import STATUS_OK, GeometryParams
+from .graph import _cpu_threads, _workers, compute_neighbour_graph, return_unique_rows
+from .params import INTERVAL_METRICS, RESOLUTION_FACTOR, RESOLVED, STATUS_OK, GeometryParams
+from .resample import boot_graph_k, keep_freed_memory, return_interval, return_subgraph
 
 log = logging.getLogger("llmscape.geometry")
 
@@ -79,35 +81,89 @@ def return_core_fraction(data, z: float) -> float:
     return float(np.mean(~(rho_c + log_den_min - 1 < level[labels])))
 
 
+POINT_METRICS = ("id_2nn", "id_gride", "id_gride_err", "log_density_mean", "n_clusters", "core_fraction",
+                 "ari_subjects", "ari_letters", "overlap_subjects", "overlap_letters")
+
+
 def _nan_row() -> dict:
-    return dict(id_2nn=math.nan, id_gride=math.nan, id_gride_err=math.nan, log_density_mean=math.nan,
-                n_clusters=math.nan, core_fraction=math.nan, ari_subjects=math.nan, ari_letters=math.nan,
-                overlap_subjects=math.nan, overlap_letters=math.nan)
+    return dict.fromkeys(POINT_METRICS, math.nan)
+
+
+class LayerResult(NamedTuple):
+    """What one layer gives: ``row`` (the layer table's columns), ``gride`` (its Gride profile, rows of
+    n1, n2, id, err), ``knn`` (each question's nearest neighbours, (n, K) row indices of X, -1 for
+    dropped duplicates and degenerate layers; the first overlap_k are the layer's own lists, the rest
+    serve the subsamples) and ``boot`` (one dict of metric values per subsample)."""
+
+    row: dict
+    gride: list
+    knn: np.ndarray
+    boot: list
+
+
+def return_class_sizes(labels: np.ndarray) -> tuple[int, float]:
+    """(smallest, median) class size of a labelling."""
+    _, counts = np.unique(labels, return_counts=True)
+    return int(counts.min()), float(np.median(counts))
+
+
+def return_resolution(subject_min: int, letter_min: int, params: GeometryParams) -> str:
+    """``resolved`` when every subject and every letter class has at least params.resolution_size()
+    points, else which of them falls short (``below_subjects``, ``below_letters``, ``below_both``)."""
+    need = params.resolution_size()
+    below = [name for name, size in (("subjects", subject_min), ("letters", letter_min)) if size < need]
+    if not below:
+        return RESOLVED
+    return "below_both" if len(below) == 2 else f"below_{below[0]}"
+
+
+def resolution_advice(row: dict, params: GeometryParams) -> str:
+    """The fix for a layer below resolution, in words."""
+    need = params.resolution_size()
+    return (f"smallest subject {row['subject_size_min']} and smallest letter class {row['letter_size_min']} "
+            f"points, below the {need} that density_k={params.density_k} and the Gride scale "
+            f"({params.id_scale}, {2 * params.id_scale}) resolve, so ARI, clusters and ID describe the sample "
+            f"size, not the representation. Fix: more questions per subject (data.per_subject >= {need}, "
+            f"fewer subjects if time is short), or smaller geometry.density_k and geometry.id_scale "
+            f"(the rule: {RESOLUTION_FACTOR} x max(density_k, 2 id_scale) points per class)")
 
 
 def compute_layer_geometry(X: np.ndarray, subjects: np.ndarray, letters: np.ndarray, params: GeometryParams,
-                           *, name: str = "layer") -> tuple[dict, list[dict], np.ndarray]:
-    """All metrics of one layer. X (n, d); subjects, letters: integer codes (n,).
+                           *, name: str = "layer", draws: list[np.ndarray] | None = None) -> LayerResult:
+    """All metrics of one layer. X (n, d); subjects, letters: integer codes (n,); draws: subsamples
+    as sorted row indices of X (:func:`resample.draw_members`), None for none.
 
-    Returns (row, gride_rows, knn): the metric row (see the module docstring), the Gride profile as
-    rows (n1, n2, id, err), and the overlap_k neighbour lists (n, overlap_k) in row indices of X
-    (-1 for dropped duplicates and for degenerate layers). Degenerate layers give NaN metrics, a
-    status and a logged warning naming the layer.
+    Returns a :class:`LayerResult`. Degenerate layers give NaN metrics, a status and a logged warning
+    naming the layer; a layer below resolution keeps its numbers, is marked and warned about.
     """
-    return compute_layer_metrics(compute_layer_graph(X, subjects, letters, params, name=name), params)
+    result = compute_layer_metrics(compute_layer_graph(X, subjects, letters, params, name=name, draws=draws),
+                                   params)
+    if result.row["resolution"] != RESOLVED:
+        log.warning("%s is below resolution: %s", name, resolution_advice(result.row, params))
+    return result
 
 
 def compute_layer_graph(X: np.ndarray, subjects: np.ndarray, letters: np.ndarray, params: GeometryParams,
-                        *, name: str = "layer") -> dict:
+                        *, name: str = "layer", draws: list[np.ndarray] | None = None,
+                        complete: bool = False) -> dict:
     """First half of :func:`compute_layer_geometry`: checks, deduplication and the neighbour graph (the
-    heavy, GIL-free part). Returns the state :func:`compute_layer_metrics` finishes."""
+    heavy, GIL-free part). Returns the state :func:`compute_layer_metrics` finishes. ``complete``: every
+    other point in each neighbour list, so that any subsample's graph can be read from it."""
     n = X.shape[0]
     p = params
+    draws = list(draws or [])
+    s_min, s_med = return_class_sizes(subjects)
+    l_min, l_med = return_class_sizes(letters)
     row = dict(n_questions=n, n_points=0, n_duplicates=0, status=STATUS_OK, maxk=0,
                id_scale_n1=p.id_scale, density_k=p.density_k, z=p.z, label_fraction=p.label_fraction,
-               overlap_k=p.overlap_k, seconds_graph=0.0, seconds_metrics=0.0, **_nan_row())
-    knn = np.full((n, p.overlap_k), -1, dtype=np.int32)
-    state = dict(row=row, knn=knn, name=name, graph=None)
+               overlap_k=p.overlap_k, seconds_graph=0.0, seconds_metrics=0.0, **_nan_row(),
+               subject_size_min=s_min, subject_size_median=s_med, letter_size_min=l_min,
+               letter_size_median=l_med, resolution_size=p.resolution_size(),
+               resolution=return_resolution(s_min, l_min, p), n_boot=0, boot_fraction=p.boot_fraction,
+               confidence=p.confidence)
+    save_k = p.overlap_k if not draws else max(p.overlap_k, boot_graph_k(p.overlap_k, p.boot_fraction, n))
+    knn = np.full((n, save_k), -1, dtype=np.int32)
+    state = dict(row=row, knn=knn, name=name, graph=None, draws=draws)
 
     if not np.isfinite(X).all():
         bad = int((~np.isfinite(X)).any(axis=1).sum())
@@ -133,59 +189,156 @@ def compute_layer_graph(X: np.ndarray, subjects: np.ndarray, letters: np.ndarray
         return state
 
     Xu, sub_u, let_u = X[keep], subjects[keep], letters[keep]
+    if m < n:  # the classes of the points analysed
+        (s_min, s_med), (l_min, l_med) = return_class_sizes(sub_u), return_class_sizes(let_u)
+        row.update(subject_size_min=s_min, subject_size_median=s_med, letter_size_min=l_min,
+                   letter_size_median=l_med, resolution=return_resolution(s_min, l_min, p))
     maxk = min(p.maxk, m - 1)
-    graph_k = min(m - 1, max(maxk, p.overlap_k, return_label_overlap_k(sub_u, p.label_fraction),
-                             return_label_overlap_k(let_u, p.label_fraction)))
+    k_label = max(return_label_overlap_k(sub_u, p.label_fraction), return_label_overlap_k(let_u, p.label_fraction))
+    graph_k = min(m - 1, max(maxk, p.overlap_k, k_label))
+    if draws:  # enough columns to read every subsample's graph and neighbour lists from this one
+        m_draw = min(d.size for d in draws)
+        k_draw = max(min(p.maxk, m_draw - 1), p.overlap_k, k_label)
+        graph_k = max(graph_k, min(m - 1, max(boot_graph_k(k_draw, p.boot_fraction, m), save_k)))
+    if complete:
+        graph_k = m - 1
     row["maxk"] = int(maxk)
     t0 = time.perf_counter()
     dist, ind = compute_neighbour_graph(Xu, graph_k, device=p.device, precision=p.precision,
                                         block_rows=p.block_rows, refine_tol=p.refine_tol)
     row["seconds_graph"] = time.perf_counter() - t0
-    ok_knn = min(p.overlap_k, graph_k)
+    ok_knn = min(save_k, graph_k)
     knn[keep, :ok_knn] = keep[ind[:, 1:ok_knn + 1]].astype(np.int32)
-    state.update(graph=(dist, ind), maxk=maxk, graph_k=graph_k, subjects=sub_u, letters=let_u)
+    state.update(graph=(dist, ind), maxk=maxk, graph_k=graph_k, subjects=sub_u, letters=let_u, X=Xu, keep=keep)
     return state
 
 
-def compute_layer_metrics(state: dict, params: GeometryParams) -> tuple[dict, list[dict], np.ndarray]:
-    """Second half of :func:`compute_layer_geometry`: every DADApy metric on the layer's graph."""
+def _graph_metrics(dist: np.ndarray, ind: np.ndarray, maxk: int, graph_k: int, subjects: np.ndarray,
+                   letters: np.ndarray, p: GeometryParams, profile: bool = True) -> tuple[dict, list[dict]]:
+    """Every DADApy metric on one neighbour graph (DADApy layout, graph_k >= maxk columns after the
+    point itself): (values of POINT_METRICS, Gride profile up to id_range_max). ``profile=False``
+    (subsamples) fits the headline Gride scale alone, with DADApy's own single-scale estimator: the
+    same number as in the profile (tested), at a fifth of the cost."""
     from dadapy import Data
 
-    row, knn, name, p = state["row"], state["knn"], state["name"], params
+    out = {}
     gride: list[dict] = []
-    if state["graph"] is None:
-        return row, gride, knn
-    (dist, ind), maxk, graph_k = state["graph"], state["maxk"], state["graph_k"]
-    sub_u, let_u = state["subjects"], state["letters"]
-    t1 = time.perf_counter()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", category=UserWarning)
-            data = Data(distances=(np.ascontiguousarray(dist[:, :maxk + 1]),
-                                   np.ascontiguousarray(ind[:, :maxk + 1])), maxk=maxk, verbose=False)
-            row["id_2nn"] = float(data.compute_id_2NN()[0])
+    n1 = p.id_scale
+    if 2 * n1 > maxk:
+        raise ValueError(f"the headline scale ({n1}, {2 * n1}) is outside the Gride range "
+                         f"(id_range_max={p.id_range_max}, maxk={maxk})")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)
+        data = Data(distances=(np.ascontiguousarray(dist[:, :maxk + 1]),
+                               np.ascontiguousarray(ind[:, :maxk + 1])), maxk=maxk, verbose=False)
+        out["id_2nn"] = float(data.compute_id_2NN()[0])
+        if profile:
             ids, errs, n2s = data.return_id_scaling_gride(range_max=min(p.id_range_max, maxk), return_ranks=True)
             gride = [dict(n1=int(b // 2), n2=int(b), id=float(i), err=float(e)) for i, e, b in zip(ids, errs, n2s)]
-            head = [g for g in gride if g["n1"] == p.id_scale]
+            head = [(g["id"], g["err"]) for g in gride if g["n1"] == n1]
             if not head:
-                raise ValueError(f"the headline scale ({p.id_scale}, {2 * p.id_scale}) is outside the Gride "
-                                 f"range (id_range_max={p.id_range_max}, maxk={maxk})")
-            row["id_gride"], row["id_gride_err"] = head[0]["id"], head[0]["err"]
-            data.set_id(row["id_gride"])
-            log_den, _ = data.compute_density_kNN(k=p.density_k)
-            row["log_density_mean"] = float(np.mean(log_den))
-            assignment = np.array(data.compute_clustering_ADP(Z=p.z, halo=False), copy=True)
-            row["n_clusters"] = int(data.N_clusters)
-            row["ari_subjects"] = return_ari(sub_u, assignment)
-            row["ari_letters"] = return_ari(let_u, assignment)
-            row["core_fraction"] = return_core_fraction(data, p.z)
-            full = data if graph_k == maxk else Data(distances=(dist, ind), maxk=graph_k, verbose=False)
-            row["overlap_subjects"] = float(full.return_label_overlap(sub_u, class_fraction=p.label_fraction))
-            row["overlap_letters"] = float(full.return_label_overlap(let_u, class_fraction=p.label_fraction))
+                raise ValueError(f"the headline scale ({n1}, {2 * n1}) is outside the Gride range "
+                                 f"(id_range_max={p.id_range_max}, maxk={maxk})")
+            out["id_gride"], out["id_gride_err"] = head[0]
+        else:  # DADApy's defaults of return_id_scaling_gride: d in [0.001, 1000], tolerance 1e-7
+            mus = data.distances[:, 2 * n1] / data.distances[:, n1]
+            out["id_gride"], out["id_gride_err"] = (float(v) for v in data._compute_id_gride_single_scale(
+                0.001, 1000, mus, n1, 2 * n1, 1e-7))
+        data.set_id(out["id_gride"])
+        log_den, _ = data.compute_density_kNN(k=p.density_k)
+        out["log_density_mean"] = float(np.mean(log_den))
+        assignment = np.array(data.compute_clustering_ADP(Z=p.z, halo=False), copy=True)
+        out["n_clusters"] = int(data.N_clusters)
+        out["ari_subjects"] = return_ari(subjects, assignment)
+        out["ari_letters"] = return_ari(letters, assignment)
+        out["core_fraction"] = return_core_fraction(data, p.z)
+        full = data if graph_k == maxk else Data(distances=(dist, ind), maxk=graph_k, verbose=False)
+        out["overlap_subjects"] = float(full.return_label_overlap(subjects, class_fraction=p.label_fraction))
+        out["overlap_letters"] = float(full.return_label_overlap(letters, class_fraction=p.label_fraction))
+    return out, gride
+
+
+def _draw_metrics(state: dict, members: np.ndarray, p: GeometryParams) -> dict:
+    """POINT_METRICS of one subsample (distinct-row positions ``members``), from the layer's graph."""
+    dist, ind = state["graph"]
+    m = members.size
+    if m < p.min_points():
+        return _nan_row()
+    sub, let = state["subjects"][members], state["letters"][members]
+    maxk = min(p.maxk, m - 1)
+    k = min(m - 1, max(maxk, p.overlap_k, return_label_overlap_k(sub, p.label_fraction),
+                       return_label_overlap_k(let, p.label_fraction)))
+    gd, gi = return_subgraph(state["X"], dist, ind, members, k)
+    values, _ = _graph_metrics(gd, gi, maxk, k, sub, let, p, profile=False)
+    return values
+
+
+#: the range a metric can take: its interval is clipped to it (the scaled spread can reach past it)
+METRIC_RANGE = {"ari_subjects": (-0.5, 1.0), "ari_letters": (-0.5, 1.0), "overlap_subjects": (0.0, 1.0),
+                "overlap_letters": (0.0, 1.0), "overlap_next_layer": (0.0, 1.0), "overlap": (0.0, 1.0),
+                "core_fraction": (0.0, 1.0), "n_clusters": (1.0, math.inf), "id_2nn": (0.0, math.inf),
+                "id_gride": (0.0, math.inf)}
+
+
+def fill_intervals(row: dict, boot: list[dict], params: GeometryParams, metrics=INTERVAL_METRICS) -> None:
+    """Set ``{metric}_lo`` / ``{metric}_hi`` of ``row`` from the subsamples' values (resample.py), clipped
+    to the metric's range."""
+    used = 0
+    for metric in metrics:
+        lo, hi, k = return_interval(row.get(metric, math.nan), [b.get(metric, math.nan) for b in boot],
+                                    params.boot_fraction, params.confidence)
+        a, b = METRIC_RANGE.get(metric, (-math.inf, math.inf))
+        row[f"{metric}_lo"], row[f"{metric}_hi"] = min(max(lo, a), b), min(max(hi, a), b)
+        used = max(used, k)
+    row["n_boot"] = max(int(row.get("n_boot") or 0), used)
+
+
+def compute_layer_metrics(state: dict, params: GeometryParams) -> LayerResult:
+    """Second half of :func:`compute_layer_geometry`: every DADApy metric on the layer's graph, then on
+    each subsample's graph read from it (intervals of every metric but overlap_next_layer, which
+    needs the next layer: see pipeline.py)."""
+    row, knn, name, p = state["row"], state["knn"], state["name"], params
+    gride: list[dict] = []
+    boot: list[dict] = []
+    for metric in INTERVAL_METRICS:
+        row.setdefault(f"{metric}_lo", math.nan)
+        row.setdefault(f"{metric}_hi", math.nan)
+    if state["graph"] is None:
+        return LayerResult(row, gride, knn, boot)
+    t1 = time.perf_counter()
+    try:
+        values, gride = _graph_metrics(*state["graph"], state["maxk"], state["graph_k"], state["subjects"],
+                                       state["letters"], p)
+        row.update(values)
     except Exception as e:  # a failure in one layer must not lose the other layers
         log.warning("%s: geometry failed (%s: %s); metrics set to NaN", name, type(e).__name__, e,
                     exc_info=True)
         row.update(_nan_row())
         row["status"] = "failed"
+    if state["draws"] and row["status"] == STATUS_OK:
+        upos = np.full(row["n_questions"], -1, dtype=np.int64)
+        upos[state["keep"]] = np.arange(state["keep"].size)
+        def one(j_draw):
+            j, draw = j_draw
+            members = upos[draw]
+            members = members[members >= 0]
+            try:
+                values, ok = _draw_metrics(state, members, p), True
+            except Exception as e:  # one bad subsample costs one draw, never the layer
+                log.debug("%s: subsample %d failed (%s: %s)", name, j, type(e).__name__, e)
+                values, ok = _nan_row(), False
+            return ok, dict(draw=j, n_points=int(members.size), **{k: values[k] for k in INTERVAL_METRICS
+                                                                    if k in values})
+
+        # draws are independent: the gathers release the GIL, DADApy mostly holds it (1.4x on 2 threads)
+        threads = _cpu_threads()
+        keep_freed_memory()
+        done = list(_workers(threads, "boot").map(one, enumerate(state["draws"])))
+        boot = [b for _, b in done]
+        failed = sum(not ok for ok, _ in done)
+        if failed:
+            log.warning("%s: %d of %d subsamples failed; the intervals use the others", name, failed,
+                        len(state["draws"]))
+        fill_intervals(row, boot, p, [m for m in INTERVAL_METRICS if m != "overlap_next_layer"])
     row["seconds_metrics"] = time.perf_counter() - t1
-    return row, gride, knn
+    return LayerResult(row, gride, knn, boot)

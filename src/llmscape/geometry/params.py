@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 STATUS_OK = "ok"
+RESOLVED = "resolved"  # the ``resolution`` column: every subject and letter class at least resolution_size()
+#: classes below resolution: "below_subjects", "below_letters" or "below_both"
+RESOLUTION_FACTOR = 2  # from the resolution study on the embedded model (docs/geometry.md)
 
 
 class GeometryError(RuntimeError):
@@ -24,6 +27,11 @@ class GeometryParams:
     precision: str = "float32"
     block_rows: int = 2048  # smaller blocks: more of the symmetric products skipped (bench/)
     refine_tol: float = 1e-4
+    # uncertainty: n_boot subsamples of boot_fraction of every subject (0: no intervals), see resample.py
+    n_boot: int = 100
+    boot_fraction: float = 0.8
+    confidence: float = 0.95
+    seed: int = 0
 
     @classmethod
     def from_config(cls, cfg: dict | None) -> "GeometryParams":
@@ -34,17 +42,45 @@ class GeometryParams:
             raise ValueError(f"unknown geometry parameters: {sorted(unknown)}")
         return cls(**cfg)
 
+    def __post_init__(self):
+        if self.n_boot < 0:
+            raise ValueError(f"geometry.n_boot={self.n_boot}: the number of subsamples cannot be negative. "
+                             "Fix: 0 (no intervals) or more, 100 or so for 95% intervals.")
+        if not 0 < self.boot_fraction < 1:
+            raise ValueError(f"geometry.boot_fraction={self.boot_fraction}: the share of each subject a "
+                             "subsample keeps must lie in (0, 1). Fix: 0.8 keeps four fifths.")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"geometry.confidence={self.confidence} must lie in (0, 1). Fix: 0.95 for 95% "
+                             "intervals.")
+
     def min_points(self) -> int:
         """Fewest distinct points a layer needs: the headline Gride scale and the density k must fit."""
         return max(2 * self.id_scale, self.density_k, 2) + 1
 
+    def resolution_size(self) -> int:
+        """Smallest class (subject, letter) that ADP and the headline Gride scale can resolve as a
+        density peak: RESOLUTION_FACTOR x max(density_k, n2 = 2 id_scale), 64 with the paper's k = 16 and
+        scale (16, 32). See :mod:`llmscape.geometry.resolution` for where the factor comes from."""
+        return RESOLUTION_FACTOR * max(self.density_k, 2 * self.id_scale)
 
+
+
+#: metrics that get an interval: columns ``{metric}_lo`` and ``{metric}_hi`` of the layer table
+INTERVAL_METRICS = ("id_2nn", "id_gride", "log_density_mean", "n_clusters", "core_fraction", "ari_subjects",
+                    "ari_letters", "overlap_subjects", "overlap_letters", "overlap_next_layer")
 
 TABLE_COLUMNS = ["model", "variant", "shots", "layer", "layer_name", "status", "n_questions", "n_points",
                  "n_duplicates", "maxk", "id_2nn", "id_gride", "id_gride_err", "id_scale_n1", "density_k",
                  "log_density_mean", "z", "n_clusters", "core_fraction", "ari_subjects", "ari_letters",
                  "label_fraction", "overlap_subjects", "overlap_letters", "overlap_k", "overlap_next_layer",
-                 "seconds_graph", "seconds_metrics", "device"]
+                 "seconds_graph", "seconds_metrics", "device",
+                 # resolution: the classes of the points analysed against the neighbourhood scales
+                 "subject_size_min", "subject_size_median", "letter_size_min", "letter_size_median",
+                 "resolution_size", "resolution",
+                 # uncertainty: how the intervals were made, then one (lo, hi) pair per metric
+                 "n_boot", "boot_fraction", "confidence",
+                 *(f"{m}_{end}" for m in INTERVAL_METRICS for end in ("lo", "hi"))]
 GRIDE_COLUMNS = ["model", "variant", "shots", "layer", "n1", "n2", "id", "err"]
+BOOT_COLUMNS = ["model", "variant", "shots", "layer", "draw", "n_points", *INTERVAL_METRICS]
 OVERLAP_COLUMNS = ["model", "variant", "shots", "layer", "layer_name", "comparison", "ref_variant", "ref_shots",
-                   "k", "n_points", "overlap"]
+                   "k", "n_points", "overlap", "overlap_lo", "overlap_hi", "n_boot"]

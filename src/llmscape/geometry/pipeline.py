@@ -8,21 +8,36 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from .files import read_labels
 from .graph import blas_single_thread, resolve_device
-from .metrics import compute_layer_graph, compute_layer_metrics, return_data_overlap
-from .params import GRIDE_COLUMNS, OVERLAP_COLUMNS, STATUS_OK, TABLE_COLUMNS, GeometryError, GeometryParams
+from .metrics import (compute_layer_graph, compute_layer_metrics, fill_intervals, resolution_advice,
+                      return_class_sizes, return_data_overlap)
+from .params import (BOOT_COLUMNS, GRIDE_COLUMNS, OVERLAP_COLUMNS, RESOLVED, STATUS_OK, TABLE_COLUMNS, GeometryError,
+                     GeometryParams)
+from .resample import draw_members, return_member_knn
 
 log = logging.getLogger("llmscape.geometry")
 
 
+class ExtractionGeometry(NamedTuple):
+    """Geometry of one extraction: ``table`` (one row per layer), ``gride`` (Gride profiles), ``knn``
+    (dict of question_id, subject, layer, layer_name and the neighbour lists, for the saved .npz) and
+    ``boot`` (one row per layer and subsample), as in the package docstring."""
+
+    table: object
+    gride: object
+    knn: dict
+    boot: object
+
+
 def compute_geometry(h5_path: str | Path, params: GeometryParams, *, model: str = "", variant: str = "",
-                     shots: int | None = None, layers: list[int] | None = None):
-    """Geometry of every layer of one extraction. Returns (table, gride, knn) with table and gride as
-    pandas DataFrames (module docstring) and knn a dict(question_id, layer_name, knn)."""
+                     shots: int | None = None, layers: list[int] | None = None) -> ExtractionGeometry:
+    """Geometry of every layer of one extraction, with intervals from ``params.n_boot`` subsamples of
+    every subject (the same subsamples for every layer and for every extraction of these questions)."""
     import h5py
     import pandas as pd
     import torch
@@ -38,8 +53,12 @@ def compute_geometry(h5_path: str | Path, params: GeometryParams, *, model: str 
     params = GeometryParams(**{**asdict(params), "device": device})
     log.info("%s: %d layers x %d questions x %d dims on %s (torch threads %d)", h5_path, n_layers,
              meta["shape"][1], meta["shape"][2], device, torch.get_num_threads())
+    draws = draw_members(meta["subject"], params.n_boot, params.boot_fraction, params.seed)
+    if draws:
+        log.info("intervals: %d subsamples of %.0f%% of every subject (%d of %d questions), %.0f%% confidence",
+                 len(draws), 100 * params.boot_fraction, draws[0].size, meta["shape"][1], 100 * params.confidence)
 
-    rows, grides, knns = [], [], []
+    rows, grides, knns, boots = [], [], [], []
     # graphs in flight: on CPU, two while a layer fits one row strip (n <= block_rows, at most a few
     # hundred MB each), so one graph's serial steps overlap the other's parallel ones (1.15x on the
     # embedded model's 5-shot layers); one for larger layers, whose graph keeps the cores busy itself
@@ -54,7 +73,7 @@ def compute_geometry(h5_path: str | Path, params: GeometryParams, *, model: str 
             X = hidden[layer]
             X = X.astype(np.float32) if X.dtype == np.float16 else X
             return compute_layer_graph(X, meta["subject"], meta["answer"], params,
-                                       name=f"layer {layer} ({meta['layer_name'][layer]})")
+                                       name=f"layer {layer} ({meta['layer_name'][layer]})", draws=draws)
 
         # pipelined: the graphs of the next layers are built in worker threads while DADApy's metrics of
         # layer l (Python, mostly holding the GIL) run here; the results are those of the sequential loop
@@ -64,43 +83,82 @@ def compute_geometry(h5_path: str | Path, params: GeometryParams, *, model: str 
             if a + depth < len(layers):
                 ahead.append(pool.submit(graph_of, layers[a + depth]))
             name = state["name"]
-            row, gride, knn = compute_layer_metrics(state, params)
-            row = dict(model=model, variant=variant, shots=int(shots), layer=int(layer),
-                       layer_name=meta["layer_name"][layer], device=device, **row)
+            row, gride, knn, boot = compute_layer_metrics(state, params)
+            key = dict(model=model, variant=variant, shots=int(shots), layer=int(layer))
+            row = dict(**key, layer_name=meta["layer_name"][layer], device=device, **row)
             rows.append(row)
-            grides += [dict(model=model, variant=variant, shots=int(shots), layer=int(layer), **g) for g in gride]
+            grides += [dict(**key, **g) for g in gride]
+            boots.append([dict(**key, **b) for b in boot])
             knns.append(knn)
             log.info("%s: n=%d dup=%d id_gride=%.2f id_2nn=%.2f clusters=%s ari_subj=%.3f ari_let=%.3f "
                      "(graph %.1fs, metrics %.1fs) [%s]", name, row["n_points"], row["n_duplicates"],
                      row["id_gride"], row["id_2nn"], row["n_clusters"], row["ari_subjects"],
                      row["ari_letters"], row["seconds_graph"], row["seconds_metrics"], row["status"])
 
+    k = params.overlap_k
     for a in range(len(layers)):
         nxt = math.nan
-        if a + 1 < len(layers) and layers[a + 1] == layers[a] + 1:
-            nxt, _ = return_data_overlap(knns[a], knns[a + 1], params.overlap_k)
+        follows = a + 1 < len(layers) and layers[a + 1] == layers[a] + 1
+        if follows:
+            nxt, _ = return_data_overlap(knns[a], knns[a + 1], k)
         rows[a]["overlap_next_layer"] = nxt
+        for b in boots[a]:  # the same subsample in both layers, each with its own neighbour lists
+            members = draws[b["draw"]]
+            b["overlap_next_layer"] = (return_data_overlap(return_member_knn(knns[a], members, k),
+                                                           return_member_knn(knns[a + 1], members, k), k)[0]
+                                       if follows else math.nan)
+        if boots[a]:
+            fill_intervals(rows[a], boots[a], params, ["overlap_next_layer"])
+    _warn_resolution(rows, draws, meta, params)
 
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     if not (table["status"] == STATUS_OK).any():
         raise GeometryError(f"{h5_path}: no layer gave usable geometry (statuses: "
                             f"{sorted(set(table['status']))}); see the warnings above")
     gride_df = pd.DataFrame(grides, columns=GRIDE_COLUMNS)
-    knn = dict(question_id=meta["question_id"], layer=np.asarray(layers, dtype=np.int64),
+    knn = dict(question_id=meta["question_id"], subject=meta["subject"], layer=np.asarray(layers, dtype=np.int64),
                layer_name=np.asarray([meta["layer_name"][l] for l in layers], dtype=str),
                knn=np.stack(knns).astype(np.int32))
-    return table, gride_df, knn
+    boot_df = pd.DataFrame([b for layer_boot in boots for b in layer_boot], columns=BOOT_COLUMNS)
+    return ExtractionGeometry(table, gride_df, knn, boot_df)
+
+
+def _warn_resolution(rows: list[dict], draws: list[np.ndarray], meta: dict, params: GeometryParams) -> None:
+    """One warning naming the layers below resolution and the fix; one if the subsamples are."""
+    below = [r for r in rows if r["resolution"] != RESOLVED]
+    if below:
+        names = ", ".join(f"{r['layer']} ({r['layer_name']})" for r in below)
+        log.warning("%s %s below resolution: %s", "layers" if len(below) > 1 else "layer", names,
+                    resolution_advice(below[0], params))
+    if draws and not below:
+        sizes = [return_class_sizes(meta["subject"][d])[0] for d in draws[:1]]
+        if sizes[0] < params.resolution_size():
+            log.warning("the subsamples keep %d questions of the smallest subject, below the %d that resolve "
+                        "it, while the whole sample is above: near the limit their ARI spread overstates the "
+                        "uncertainty. Fix: raise geometry.boot_fraction (now %.2f) or data.per_subject",
+                        sizes[0], params.resolution_size(), params.boot_fraction)
 
 
 
 def compute_pair_overlaps(knn: dict, refs: list[tuple[str, str, int, dict]], *, model: str, variant: str,
-                          shots: int, k: int):
-    """Data overlap, layer by layer, of one extraction's neighbour lists with each reference.
+                          shots: int, k: int, params: GeometryParams | None = None):
+    """Data overlap, layer by layer, of one extraction's neighbour lists with each reference, with an
+    interval from the subsamples of ``params`` (the geometry jobs' subsamples: same questions, same
+    draws; none when params is None or n_boot is 0).
 
     refs: (comparison, ref_variant, ref_shots, ref_knn). The two extractions must hold the same
     questions in the same order; a mismatch is an error, never a silent misalignment."""
     import pandas as pd
 
+    draws = []
+    if params is not None and params.n_boot > 0:
+        old = [f"{variant}/{shots}shot"] * ("subject" not in knn) + [
+            f"{ref_variant}/{ref_shots}shot" for _, ref_variant, ref_shots, ref in refs if "subject" not in ref]
+        if old:
+            raise GeometryError(f"{model}: the neighbour lists of {', '.join(old)} were saved without subjects (an "
+                                "older llmscape), so the subsamples of the intervals cannot be drawn. Fix: rerun "
+                                "their geometry jobs (snakemake --forcerun geometry)")
+        draws = draw_members(knn["subject"], params.n_boot, params.boot_fraction, params.seed)
     rows = []
     for comparison, ref_variant, ref_shots, ref in refs:
         if not np.array_equal(knn["question_id"], ref["question_id"]):
@@ -115,8 +173,13 @@ def compute_pair_overlaps(knn: dict, refs: list[tuple[str, str, int, dict]], *, 
             if used == 0:
                 log.warning("layer %d: no points with neighbours in both %s/%sshot and %s/%sshot; overlap NaN",
                             layer, variant, shots, ref_variant, ref_shots)
-            rows.append(dict(model=model, variant=variant, shots=int(shots), layer=int(layer),
-                             layer_name=str(knn["layer_name"][a]), comparison=comparison,
-                             ref_variant=ref_variant, ref_shots=int(ref_shots), k=int(k), n_points=used,
-                             overlap=ov))
+            boot = [{"overlap": return_data_overlap(return_member_knn(knn["knn"][a], d, k),
+                                                   return_member_knn(ref["knn"][a], d, k), k)[0]} for d in draws]
+            row = dict(model=model, variant=variant, shots=int(shots), layer=int(layer),
+                       layer_name=str(knn["layer_name"][a]), comparison=comparison, ref_variant=ref_variant,
+                       ref_shots=int(ref_shots), k=int(k), n_points=used, overlap=ov,
+                       overlap_lo=math.nan, overlap_hi=math.nan, n_boot=0)
+            if draws:
+                fill_intervals(row, boot, params, ["overlap"])
+            rows.append(row)
     return pd.DataFrame(rows, columns=OVERLAP_COLUMNS)

@@ -1,0 +1,159 @@
+"""Uncertainty of the geometry metrics: subsamples within subjects, read from the full neighbour graph.
+
+Why subsamples, not the classical bootstrap
+-------------------------------------------
+Every metric here is built on nearest neighbours. A bootstrap draw (with replacement) repeats
+questions, and a repeated point is its own nearest neighbour at distance 0: the 2NN and Gride ratios
+become infinite and the kNN density diverges. So a draw here keeps ``boot_fraction`` (f) of the
+questions of every subject, without replacement (``draw_members``), and recomputes every metric on it.
+
+The spread of the draws is turned into an interval for the full sample by the delete-d jackknife
+(Shao and Wu 1989, Ann. Statist. 17: 1176-1197; its histogram version, Wu 1990, Ann. Statist. 18:
+1438-1452): a draw keeps r = f n of n points and deletes d = n - r; the variance of the full-sample
+estimate is (r / d) times the variance of the draws. Applied to quantiles and centred on the
+full-sample value theta (``return_interval``):
+
+    lo = theta + c (q_{(1 - confidence) / 2} - median),  hi = theta + c (q_{(1 + confidence) / 2} - median),
+    c = sqrt(f / (1 - f))                                 (f = 0.8: c = 2; f = 0.5: c = 1)
+
+Centring on the full-sample value, not on the draws, matters here: the draws have fewer points per
+subject, and several metrics move with the sample size (the Gride ID at a fixed neighbour rank, the
+ARI near the resolution limit, the log density), so the draws are shifted; only their spread is used.
+The spread of a smaller sample can only be wider near the resolution limit, so intervals there are
+conservative. A draw whose subjects fall below resolution says so in the log (pipeline).
+
+Reusing the graph
+-----------------
+The k nearest neighbours of a point within a subsample are the first k members of the subsample
+in its neighbour list over the whole sample. ``return_subgraph`` reads them from the full graph,
+which the layer computes with enough columns (``boot_graph_k``) that a row rarely lacks them; a row
+that does is recomputed exactly against the members. The result is the subsample's own graph, as a
+new distance computation would give it (tested), at the cost of a gather instead of a product.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import sys
+
+import numpy as np
+
+_HEAP_KEPT = False
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc to serve the subsamples' temporary arrays (10-20 MB each, several per draw) from its
+    heap and to keep freed memory, instead of mapping fresh pages for each and unmapping them after:
+    the page faults were 40% of the time of :func:`return_subgraph` (bench/). Once per process; a
+    no-op elsewhere than glibc Linux. Peak memory is unchanged, the process just holds it until exit."""
+    global _HEAP_KEPT
+    if _HEAP_KEPT or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD: blocks below 256 MB from the heap
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: return freed heap to the OS above 1 GB only
+    except (OSError, AttributeError):
+        pass
+    _HEAP_KEPT = True
+
+
+def draw_members(strata: np.ndarray, n_draws: int, fraction: float, seed: int) -> list[np.ndarray]:
+    """Sorted row indices of ``n_draws`` subsamples: round(fraction x n_s) rows of every stratum s
+    (at least 1), without replacement. Draw j depends only on (strata, fraction, seed, j): two
+    extractions of the same questions get the same draws."""
+    strata = np.asarray(strata)
+    groups = [np.flatnonzero(strata == s) for s in np.unique(strata)]
+    out = []
+    for j in range(int(n_draws)):
+        rng = np.random.default_rng([int(seed), j])
+        take = [rng.choice(g, size=max(1, int(round(fraction * g.size))), replace=False) for g in groups]
+        out.append(np.sort(np.concatenate(take)))
+    return out
+
+
+def boot_graph_k(k_sub: int, fraction: float, n: int) -> int:
+    """Columns of the full graph from which the k_sub nearest members of a subsample that keeps
+    ``fraction`` of the points can be read for nearly every row.
+
+    The members among a row's first K neighbours are about Binomial(K, f); K is the smallest value
+    whose mean stands 6 standard deviations above k_sub (a row lacks them with probability ~1e-9;
+    such rows are recomputed, so K changes the cost, never the result)."""
+    f = float(fraction)
+    # K f - 6 sqrt(K f (1 - f)) >= k_sub, a quadratic in sqrt(K)
+    b = 6 * math.sqrt(f * (1 - f))
+    root = (b + math.sqrt(b * b + 4 * f * k_sub)) / (2 * f)
+    return int(min(n - 1, math.ceil(root * root) + 1))
+
+
+def return_subgraph(X: np.ndarray, dist: np.ndarray, ind: np.ndarray, members: np.ndarray,
+                    k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k-nearest-neighbour graph of X[members] (DADApy layout, indices into ``members``), read from
+    the graph (dist, ind) of all of X.
+
+    members: sorted, distinct row indices of X. Rows whose neighbour list over X holds fewer than k
+    members are recomputed exactly (float64) against the members. Raises if k >= len(members)."""
+    members = np.asarray(members, dtype=np.int64)
+    m, n = members.size, X.shape[0]
+    if not 1 <= k <= m - 1:
+        raise ValueError(f"k={k} neighbours need at least k + 1 members, have {m}")
+    pos = np.full(n, -1, dtype=np.int32)
+    pos[members] = np.arange(m, dtype=np.int32)
+    nb = pos[ind[members, 1:]]  # neighbours as positions in members, -1 for non-members
+    hit = nb >= 0
+    count = np.count_nonzero(hit, axis=1)
+    ok = count >= k
+    sub_i = np.empty((m, k + 1), dtype=np.int64)
+    sub_d = np.empty((m, k + 1), dtype=np.float64)
+    sub_i[:, 0], sub_d[:, 0] = np.arange(m), 0.0
+    rows = np.flatnonzero(ok)
+    if rows.size:  # the first k members of each row, as flat positions in the (m, K) lists
+        flat = np.flatnonzero(hit)
+        starts = np.cumsum(count) - count
+        sel = flat[starts[rows, None] + np.arange(k)]
+        sub_i[rows, 1:] = nb.ravel()[sel]
+        # the same positions in the members' distance rows, which have K + 1 columns (the point first)
+        sub_d[rows, 1:] = np.take(dist[members].reshape(-1), sel + rows[:, None] + 1)
+    short = np.flatnonzero(~ok)
+    if short.size:
+        Xm = np.asarray(X[members], dtype=np.float64)
+        for row in short:
+            d2 = np.square(Xm - Xm[row]).sum(axis=1)
+            d2[row] = -1.0  # the point itself first
+            order = np.argsort(d2, kind="stable")[:k + 1]
+            sub_i[row], sub_d[row] = order, np.sqrt(np.maximum(d2[order], 0.0))
+            sub_d[row, 0] = 0.0
+    return sub_d, sub_i
+
+
+def return_member_knn(knn: np.ndarray, members: np.ndarray, k: int) -> np.ndarray:
+    """Neighbour lists of the members within the subsample: (len(members), k), in the index space of
+    ``knn`` (rows of the extraction), from lists over the whole sample ((n, K), -1 for none). A row
+    with fewer than k members in its list (or none at all) is all -1 and drops out of an overlap."""
+    members = np.asarray(members, dtype=np.int64)
+    inside = np.zeros(knn.shape[0] + 1, dtype=bool)  # the extra slot is -1's
+    inside[members] = True
+    lst = knn[members]
+    hit = inside[lst]
+    count = hit.sum(axis=1)
+    out = np.full((members.size, k), -1, dtype=knn.dtype)
+    rows = np.flatnonzero(count >= k)
+    if rows.size:
+        keep = hit[rows] & (np.cumsum(hit[rows], axis=1) <= k)
+        out[rows] = lst[rows][keep].reshape(rows.size, k)
+    return out
+
+
+def return_interval(theta: float, draws, fraction: float, confidence: float) -> tuple[float, float, int]:
+    """(lo, hi, draws used): the delete-d jackknife interval of the module docstring for the
+    full-sample value ``theta`` from the values of the subsamples (non-finite draws skipped). NaN
+    bounds when theta is not finite or fewer than two draws are."""
+    v = np.asarray(draws, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size < 2 or not math.isfinite(theta):
+        return math.nan, math.nan, int(v.size)
+    c = math.sqrt(fraction / (1.0 - fraction))
+    a = (1.0 - confidence) / 2.0
+    q_lo, q_mid, q_hi = np.quantile(v, [a, 0.5, 1.0 - a])
+    return float(theta + c * (q_lo - q_mid)), float(theta + c * (q_hi - q_mid)), int(v.size)

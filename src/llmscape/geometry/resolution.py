@@ -1,0 +1,163 @@
+"""Resolution: how many points per subject the density-peak recipe needs, and the study that says so.
+
+The rule
+--------
+ADP finds a class as a density peak only when the class fills the neighbourhoods the recipe looks
+at: the k = ``density_k`` neighbours of the density estimate and the n2 = 2 ``id_scale`` neighbours of
+the headline Gride scale. With fewer points, a point's neighbourhood reaches into other subjects, the
+subject's peak merges with its neighbours, and the numbers describe the sample size instead of the
+representation: with k = 16 and the scale (16, 32), subjects of 20 points give ARI near 0 and about a
+quarter as many clusters as subjects, and the Gride ID at (16, 32) measures the spacing between
+subjects (it rises with every added point up to about 60 per subject).
+
+A layer is ``resolved`` when its smallest subject and its smallest answer-letter class each hold at
+least
+
+    RESOLUTION_FACTOR x max(density_k, 2 id_scale) points   (= 64 for the paper's k = 16, scale (16, 32)).
+
+The factor 2 comes from the study below on the embedded model (SmolLM2-135M-Instruct, 5 shots, 16
+subjects, subsampled to 10-100 questions each, 3 draws): in the layers where the full sample
+separates the subjects (ARI >= 0.97), the subject ARI reaches 0.97 of its full-sample value at
+2 x n2 points per subject for each of the three scales tried, (4, 8), (8, 16) and (16, 32) with
+density_k = n1, and stays far below it at n2 (docs/geometry.md has the table). Below the rule a
+layer keeps its numbers and is marked; the figures draw it with open markers.
+
+The study
+---------
+``compute_resolution_study`` takes one extraction and computes the geometry of every layer at
+several numbers of questions per subject (``sizes``, each ``draws`` times, plus the whole
+extraction), reading each subsample's neighbour graph from the layer's complete graph where it fits
+in memory (``return_subgraph``), else computing it afresh. The table has one row per (layer, size,
+draw); ``summarise_study`` averages it per layer group (the first, middle and last third of the
+layers by depth) for the figure and the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from .files import read_labels
+from .metrics import (POINT_METRICS, _draw_metrics, compute_layer_geometry, compute_layer_graph,
+                      compute_layer_metrics, return_class_sizes, return_resolution)
+from .params import GeometryError, GeometryParams
+
+log = logging.getLogger("llmscape.geometry")
+
+STUDY_COLUMNS = ["model", "variant", "shots", "layer", "layer_name", "group", "per_subject", "whole", "draw",
+                 "n_points", "subject_size_min", "resolution_size", "resolution", *POINT_METRICS]
+SUMMARY_METRICS = ("ari_subjects", "n_clusters", "id_gride", "ari_letters", "overlap_subjects")
+GROUPS = ("early", "middle", "late")
+#: complete graphs (every other point a neighbour) up to this many float64 + int64 values are kept
+COMPLETE_GRAPH_VALUES = 40_000_000
+
+
+def layer_group(layer: int, n_layers: int) -> str:
+    """early / middle / late: the first, middle and last third of the layers 0..n_layers - 1 by depth."""
+    depth = layer / max(1, n_layers - 1)
+    return GROUPS[min(2, int(depth * 3))] if depth < 1 else GROUPS[2]
+
+
+def stratified_sample(strata: np.ndarray, size: int, seed: list[int]) -> np.ndarray:
+    """Sorted row indices: ``size`` rows of every stratum, without replacement."""
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(strata == s) for s in np.unique(strata)]
+    return np.sort(np.concatenate([rng.choice(g, size=size, replace=False) for g in groups]))
+
+
+def check_sizes(sizes, smallest: int, where: str = "the extraction") -> None:
+    """Every study size must fit the smallest subject; the error names the key and the fix."""
+    big = [int(s) for s in sizes if int(s) > smallest]
+    if big:
+        raise GeometryError(f"geometry.resolution_study.sizes asks for {big} questions per subject, but the smallest "
+                            f"subject of {where} has {smallest}. Fix: sizes of at most {smallest}, or more "
+                            "questions per subject (data.per_subject)")
+
+
+def compute_resolution_study(h5_path: str | Path, params: GeometryParams, sizes, draws: int, *, seed: int = 0,
+                             model: str = "", variant: str = "", shots: int | None = None,
+                             layers: list[int] | None = None):
+    """The study of the module docstring on one extraction: a DataFrame with STUDY_COLUMNS."""
+    import h5py
+    import pandas as pd
+
+    meta = read_labels(h5_path)
+    n_layers, n = meta["shape"][0], meta["shape"][1]
+    sub, let = meta["subject"], meta["answer"]
+    smallest, _ = return_class_sizes(sub)
+    check_sizes(sizes, smallest, where=str(h5_path))
+    shots = int(meta["attrs"].get("shots", -1)) if shots is None else int(shots)
+    p = replace(params, n_boot=0)
+    plan = [(int(size), d, stratified_sample(sub, int(size), [seed, int(size), d]))
+            for size in sorted(set(int(s) for s in sizes)) for d in range(int(draws))]
+    layers = list(range(n_layers)) if layers is None else list(layers)
+    complete = n * n <= COMPLETE_GRAPH_VALUES
+    log.info("resolution study of %s: %d layers, sizes %s per subject x %d draws + the whole extraction "
+             "(%d questions, smallest subject %d); subsample graphs %s", h5_path, len(layers),
+             sorted(set(int(s) for s in sizes)), draws, n, smallest,
+             "read from each layer's complete graph" if complete else "computed afresh (large layers)")
+    rows = []
+    with h5py.File(h5_path, "r") as f:
+        for layer in layers:
+            X = f["hidden"][layer]
+            X = X.astype(np.float32) if X.dtype == np.float16 else X
+            name = f"layer {layer} ({meta['layer_name'][layer]})"
+            key = dict(model=model, variant=variant, shots=shots, layer=int(layer),
+                       layer_name=meta["layer_name"][layer], group=layer_group(layer, n_layers))
+            state = compute_layer_graph(X, sub, let, p, name=name, complete=complete)
+            whole = compute_layer_metrics(state, p).row
+            rows.append(dict(**key, per_subject=smallest, whole=True, draw=0, n_points=whole["n_points"],
+                             subject_size_min=smallest, resolution_size=p.resolution_size(),
+                             resolution=whole["resolution"], **{m: whole[m] for m in POINT_METRICS}))
+            for size, d, members in plan:
+                values, m = _study_point(X, state, members, sub, let, p, complete, name)
+                rows.append(dict(**key, per_subject=size, whole=False, draw=d, n_points=m, subject_size_min=size,
+                                 resolution_size=p.resolution_size(),
+                                 resolution=return_resolution(size, return_class_sizes(let[members])[0], p),
+                                 **values))
+            log.info("%s: subject ARI (first draw) by questions per subject: %s", name,
+                     ", ".join(f"{r['per_subject']}{' (all)' if r['whole'] else ''}: {r['ari_subjects']:.2f}"
+                               for r in rows[-len(plan) - 1:] if r["draw"] == 0))
+    return pd.DataFrame(rows, columns=STUDY_COLUMNS)
+
+
+def _study_point(X, state, members, sub, let, p, complete, name) -> tuple[dict, int]:
+    """Metrics of the subsample ``members`` (rows of X) and its number of distinct points."""
+    nan = dict.fromkeys(POINT_METRICS, math.nan)
+    if state["graph"] is None:  # a degenerate layer stays degenerate in every subsample
+        return nan, int(members.size)
+    if complete:
+        upos = np.full(X.shape[0], -1, dtype=np.int64)
+        upos[state["keep"]] = np.arange(state["keep"].size)
+        u = upos[members]
+        u = u[u >= 0]
+        try:
+            return _draw_metrics(state, u, p), int(u.size)
+        except Exception as e:  # noqa: BLE001  (one failed subsample is NaN, like a failed layer)
+            log.warning("%s: subsample of %d points failed (%s: %s)", name, u.size, type(e).__name__, e)
+            return nan, int(u.size)
+    res = compute_layer_geometry(X[members], sub[members], let[members], p, name=f"{name}, subsample")
+    return {m: res.row[m] for m in POINT_METRICS}, int(res.row["n_points"])
+
+
+def summarise_study(study):
+    """Per (group, per_subject, whole): mean over layers and draws of SUMMARY_METRICS, with the range of
+    the per-draw group means (lo, hi). Layers without usable geometry are left out."""
+    import pandas as pd
+
+    d = study[np.isfinite(study["ari_subjects"])]
+    per_draw = d.groupby(["group", "per_subject", "whole", "draw"])[list(SUMMARY_METRICS)].mean()
+    out = per_draw.groupby(level=["group", "per_subject", "whole"]).agg(["mean", "min", "max"])
+    out.columns = [f"{m}_{s}".replace("_min", "_lo").replace("_max", "_hi").replace("_mean", "")
+                   for m, s in out.columns]
+    out = out.reset_index()
+    out["group"] = pd.Categorical(out["group"], GROUPS, ordered=True)
+    out = out.sort_values(["group", "whole", "per_subject"]).reset_index(drop=True)
+    out["group"] = out["group"].astype(str)
+    out["layers"] = out["group"].map(d.groupby("group")["layer"].nunique())
+    return out
+
