@@ -1,4 +1,4 @@
-"""Rule geometry: ID, density peaks, ARIs and overlaps of every layer of one extraction."""
+"""Rule geometry: ID, density peaks, ARIs and overlaps of every layer of one extraction, with intervals."""
 import sys
 
 sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  (the checkout's library)
@@ -15,12 +15,14 @@ smk = snakemake  # noqa: F821
 torch.set_num_threads(max(1, int(smk.threads)))
 params = geometry.GeometryParams.from_config(dict(smk.params.geometry))
 log.info("parameters %s", params)
-table, gride, knn = geometry.compute_geometry(smk.input.h5, params, model=smk.wildcards.model,
-                                              variant=smk.wildcards.variant, shots=int(smk.wildcards.shots))
+result = geometry.compute_geometry(smk.input.h5, params, model=smk.wildcards.model,
+                                   variant=smk.wildcards.variant, shots=int(smk.wildcards.shots))
+table = result.table
 bad = table[table["status"] != geometry.STATUS_OK]
 if len(bad):
     log.warning("layers without metrics: %s", dict(zip(bad["layer"], bad["status"])))
-geometry.write_knn(smk.output.knn, knn)
-write_parquet(smk.output.gride, gride)
+geometry.write_knn(smk.output.knn, result.knn)
+write_parquet(smk.output.gride, result.gride)
+write_parquet(smk.output.boot, result.boot)
 write_parquet(smk.output.table, table)
-log.info("wrote %s (%d layers)", smk.output.table, len(table))
+log.info("wrote %s (%d layers, %d subsamples)", smk.output.table, len(table), int(table["n_boot"].max()))

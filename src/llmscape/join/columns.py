@@ -14,11 +14,13 @@ class JoinError(ValueError):
 
 # --- geometry: results/geometry/{model}/{variant}/{shots}shot.parquet, one row per layer ---------------
 GEOMETRY_KEY = ("model", "variant", "shots", "layer")
-GEOMETRY_INFO = ("layer_name", "status", "n_points")  # carried along, not correlated
 GEOMETRY_METRICS = (
     "id_2nn", "id_gride", "log_density_mean", "n_clusters", "core_fraction",
     "ari_subjects", "ari_letters", "overlap_subjects", "overlap_letters", "overlap_next_layer",
 )
+#: carried along, not correlated: identity, resolution, and each metric's interval where the table has one
+GEOMETRY_INFO = ("layer_name", "status", "n_points", "subject_size_min", "resolution",
+                 *(f"{m}_{end}" for m in GEOMETRY_METRICS for end in ("lo", "hi")))
 
 # --- spectra: results/spectra/{model}/{variant}.parquet, one row per weight matrix ---------------------
 SPECTRA_KEY = ("model", "variant", "layer", "module")

@@ -5,7 +5,8 @@ Columns of ``results/join/{model}/joined.parquet``
 ``model, variant, shots, layer``   key (layer = geometry layer, the index into the extraction's ``hidden``)
 ``n_layers``        geometry layers of the model (decoder blocks + 1); ``depth`` = layer / (n_layers - 1)
 ``block``           decoder block joined to this layer (``join.layer_match``; <NA> where none)
-geometry            every column of :data:`columns.GEOMETRY_METRICS` plus layer_name, status, n_points
+geometry            every column of :data:`columns.GEOMETRY_METRICS`, their intervals ({metric}_lo,
+                    {metric}_hi) and layer_name, status, n_points, subject_size_min, resolution
 spectra             ``{metric}|{module}|{stat}`` for every spectral metric, module in the seven decoder
                     module types and the groups attn, mlp, all, stat in mean, median over the block's
                     matrices of that type (a single matrix: mean = median = its value)
