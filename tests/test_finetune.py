@@ -1,4 +1,4 @@
-"""Fine-tuning stage (issue 5): parameter counts, zero init, learning, orthogonality, merge, resume,
+"""Fine-tuning stage: parameter counts, zero init, learning, orthogonality, merge, resume,
 DeepSpeed, and bad-input errors. Most tests use a tiny random Llama built here (seconds)."""
 
 from __future__ import annotations

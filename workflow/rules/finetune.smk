@@ -1,4 +1,4 @@
-# Fine-tuning sweeps (issue 5): finetune.sweeps expands into one `finetune` job per run; each finished
+# Fine-tuning sweeps: finetune.sweeps expands into one `finetune` job per run; each finished
 # run is a model variant (merged safetensors folder + card) for extraction, geometry and spectra, and its
 # log-spaced merged checkpoints are variants too (`{run}-step{N}`), for spectra during training.
 # Grid problems (unknown method, out-of-range value, rank above a matrix, missing adaptive-rank file)

@@ -1,4 +1,4 @@
-# Join weight spectra with representation geometry (issue 7): src/llmscape/join/.
+# Join weight spectra with representation geometry: src/llmscape/join/.
 #   geometry + spectra + accuracy + fine-tuning metrics -> results/join/{model}/joined.parquet  (join_tables)
 #   joined + checkpoint spectra -> correlations, deltas, interventions, trajectories       (correlate)
 #   tables -> figures in the report                                                        (plot_join)

@@ -1,4 +1,4 @@
-"""Answer-letter supervised fine-tuning examples (methods.md A.9): prompt = [header +] question block
+"""Answer-letter supervised fine-tuning examples (Doimo et al., NeurIPS 2024): prompt = [header +] question block
 ending in "Answer:", target = " X" (space + letter), loss on the target tokens only.
 
 Rows come from the project's data layer (``llmscape.data.load_prepared``), so any dataset prepared into

@@ -1,4 +1,4 @@
-"""Shared by the two spectral adapters (Zhang & Pilanci, methods.md C): the top-r SVD of a frozen weight
+"""Shared by the two spectral adapters (Zhang & Pilanci, NeurIPS 2024): the top-r SVD of a frozen weight
 under a sign convention, and a wrapper that keeps the original layer and adds a low-rank correction.
 
 Sign convention: each singular pair (u_j, v_j) is flipped so that the entry of u_j with the largest

@@ -2,7 +2,7 @@
 
     accelerate + optional DeepSpeed ZeRO-2/3 (a JSON under config/deepspeed; "auto" fields filled here),
     bf16 mixed precision on GPU, optional gradient checkpointing, seeded data order and initialisation,
-    AdamW with warmup + cosine to lr_min_factor * lr (methods.md A.9), gradient accumulation,
+    AdamW with warmup + cosine to lr_min_factor * lr (Doimo et al. 2024), gradient accumulation,
     validation loss every ``eval_every`` steps and at every checkpoint, merged checkpoints at log-spaced steps (for spectra during
     training), resumable state (only the trainable tensors, optimiser, scheduler, RNG and curves), SIGTERM
     -> save and exit (a requeued Slurm job goes on from there), TensorBoard, and a metrics JSON.
@@ -52,7 +52,7 @@ class Preempted(RuntimeError):
 
 
 def checkpoint_steps(max_steps: int, n: int) -> list[int]:
-    """Up to ``n`` log-spaced steps in [1, max_steps] (methods.md A.9: geomspace(1, max_steps, n))."""
+    """Up to ``n`` log-spaced steps in [1, max_steps] (as Doimo et al.: geomspace(1, max_steps, n))."""
     if n <= 0 or max_steps <= 0:
         return []
     return sorted({int(round(x)) for x in np.geomspace(1, max_steps, n)})

@@ -1,4 +1,4 @@
-"""Join weight spectra with representation geometry (issue 7): tables, correlations, figures.
+"""Join weight spectra with representation geometry: tables, correlations, figures.
 
 Modules
 -------

@@ -1,4 +1,4 @@
-"""Spectrum-adaptive LoRA ranks (after Adaptive-Rank LoRA, methods.md E.2; our own code).
+"""Spectrum-adaptive LoRA ranks (after Adaptive-Rank LoRA, Bhaskar et al. 2025; our own code).
 
 Per decoder matrix (rows of a spectra table, embeddings and lm_head excluded):
 
@@ -14,7 +14,7 @@ Per decoder matrix (rows of a spectra table, embeddings and lm_head excluded):
 5. ``lora_alpha = round(rank * alpha_factor)`` per module.
 
 **Direction** (``direction``) is an explicit choice because the published text and code disagree
-(methods.md E.2): ``"light_more"`` gives the higher ranks to the higher scores (lighter tails, fewer
+(docs/spectra.md): ``"light_more"`` gives the higher ranks to the higher scores (lighter tails, fewer
 spikes; the published code *within* its heavy-tailed selection, and the paper's section 3.2 / README),
 ``"heavy_more"`` gives them to the lower scores (heavier tails; the paper's abstract). The defaults,
 ``select="heaviest", direction="light_more"``, reproduce the published code.

@@ -28,7 +28,7 @@ Definitions (each metric is a column of the spectra table, see ``llmscape.spectr
     - ``peak``: histogram ``log10(lambda)`` into ``peak_bins`` bins, take the modal bin's centre ``p``
       and scan only candidates with ``lo * p <= lambda <= hi * p`` (``peak_window = (lo, hi)``, default
       (0.95, 1.5)). Both bounds are in eigenvalue units: AlphaPruning / WeightWatcher compare a log10
-      value with a linear one for the lower bound (methods.md E.1); we do not.
+      value with a linear one for the lower bound; we do not.
   ``alpha_weighted = alpha_ks * log10(lambda_max)``; ``log_alpha_norm = log10 sum(lambda^alpha_ks)``.
 * Marchenko-Pastur bulk. For ``W`` with i.i.d. entries of variance ``sigma^2``, ``lambda / N`` follows
   MP with ratio c, support ``sigma^2 (1 -+ sqrt(c))^2``. The edge in eigenvalue units is
@@ -44,7 +44,7 @@ Definitions (each metric is a column of the spectra table, see ``llmscape.spectr
   largest noise eigenvalue fluctuates on the scale (Johnstone 2001)
   ``tw = (1 + sqrt(c)) (1 + 1/sqrt(c))^(1/3) N^(-2/3)``. A spike is an eigenvalue above
   ``(1 + sqrt(c))^2 + tw_scale * tw`` in that unit (``tw_scale = 2`` ~ the 99% quantile of TW1), so the
-  correction is scale-consistent (AR-LoRA adds a TW-like term in raw units; methods.md E.1).
+  correction is scale-consistent (AR-LoRA adds a TW-like term in raw units).
   ``num_spikes`` uses ``sigma_mp_fit``, ``num_spikes_mean`` uses ``sigma_mp_mean``;
   ``mp_softrank = mp_edge_fit / lambda_max``.
 * ``entropy = -sum p ln p / ln(rank)``, ``p = lambda / sum(lambda)`` over the numerical rank (1 =

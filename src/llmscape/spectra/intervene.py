@@ -1,4 +1,4 @@
-"""Controlled stable-rank intervention (methods.md B.4): a new model variant whose matrices in one module
+"""Controlled stable-rank intervention (after the correlation/intervention design built on Liu et al. 2024; docs/spectra.md): a new model variant whose matrices in one module
 group have a chosen stable rank ``s*``, everything else unchanged.
 
 For each matrix ``W = sum_i s_i u_i v_i^T`` of the group, with ``R = sum_{j>=2} s_j^2``, the top

@@ -1,4 +1,4 @@
-"""``spectral-a``: Spectral^A, additive tuning of the top-r singular vectors (methods.md C.1):
+"""``spectral-a``: Spectral^A, additive tuning of the top-r singular vectors (Zhang & Pilanci 2024):
 W' = (U_r + B) diag(S_r) (V_r + A^T)^T + W_res, A (r x in) and B (out x r) zero-initialised, S_r frozen,
 no alpha/r scaling, no dropout. Trainable = r * (in + out) per target, the same as LoRA at rank r."""
 

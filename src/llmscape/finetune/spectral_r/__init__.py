@@ -1,4 +1,4 @@
-"""``spectral-r``: Spectral^R, Cayley-orthogonal rotation of the top-r singular vectors (methods.md C.2):
+"""``spectral-r``: Spectral^R, Cayley-orthogonal rotation of the top-r singular vectors (Zhang & Pilanci 2024):
 U_r <- U_r Q(A), V_r <- V_r Q(B), optionally S_r <- S_r * c, with Q(M) = (I - K)(I + K)^-1,
 K = (M - M^T) / 2, A = B = 0 and c = 1 at initialisation. Trainable = 2 r^2 (+ r with ``scale``) per
 target. Only the skew part of A and B acts (r(r-1)/2 effective each); we count the stored 2 r^2, as the

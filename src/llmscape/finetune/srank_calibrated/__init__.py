@@ -1,6 +1,6 @@
 """``srank-calibrated``: LoRA on the matrices chosen by stable rank, per component type.
 
-OUR RECONSTRUCTION of Liu et al. (LREC-COLING 2024, methods.md B.3): that
+OUR RECONSTRUCTION of Liu et al. (LREC-COLING 2024; docs/finetune.md): that
 paper's code was never released and its selection rule is not public. Here: srank(W) = ||W||_F^2 /
 ||W||_2^2 for every candidate matrix of the base model; within each component type (q, k, v, o, gate, up,
 down) the layers are ranked by srank and the ``fraction`` with the lowest (``direction: low``, the

@@ -1,6 +1,6 @@
-"""Time-aware start and re-calibration of ``srank-calibrated`` (OUR RECONSTRUCTION of methods.md B.3).
+"""Time-aware start and re-calibration of ``srank-calibrated`` (OUR RECONSTRUCTION; docs/finetune.md).
 
-Liu et al. describe these only in their abstract; the schedule below follows methods.md B.3 and every
+Liu et al. describe these only in their abstract; the schedule below is ours (docs/finetune.md) and every
 constant is configuration (finetune.methods.srank-calibrated), not a published value:
 
 * **warm phase** (``warm_steps`` > 0): full fine-tuning of the candidate matrices. Every
