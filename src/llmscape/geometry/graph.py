@@ -91,8 +91,8 @@ def compute_neighbour_graph(X: np.ndarray, k: int, *, device: str = "auto", prec
     if refine_tol > 0 and precision != "float64":
         _refine(X, run_v, run_i, sq, k, refine_tol)
     dist = np.empty(run_v.shape, dtype=np.float64)
-    threads = _cpu_threads() if knn is _knn_numpy else 1
-    _in_chunks(_workers(threads), threads, n,
+    threads = cpu_threads() if knn is _knn_numpy else 1
+    _in_chunks(worker_pool(threads), threads, n,
                lambda r0, r1: np.sqrt(run_v[r0:r1], out=dist[r0:r1], dtype=np.float64))
     return dist, run_i
 
@@ -130,7 +130,7 @@ def _knn_numpy(X: np.ndarray, k: int, dev: str, precision: str, B: int, symmetri
     norms ride along in the product, [-2x, |x|^2, 1] . [y, 1, |y|^2] = |x - y|^2, one BLAS call per
     block.
 
-    Threads: :func:`_cpu_threads` Python workers split every product and every selection by
+    Threads: :func:`cpu_threads` Python workers split every product and every selection by
     rows, each calling a one-thread BLAS (:func:`blas_single_thread`). OpenBLAS's own threads spin
     after each call and stole the cores from what came next (the top-k, the sort, the DADApy metrics
     of the previous layer running beside): on the embedded model's layers the whole geometry ran
@@ -140,8 +140,8 @@ def _knn_numpy(X: np.ndarray, k: int, dev: str, precision: str, B: int, symmetri
     as_int = np.int32 if dt == np.float32 else np.int64
     n, d = X.shape
     k1 = k + 1
-    threads = _cpu_threads()
-    pool = _workers(threads)
+    threads = cpu_threads()
+    pool = worker_pool(threads)
     mean = X.mean(axis=0, dtype=np.float64).astype(dt)
     sq = np.empty(n, dtype=dt)
     L = np.empty((n, d + 2), dtype=dt)
@@ -188,7 +188,7 @@ def _knn_numpy(X: np.ndarray, k: int, dev: str, precision: str, B: int, symmetri
     return run_v, run_i, sq
 
 
-def _cpu_threads() -> int:
+def cpu_threads() -> int:
     """Workers of the CPU graph: torch's thread count, which the rule sets from its ``threads``."""
     import torch
 
@@ -200,7 +200,7 @@ _POOLS: dict[tuple[str, int], ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 
 
-def _workers(threads: int, job: str = "knn") -> ThreadPoolExecutor:
+def worker_pool(threads: int, job: str = "knn") -> ThreadPoolExecutor:
     """A process-wide pool of ``threads`` workers for one kind of job (started once: a new pool per
     layer cost 5 ms). Several graphs (two in flight in compute_geometry) share the "knn" pool; the
     subsamples of a layer run in the "boot" pool, so a graph's row chunks never queue behind them."""

@@ -7,11 +7,12 @@ import logging
 import math
 import time
 import warnings
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
 
-from .graph import _cpu_threads, _workers, compute_neighbour_graph, return_unique_rows
+from .graph import compute_neighbour_graph, cpu_threads, return_unique_rows, worker_pool
 from .params import INTERVAL_METRICS, RESOLUTION_FACTOR, RESOLVED, STATUS_OK, GeometryParams
 from .resample import boot_graph_k, keep_freed_memory, return_interval, return_subgraph
 
@@ -156,7 +157,7 @@ def compute_layer_graph(X: np.ndarray, subjects: np.ndarray, letters: np.ndarray
     l_min, l_med = return_class_sizes(letters)
     row = dict(n_questions=n, n_points=0, n_duplicates=0, status=STATUS_OK, maxk=0,
                id_scale_n1=p.id_scale, density_k=p.density_k, z=p.z, label_fraction=p.label_fraction,
-               overlap_k=p.overlap_k, seconds_graph=0.0, seconds_metrics=0.0, **_nan_row(),
+               overlap_k=p.overlap_k, seconds_graph=0.0, seconds_metrics=0.0, seconds_boot=0.0, **_nan_row(),
                subject_size_min=s_min, subject_size_median=s_med, letter_size_min=l_min,
                letter_size_median=l_med, resolution_size=p.resolution_size(),
                resolution=return_resolution(s_min, l_min, p), n_boot=0, boot_fraction=p.boot_fraction,
@@ -280,6 +281,18 @@ METRIC_RANGE = {"ari_subjects": (-0.5, 1.0), "ari_letters": (-0.5, 1.0), "overla
                 "id_gride": (0.0, math.inf)}
 
 
+def _one_draw(state: dict, upos: np.ndarray, p: GeometryParams, j: int) -> tuple[bool, dict]:
+    """(succeeded, the boot row) of subsample j of the layer in ``state``."""
+    members = upos[state["draws"][j]]
+    members = members[members >= 0]
+    try:
+        values, ok = _draw_metrics(state, members, p), True
+    except Exception as e:  # one bad subsample costs one draw, never the layer
+        log.debug("%s: subsample %d failed (%s: %s)", state["name"], j, type(e).__name__, e)
+        values, ok = _nan_row(), False
+    return ok, dict(draw=j, n_points=int(members.size), **{k: values[k] for k in INTERVAL_METRICS if k in values})
+
+
 def fill_intervals(row: dict, boot: list[dict], params: GeometryParams, metrics=INTERVAL_METRICS) -> None:
     """Set ``{metric}_lo`` / ``{metric}_hi`` of ``row`` from the subsamples' values (resample.py), clipped
     to the metric's range."""
@@ -315,30 +328,20 @@ def compute_layer_metrics(state: dict, params: GeometryParams) -> LayerResult:
                     exc_info=True)
         row.update(_nan_row())
         row["status"] = "failed"
+    row["seconds_metrics"] = time.perf_counter() - t1
     if state["draws"] and row["status"] == STATUS_OK:
-        upos = np.full(row["n_questions"], -1, dtype=np.int64)
+        t2 = time.perf_counter()
+        upos = np.full(row["n_questions"], -1, dtype=np.int64)  # question row -> distinct-point position
         upos[state["keep"]] = np.arange(state["keep"].size)
-        def one(j_draw):
-            j, draw = j_draw
-            members = upos[draw]
-            members = members[members >= 0]
-            try:
-                values, ok = _draw_metrics(state, members, p), True
-            except Exception as e:  # one bad subsample costs one draw, never the layer
-                log.debug("%s: subsample %d failed (%s: %s)", name, j, type(e).__name__, e)
-                values, ok = _nan_row(), False
-            return ok, dict(draw=j, n_points=int(members.size), **{k: values[k] for k in INTERVAL_METRICS
-                                                                    if k in values})
-
-        # draws are independent: the gathers release the GIL, DADApy mostly holds it (1.4x on 2 threads)
-        threads = _cpu_threads()
         keep_freed_memory()
-        done = list(_workers(threads, "boot").map(one, enumerate(state["draws"])))
+        # draws are independent: the gathers release the GIL, DADApy mostly holds it (1.4x on 2 threads)
+        done = list(worker_pool(cpu_threads(), "boot").map(partial(_one_draw, state, upos, p),
+                                                             range(len(state["draws"]))))
         boot = [b for _, b in done]
         failed = sum(not ok for ok, _ in done)
         if failed:
             log.warning("%s: %d of %d subsamples failed; the intervals use the others", name, failed,
                         len(state["draws"]))
         fill_intervals(row, boot, p, [m for m in INTERVAL_METRICS if m != "overlap_next_layer"])
-    row["seconds_metrics"] = time.perf_counter() - t1
+        row["seconds_boot"] = time.perf_counter() - t2
     return LayerResult(row, gride, knn, boot)

@@ -73,7 +73,7 @@ TABLE_COLUMNS = ["model", "variant", "shots", "layer", "layer_name", "status", "
                  "n_duplicates", "maxk", "id_2nn", "id_gride", "id_gride_err", "id_scale_n1", "density_k",
                  "log_density_mean", "z", "n_clusters", "core_fraction", "ari_subjects", "ari_letters",
                  "label_fraction", "overlap_subjects", "overlap_letters", "overlap_k", "overlap_next_layer",
-                 "seconds_graph", "seconds_metrics", "device",
+                 "seconds_graph", "seconds_metrics", "seconds_boot", "device",
                  # resolution: the classes of the points analysed against the neighbourhood scales
                  "subject_size_min", "subject_size_median", "letter_size_min", "letter_size_median",
                  "resolution_size", "resolution",

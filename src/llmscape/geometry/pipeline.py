@@ -90,10 +90,12 @@ def compute_geometry(h5_path: str | Path, params: GeometryParams, *, model: str 
             grides += [dict(**key, **g) for g in gride]
             boots.append([dict(**key, **b) for b in boot])
             knns.append(knn)
-            log.info("%s: n=%d dup=%d id_gride=%.2f id_2nn=%.2f clusters=%s ari_subj=%.3f ari_let=%.3f "
-                     "(graph %.1fs, metrics %.1fs) [%s]", name, row["n_points"], row["n_duplicates"],
-                     row["id_gride"], row["id_2nn"], row["n_clusters"], row["ari_subjects"],
-                     row["ari_letters"], row["seconds_graph"], row["seconds_metrics"], row["status"])
+            log.info("%s (%d of %d): n=%d dup=%d id_gride=%.2f %s id_2nn=%.2f clusters=%s ari_subj=%.3f %s "
+                     "ari_let=%.3f (graph %.1fs, metrics %.1fs, %d subsamples %.1fs) [%s, %s]", name, a + 1,
+                     len(layers), row["n_points"], row["n_duplicates"], row["id_gride"], _ci(row, "id_gride"),
+                     row["id_2nn"], row["n_clusters"], row["ari_subjects"], _ci(row, "ari_subjects"),
+                     row["ari_letters"], row["seconds_graph"], row["seconds_metrics"], len(boot),
+                     row["seconds_boot"], row["status"], row["resolution"])
 
     k = params.overlap_k
     for a in range(len(layers)):
@@ -121,6 +123,11 @@ def compute_geometry(h5_path: str | Path, params: GeometryParams, *, model: str 
                knn=np.stack(knns).astype(np.int32))
     boot_df = pd.DataFrame([b for layer_boot in boots for b in layer_boot], columns=BOOT_COLUMNS)
     return ExtractionGeometry(table, gride_df, knn, boot_df)
+
+
+def _ci(row: dict, metric: str) -> str:
+    lo, hi = row.get(f"{metric}_lo", math.nan), row.get(f"{metric}_hi", math.nan)
+    return "" if not (math.isfinite(lo) and math.isfinite(hi)) else f"[{lo:.2f}, {hi:.2f}]"
 
 
 def _warn_resolution(rows: list[dict], draws: list[np.ndarray], meta: dict, params: GeometryParams) -> None:
