@@ -173,7 +173,7 @@ def compute_layer_graph(X: np.ndarray, subjects: np.ndarray, letters: np.ndarray
         return state
 
     X = np.asarray(X, dtype=np.float32 if X.dtype != np.float64 else np.float64)
-    keep = return_unique_rows(X)
+    keep, inverse = return_unique_rows(X, return_inverse=True)
     m = keep.shape[0]
     row.update(n_points=int(m), n_duplicates=int(n - m))
     if m < n:
@@ -197,10 +197,9 @@ def compute_layer_graph(X: np.ndarray, subjects: np.ndarray, letters: np.ndarray
     maxk = min(p.maxk, m - 1)
     k_label = max(return_label_overlap_k(sub_u, p.label_fraction), return_label_overlap_k(let_u, p.label_fraction))
     graph_k = min(m - 1, max(maxk, p.overlap_k, k_label))
-    if draws:  # enough columns to read every subsample's graph and neighbour lists from this one
-        m_draw = min(d.size for d in draws)
-        k_draw = max(min(p.maxk, m_draw - 1), p.overlap_k, k_label)
-        graph_k = max(graph_k, min(m - 1, max(boot_graph_k(k_draw, p.boot_fraction, m), save_k)))
+    if draws:  # enough columns to read every subsample's graph and neighbour lists (save_k) from this one
+        k_draw = max(min(p.maxk, min(d.size for d in draws) - 1), p.overlap_k, k_label)
+        graph_k = max(graph_k, boot_graph_k(k_draw, p.boot_fraction, m))
     if complete:
         graph_k = m - 1
     row["maxk"] = int(maxk)
@@ -210,8 +209,21 @@ def compute_layer_graph(X: np.ndarray, subjects: np.ndarray, letters: np.ndarray
     row["seconds_graph"] = time.perf_counter() - t0
     ok_knn = min(save_k, graph_k)
     knn[keep, :ok_knn] = keep[ind[:, 1:ok_knn + 1]].astype(np.int32)
-    state.update(graph=(dist, ind), maxk=maxk, graph_k=graph_k, subjects=sub_u, letters=let_u, X=Xu, keep=keep)
+    state.update(graph=(dist, ind), maxk=maxk, graph_k=graph_k, subjects=sub_u, letters=let_u, X=Xu, keep=keep,
+                 inverse=inverse)
     return state
+
+
+_DADAPY_QUIET = False
+
+
+def _quiet_dadapy() -> None:
+    """Silence DADApy's UserWarnings about precomputed distances, once for the process: a
+    warnings.catch_warnings block per call is not thread-safe, and the subsamples run in threads."""
+    global _DADAPY_QUIET
+    if not _DADAPY_QUIET:
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"dadapy(\.|$)")
+        _DADAPY_QUIET = True
 
 
 def _graph_metrics(dist: np.ndarray, ind: np.ndarray, maxk: int, graph_k: int, subjects: np.ndarray,
@@ -228,34 +240,33 @@ def _graph_metrics(dist: np.ndarray, ind: np.ndarray, maxk: int, graph_k: int, s
     if 2 * n1 > maxk:
         raise ValueError(f"the headline scale ({n1}, {2 * n1}) is outside the Gride range "
                          f"(id_range_max={p.id_range_max}, maxk={maxk})")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=UserWarning)
-        data = Data(distances=(np.ascontiguousarray(dist[:, :maxk + 1]),
-                               np.ascontiguousarray(ind[:, :maxk + 1])), maxk=maxk, verbose=False)
-        out["id_2nn"] = float(data.compute_id_2NN()[0])
-        if profile:
-            ids, errs, n2s = data.return_id_scaling_gride(range_max=min(p.id_range_max, maxk), return_ranks=True)
-            gride = [dict(n1=int(b // 2), n2=int(b), id=float(i), err=float(e)) for i, e, b in zip(ids, errs, n2s)]
-            head = [(g["id"], g["err"]) for g in gride if g["n1"] == n1]
-            if not head:
-                raise ValueError(f"the headline scale ({n1}, {2 * n1}) is outside the Gride range "
-                                 f"(id_range_max={p.id_range_max}, maxk={maxk})")
-            out["id_gride"], out["id_gride_err"] = head[0]
-        else:  # DADApy's defaults of return_id_scaling_gride: d in [0.001, 1000], tolerance 1e-7
-            mus = data.distances[:, 2 * n1] / data.distances[:, n1]
-            out["id_gride"], out["id_gride_err"] = (float(v) for v in data._compute_id_gride_single_scale(
-                0.001, 1000, mus, n1, 2 * n1, 1e-7))
-        data.set_id(out["id_gride"])
-        log_den, _ = data.compute_density_kNN(k=p.density_k)
-        out["log_density_mean"] = float(np.mean(log_den))
-        assignment = np.array(data.compute_clustering_ADP(Z=p.z, halo=False), copy=True)
-        out["n_clusters"] = int(data.N_clusters)
-        out["ari_subjects"] = return_ari(subjects, assignment)
-        out["ari_letters"] = return_ari(letters, assignment)
-        out["core_fraction"] = return_core_fraction(data, p.z)
-        full = data if graph_k == maxk else Data(distances=(dist, ind), maxk=graph_k, verbose=False)
-        out["overlap_subjects"] = float(full.return_label_overlap(subjects, class_fraction=p.label_fraction))
-        out["overlap_letters"] = float(full.return_label_overlap(letters, class_fraction=p.label_fraction))
+    _quiet_dadapy()
+    data = Data(distances=(np.ascontiguousarray(dist[:, :maxk + 1]),
+                           np.ascontiguousarray(ind[:, :maxk + 1])), maxk=maxk, verbose=False)
+    out["id_2nn"] = float(data.compute_id_2NN()[0])
+    if profile:
+        ids, errs, n2s = data.return_id_scaling_gride(range_max=min(p.id_range_max, maxk), return_ranks=True)
+        gride = [dict(n1=int(b // 2), n2=int(b), id=float(i), err=float(e)) for i, e, b in zip(ids, errs, n2s)]
+        head = [(g["id"], g["err"]) for g in gride if g["n1"] == n1]
+        if not head:
+            raise ValueError(f"the headline scale ({n1}, {2 * n1}) is outside the Gride range "
+                             f"(id_range_max={p.id_range_max}, maxk={maxk})")
+        out["id_gride"], out["id_gride_err"] = head[0]
+    else:  # DADApy's defaults of return_id_scaling_gride: d in [0.001, 1000], tolerance 1e-7
+        mus = data.distances[:, 2 * n1] / data.distances[:, n1]
+        out["id_gride"], out["id_gride_err"] = (float(v) for v in data._compute_id_gride_single_scale(
+            0.001, 1000, mus, n1, 2 * n1, 1e-7))
+    data.set_id(out["id_gride"])
+    log_den, _ = data.compute_density_kNN(k=p.density_k)
+    out["log_density_mean"] = float(np.mean(log_den))
+    assignment = np.array(data.compute_clustering_ADP(Z=p.z, halo=False), copy=True)
+    out["n_clusters"] = int(data.N_clusters)
+    out["ari_subjects"] = return_ari(subjects, assignment)
+    out["ari_letters"] = return_ari(letters, assignment)
+    out["core_fraction"] = return_core_fraction(data, p.z)
+    full = data if graph_k == maxk else Data(distances=(dist, ind), maxk=graph_k, verbose=False)
+    out["overlap_subjects"] = float(full.return_label_overlap(subjects, class_fraction=p.label_fraction))
+    out["overlap_letters"] = float(full.return_label_overlap(letters, class_fraction=p.label_fraction))
     return out, gride
 
 
@@ -281,19 +292,24 @@ METRIC_RANGE = {"ari_subjects": (-0.5, 1.0), "ari_letters": (-0.5, 1.0), "overla
                 "id_gride": (0.0, math.inf)}
 
 
-def _one_draw(state: dict, upos: np.ndarray, p: GeometryParams, j: int) -> tuple[bool, dict]:
-    """(succeeded, the boot row) of subsample j of the layer in ``state``."""
-    members = upos[state["draws"][j]]
-    members = members[members >= 0]
+def draw_points(state: dict, rows: np.ndarray) -> np.ndarray:
+    """The distinct points (positions into the layer's deduplicated points) of a subsample of question
+    rows: each row's own vector, duplicates counted once, as a fresh computation on X[rows] would
+    keep them."""
+    return np.unique(state["inverse"][rows])
+
+
+def _one_draw(state: dict, p: GeometryParams, j: int) -> tuple[str, dict]:
+    """(why it failed or "", the boot row) of subsample j of the layer in ``state``."""
+    members = draw_points(state, state["draws"][j])
     try:
-        values, ok = _draw_metrics(state, members, p), True
+        values, err = _draw_metrics(state, members, p), ""
     except Exception as e:  # one bad subsample costs one draw, never the layer
-        log.debug("%s: subsample %d failed (%s: %s)", state["name"], j, type(e).__name__, e)
-        values, ok = _nan_row(), False
-    return ok, dict(draw=j, n_points=int(members.size), **{k: values[k] for k in INTERVAL_METRICS if k in values})
+        values, err = _nan_row(), f"{type(e).__name__}: {e}"
+    return err, dict(draw=j, n_points=int(members.size), **{k: values[k] for k in INTERVAL_METRICS if k in values})
 
 
-def fill_intervals(row: dict, boot: list[dict], params: GeometryParams, metrics=INTERVAL_METRICS) -> None:
+def fill_intervals(row: dict, boot: list[dict], params: GeometryParams, metrics) -> None:
     """Set ``{metric}_lo`` / ``{metric}_hi`` of ``row`` from the subsamples' values (resample.py), clipped
     to the metric's range."""
     used = 0
@@ -331,17 +347,15 @@ def compute_layer_metrics(state: dict, params: GeometryParams) -> LayerResult:
     row["seconds_metrics"] = time.perf_counter() - t1
     if state["draws"] and row["status"] == STATUS_OK:
         t2 = time.perf_counter()
-        upos = np.full(row["n_questions"], -1, dtype=np.int64)  # question row -> distinct-point position
-        upos[state["keep"]] = np.arange(state["keep"].size)
         keep_freed_memory()
         # draws are independent: the gathers release the GIL, DADApy mostly holds it (1.4x on 2 threads)
-        done = list(worker_pool(cpu_threads(), "boot").map(partial(_one_draw, state, upos, p),
+        done = list(worker_pool(cpu_threads(), "boot").map(partial(_one_draw, state, p),
                                                              range(len(state["draws"]))))
         boot = [b for _, b in done]
-        failed = sum(not ok for ok, _ in done)
-        if failed:
-            log.warning("%s: %d of %d subsamples failed; the intervals use the others", name, failed,
-                        len(state["draws"]))
+        errors = [e for e, _ in done if e]
+        if errors:
+            log.warning("%s: %d of %d subsamples failed (the first: %s); the intervals use the others", name,
+                        len(errors), len(state["draws"]), errors[0])
         fill_intervals(row, boot, p, [m for m in INTERVAL_METRICS if m != "overlap_next_layer"])
         row["seconds_boot"] = time.perf_counter() - t2
     return LayerResult(row, gride, knn, boot)

@@ -18,7 +18,7 @@ from .metrics import (compute_layer_graph, compute_layer_metrics, fill_intervals
                       return_class_sizes, return_data_overlap)
 from .params import (BOOT_COLUMNS, GRIDE_COLUMNS, OVERLAP_COLUMNS, RESOLVED, STATUS_OK, TABLE_COLUMNS, GeometryError,
                      GeometryParams)
-from .resample import draw_members, return_member_knn
+from .resample import boot_graph_k, draw_members, return_member_knn
 
 log = logging.getLogger("llmscape.geometry")
 
@@ -98,16 +98,18 @@ def compute_geometry(h5_path: str | Path, params: GeometryParams, *, model: str 
                      row["seconds_boot"], row["status"], row["resolution"])
 
     k = params.overlap_k
+    nxt_lists = [return_member_knn(knns[0], d, k) for d in draws] if layers else []
     for a in range(len(layers)):
         nxt = math.nan
         follows = a + 1 < len(layers) and layers[a + 1] == layers[a] + 1
         if follows:
             nxt, _ = return_data_overlap(knns[a], knns[a + 1], k)
         rows[a]["overlap_next_layer"] = nxt
-        for b in boots[a]:  # the same subsample in both layers, each with its own neighbour lists
-            members = draws[b["draw"]]
-            b["overlap_next_layer"] = (return_data_overlap(return_member_knn(knns[a], members, k),
-                                                           return_member_knn(knns[a + 1], members, k), k)[0]
+        # each subsample's neighbour lists in this layer and the next (each computed once)
+        cur_lists, nxt_lists = nxt_lists, ([return_member_knn(knns[a + 1], d, k) for d in draws]
+                                           if a + 1 < len(layers) else [])
+        for b in boots[a]:  # the same subsample in both layers
+            b["overlap_next_layer"] = (return_data_overlap(cur_lists[b["draw"]], nxt_lists[b["draw"]], k)[0]
                                        if follows else math.nan)
         if boots[a]:
             fill_intervals(rows[a], boots[a], params, ["overlap_next_layer"])
@@ -138,25 +140,41 @@ def _warn_resolution(rows: list[dict], draws: list[np.ndarray], meta: dict, para
         log.warning("%s %s below resolution: %s", "layers" if len(below) > 1 else "layer", names,
                     resolution_advice(below[0], params))
     if draws and not below:
-        sizes = [return_class_sizes(meta["subject"][d])[0] for d in draws[:1]]
-        if sizes[0] < params.resolution_size():
+        smallest = return_class_sizes(meta["subject"][draws[0]])[0]
+        if smallest < params.resolution_size():
             log.warning("the subsamples keep %d questions of the smallest subject, below the %d that resolve "
                         "it, while the whole sample is above: near the limit their ARI spread overstates the "
                         "uncertainty. Fix: raise geometry.boot_fraction (now %.2f) or data.per_subject",
-                        sizes[0], params.resolution_size(), params.boot_fraction)
+                        smallest, params.resolution_size(), params.boot_fraction)
 
 
 
 def compute_pair_overlaps(knn: dict, refs: list[tuple[str, str, int, dict]], *, model: str, variant: str,
-                          shots: int, k: int, params: GeometryParams | None = None):
+                          shots: int, k: int | None = None, params: GeometryParams | None = None):
     """Data overlap, layer by layer, of one extraction's neighbour lists with each reference, with an
     interval from the subsamples of ``params`` (the geometry jobs' subsamples: same questions, same
-    draws; none when params is None or n_boot is 0).
+    draws; none when params is None or n_boot is 0). k: params.overlap_k unless given.
 
     refs: (comparison, ref_variant, ref_shots, ref_knn). The two extractions must hold the same
-    questions in the same order; a mismatch is an error, never a silent misalignment."""
+    questions in the same order, with lists long enough for k (and for the subsamples); a mismatch is
+    an error, never a silent misalignment."""
     import pandas as pd
 
+    if k is None:
+        if params is None:
+            raise ValueError("compute_pair_overlaps needs k or params")
+        k = params.overlap_k
+    k = int(k)
+    names = [(f"{variant}/{shots}shot", knn)] + [(f"{rv}/{rs}shot", ref) for _, rv, rs, ref in refs]
+    need = k
+    if params is not None and params.n_boot > 0:
+        need = max(k, boot_graph_k(k, params.boot_fraction, len(knn["question_id"])))
+    short = [f"{name} ({lists['knn'].shape[2]})" for name, lists in names if lists["knn"].shape[2] < need]
+    if short:
+        raise GeometryError(f"{model}: the saved neighbour lists of {', '.join(short)} are shorter than the {need} "
+                            f"that overlap_k={k}" + (f" with subsamples of {params.boot_fraction:.0%}"
+                                                      if need > k else "") + " needs (saved with other geometry "
+                            "settings). Fix: rerun their geometry jobs (snakemake --forcerun geometry)")
     draws = []
     if params is not None and params.n_boot > 0:
         old = [f"{variant}/{shots}shot"] * ("subject" not in knn) + [
@@ -174,7 +192,10 @@ def compute_pair_overlaps(knn: dict, refs: list[tuple[str, str, int, dict]], *, 
                 f"questions ({len(knn['question_id'])} vs {len(ref['question_id'])} ids, or another order); "
                 "overlaps need the same questions row by row: re-extract both from the same data split")
         if not np.array_equal(knn["layer"], ref["layer"]):
-            raise GeometryError(f"{variant}/{shots}shot and {ref_variant}/{ref_shots}shot cover different layers")
+            raise GeometryError(f"{model}: {variant}/{shots}shot covers layers {knn['layer'].tolist()} and "
+                                f"{ref_variant}/{ref_shots}shot layers {ref['layer'].tolist()}; overlaps pair them "
+                                "layer by layer. Fix: rerun the geometry of both on every layer "
+                                "(snakemake --forcerun geometry)")
         for a, layer in enumerate(knn["layer"]):
             ov, used = return_data_overlap(knn["knn"][a], ref["knn"][a], k)
             if used == 0:

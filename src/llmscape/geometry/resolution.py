@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 
 from .files import read_labels
-from .metrics import (POINT_METRICS, _draw_metrics, compute_layer_geometry, compute_layer_graph,
-                      compute_layer_metrics, return_class_sizes, return_resolution)
+from .metrics import (POINT_METRICS, _draw_metrics, compute_layer_graph, compute_layer_metrics, draw_points,
+                      return_class_sizes, return_resolution)
 from .params import GeometryError, GeometryParams
 
 log = logging.getLogger("llmscape.geometry")
@@ -59,7 +59,7 @@ COMPLETE_GRAPH_VALUES = 40_000_000
 def layer_group(layer: int, n_layers: int) -> str:
     """early / middle / late: the first, middle and last third of the layers 0..n_layers - 1 by depth."""
     depth = layer / max(1, n_layers - 1)
-    return GROUPS[min(2, int(depth * 3))] if depth < 1 else GROUPS[2]
+    return GROUPS[min(2, int(depth * 3))]
 
 
 def stratified_sample(strata: np.ndarray, size: int, seed: list[int]) -> np.ndarray:
@@ -111,37 +111,37 @@ def compute_resolution_study(h5_path: str | Path, params: GeometryParams, sizes,
             state = compute_layer_graph(X, sub, let, p, name=name, complete=complete)
             whole = compute_layer_metrics(state, p).row
             rows.append(dict(**key, per_subject=smallest, whole=True, draw=0, n_points=whole["n_points"],
-                             subject_size_min=smallest, resolution_size=p.resolution_size(),
+                             subject_size_min=whole["subject_size_min"], resolution_size=p.resolution_size(),
                              resolution=whole["resolution"], **{m: whole[m] for m in POINT_METRICS}))
             for size, d, members in plan:
-                values, m = _study_point(X, state, members, sub, let, p, complete, name)
-                rows.append(dict(**key, per_subject=size, whole=False, draw=d, n_points=m, subject_size_min=size,
-                                 resolution_size=p.resolution_size(),
-                                 resolution=return_resolution(size, return_class_sizes(let[members])[0], p),
-                                 **values))
+                values, n_points, s_min, l_min = _study_point(X, state, members, sub, let, p, complete, name)
+                rows.append(dict(**key, per_subject=size, whole=False, draw=d, n_points=n_points,
+                                 subject_size_min=s_min, resolution_size=p.resolution_size(),
+                                 resolution=return_resolution(s_min, l_min, p), **values))
             log.info("%s: subject ARI (first draw) by questions per subject: %s", name,
                      ", ".join(f"{r['per_subject']}{' (all)' if r['whole'] else ''}: {r['ari_subjects']:.2f}"
                                for r in rows[-len(plan) - 1:] if r["draw"] == 0))
     return pd.DataFrame(rows, columns=STUDY_COLUMNS)
 
 
-def _study_point(X, state, members, sub, let, p, complete, name) -> tuple[dict, int]:
-    """Metrics of the subsample ``members`` (rows of X) and its number of distinct points."""
-    nan = dict.fromkeys(POINT_METRICS, math.nan)
-    if state["graph"] is None:  # a degenerate layer stays degenerate in every subsample
-        return nan, int(members.size)
-    if complete:
-        upos = np.full(X.shape[0], -1, dtype=np.int64)
-        upos[state["keep"]] = np.arange(state["keep"].size)
-        u = upos[members]
-        u = u[u >= 0]
+def _study_point(X, state, rows, sub, let, p, complete, name) -> tuple[dict, int, int, int]:
+    """Metrics of the subsample of question ``rows``, its number of distinct points and its smallest
+    subject and letter class (distinct points): read from the layer's complete graph, else computed on
+    X[rows] afresh (the same points: duplicates once, see metrics.draw_points)."""
+    if complete and state["graph"] is not None:
+        u = draw_points(state, rows)
+        s_min, l_min = return_class_sizes(state["subjects"][u])[0], return_class_sizes(state["letters"][u])[0]
         try:
-            return _draw_metrics(state, u, p), int(u.size)
+            return _draw_metrics(state, u, p), int(u.size), s_min, l_min
         except Exception as e:  # noqa: BLE001  (one failed subsample is NaN, like a failed layer)
             log.warning("%s: subsample of %d points failed (%s: %s)", name, u.size, type(e).__name__, e)
-            return nan, int(u.size)
-    res = compute_layer_geometry(X[members], sub[members], let[members], p, name=f"{name}, subsample")
-    return {m: res.row[m] for m in POINT_METRICS}, int(res.row["n_points"])
+            return dict.fromkeys(POINT_METRICS, math.nan), int(u.size), s_min, l_min
+    # degenerate layers (NaN again) and layers too large for a complete graph: the plain path, without
+    # its per-layer resolution warning (the study reports resolution in its table)
+    row = compute_layer_metrics(compute_layer_graph(X[rows], sub[rows], let[rows], p, name=f"{name}, subsample"),
+                                p).row
+    return ({m: row[m] for m in POINT_METRICS}, int(row["n_points"]) or int(rows.size), row["subject_size_min"],
+            row["letter_size_min"])
 
 
 def summarise_study(study):
