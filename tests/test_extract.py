@@ -60,6 +60,22 @@ def test_states_match_a_plain_full_forward_pass(tmp_path, base_card, rows_pool, 
     assert st["pred"][4] == int(out.logits[0, -1, letters[0]].argmax())
 
 
+def test_a_model_dispatched_over_devices_gives_the_same_states(tmp_path, base_card, rows_pool, loaded_model):
+    # models larger than one GPU are sharded with accelerate's device map (extract.device_map); here,
+    # without GPUs, the same path puts part of the model on the CPU and offloads the rest to disk
+    _, whole = _run(base_card, rows_pool, loaded_model, tmp_path / "a.h5", shots=2)
+    rows, pool = rows_pool
+    cfg = E.ExtractConfig(shots=2, device="cpu", dtype="float32", token_budget=1024, device_map="auto",
+                          max_memory={"cpu": "250MB"}, offload_folder=str(tmp_path / "offload"))
+    E.extract(base_card, rows, pool, cfg, tmp_path / "b.h5")
+    sharded = E.read_states(tmp_path / "b.h5")
+    tok, model = models.load(base_card["path"], device="cpu", device_map="auto", max_memory={"cpu": "250MB"},
+                             offload_folder=str(tmp_path / "offload2"))
+    assert {"cpu", "disk"} <= set(map(str, model.hf_device_map.values()))  # really split, partly on disk
+    assert np.array_equal(sharded["hidden"], whole["hidden"])
+    assert np.array_equal(sharded["pred"], whole["pred"])
+
+
 def test_hdf5_schema(tmp_path, base_card, rows_pool, loaded_model):
     acc, _ = _run(base_card, rows_pool, loaded_model, tmp_path / "s.h5", shots=1, store_dtype="float16")
     rows, _ = rows_pool

@@ -73,6 +73,9 @@ class ExtractConfig:
     token_budget: int = 8192
     max_batch: int = 64
     prefix_sharing: bool = True
+    device_map: str | None = None  # shard over the node's GPUs (accelerate), for models larger than one
+    max_memory: dict | None = None
+    offload_folder: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict, shots: int) -> "ExtractConfig":
@@ -163,7 +166,8 @@ class LastTokenCapture:
         """(n_layers, B, d) of the last forward pass."""
         if any(b is None for b in self.buf):
             raise ExtractError("a capture hook did not fire")
-        out = torch.stack([b.float() for b in self.buf])
+        first = self.buf[0].device  # a sharded model's layers live on several devices
+        out = torch.stack([b.float().to(first) for b in self.buf])
         self.buf = [None] * self.n_layers
         return out
 
@@ -264,7 +268,7 @@ def run_batches(model, tok, token_ids: list[list[int]], group_keys: Sequence | N
     dec, _, _ = decoder_parts(model)
     device = next(model.parameters()).device
     head = model.get_output_embeddings()
-    letters = torch.as_tensor(letter_token_ids(tok), device=device)
+    letters = torch.as_tensor(letter_token_ids(tok), device=head.weight.device)
     w_letters = head.weight[letters.reshape(-1)]                      # (8, d)
     b_letters = head.bias[letters.reshape(-1)] if getattr(head, "bias", None) is not None else None
     pad = _pad_id(tok)
@@ -299,7 +303,8 @@ def run_batches(model, tok, token_ids: list[list[int]], group_keys: Sequence | N
             if capture is not None:
                 capture.index = last
             out = dec(**kwargs)
-            h_last = out.last_hidden_state[torch.arange(B, device=device), last.to(device)]
+            h = out.last_hidden_state  # on the last block's device when the model is sharded
+            h_last = h[torch.arange(B, device=h.device), last.to(h.device)].to(w_letters.device)
             logits = h_last.float() @ w_letters.float().T
             if b_letters is not None:
                 logits = logits + b_letters.float()
@@ -367,7 +372,8 @@ def extract(card: dict, rows: pd.DataFrame, pool: pd.DataFrame, cfg: ExtractConf
     dtype = models.pick_dtype(cfg.dtype, device)
     if model is None:
         tok, model = models.load(card["path"], dtype=dtype, device=device,
-                                 trust_remote_code=card.get("trust_remote_code", False))
+                                 trust_remote_code=card.get("trust_remote_code", False), device_map=cfg.device_map,
+                                 max_memory=cfg.max_memory, offload_folder=cfg.offload_folder)
     capture = LastTokenCapture(model, cfg.site)
     d = int(model.config.hidden_size)
     n = len(rows)

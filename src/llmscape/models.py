@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,6 +23,8 @@ from pathlib import Path
 
 from . import assets
 from .io import write_json
+
+log = logging.getLogger("llmscape.models")
 
 EMBEDDED = {"smollm2-135m": assets.SMOLLM2_135M}
 WEIGHT_PATTERNS = ("*.safetensors",)
@@ -172,13 +175,26 @@ def pick_dtype(dtype: str, device: str):
     return table[dtype]
 
 
-def load(path: str | Path, dtype="float32", device: str = "cpu", trust_remote_code: bool = False):
-    """(tokenizer, causal LM in eval mode) from a prepared folder."""
+def load(path: str | Path, dtype="float32", device: str = "cpu", trust_remote_code: bool = False,
+         device_map: str | dict | None = None, max_memory: dict | None = None, offload_folder: str | None = None):
+    """(tokenizer, causal LM in eval mode) from a prepared folder. With ``device_map`` (accelerate's:
+    "auto", "balanced", ... or an explicit map) the model is sharded over the visible GPUs, within
+    ``max_memory`` per device, and what fits none is offloaded to ``offload_folder``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(dtype, str):
         dtype = pick_dtype(dtype, device)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    model.to(device).eval()
+    if device_map is None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model.to(device)
+    else:
+        import tempfile
+
+        mm = {int(k) if str(k).isdigit() else k: v for k, v in (max_memory or {}).items()} or None
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     device_map=device_map, max_memory=mm,
+                                                     offload_folder=offload_folder or tempfile.mkdtemp(prefix="offload-"))
+        log.info("%s sharded: %s", path, sorted({str(d) for d in getattr(model, "hf_device_map", {}).values()}))
+    model.eval()
     return tok, model
