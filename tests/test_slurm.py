@@ -174,22 +174,7 @@ def script_missing_rules() -> list[str]:
 
 
 # ----------------------------------------------------- 6. the Llama-3-8B DAG without GPU or Slurm
-def parse_dryrun(text: str) -> list[dict]:
-    jobs = []
-    for block in re.split(r"\n(?=(?:local)?rule \w+:\n)", text):
-        m = re.match(r"(?:local)?rule (\w+):\n", block)
-        if not m:
-            continue
-        res = {}
-        rm = re.search(r"^\s+resources: (.*)$", block, re.M)
-        if rm:
-            for item in rm.group(1).split(", "):
-                k, _, v = item.partition("=")
-                res[k] = int(v) if v.isdigit() else v
-        wm = re.search(r"^\s+wildcards: (.*)$", block, re.M)
-        wc = dict(i.split("=", 1) for i in wm.group(1).split(", ")) if wm else {}
-        jobs.append({"rule": m.group(1), "resources": res, "wildcards": wc})
-    return jobs
+from llmscape.plan import parse_dryrun  # noqa: E402
 
 
 def no_slurm_env(tmp_path: Path) -> dict:
