@@ -21,6 +21,7 @@ that the rehearsal keeps (``bench/configs/*/config.json``, matched by ``_name_or
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -71,7 +72,8 @@ def dryrun(configfiles: list[str | Path], root: Path, extra: list[str] | None = 
         cmd = [sys.executable, "-m", "snakemake", "-n", "-s", str(root / "Snakefile"), "--directory", wd,
                "--cores", "1", "--configfile", *map(str, configfiles),
                "--config", f"resources_dir={root / 'resources'}", *(extra or [])]
-        res = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+        env = dict(os.environ, HF_HUB_OFFLINE="1")  # a plan never downloads: shapes come from config files
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
     if res.returncode != 0:
         raise PlanError(f"the dry run of {', '.join(map(str, configfiles))} failed:\n{(res.stdout + res.stderr)[-3000:]}")
     return parse_dryrun(res.stdout)
@@ -90,12 +92,11 @@ class Shape:
 
 def model_shape(model: str, resources: Path, known: Path) -> Shape | None:
     """Decoder blocks, hidden size and parameter count of ``model``; None when nothing describes it."""
-    candidates = []
+    candidates = [c / "config.json" for c in sorted(known.glob("*")) if c.name == model]  # embedded names
     p = Path(model).expanduser()
     if (p / "config.json").exists():
         candidates.append(p / "config.json")
     candidates.append(resources / "models" / model / "hf" / "config.json")  # an embedded model, converted
-    candidates += [c / "config.json" for c in sorted(known.glob("*")) if c.name == model]
     for c in sorted(known.glob("*/config.json")):
         if json.loads(c.read_text()).get("_name_or_path") == model:
             candidates.append(c)
