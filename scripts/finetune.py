@@ -1,4 +1,4 @@
-"""Rule finetune: train one run of the sweep, write its merged variant, checkpoints and cards."""
+"""Rule finetune: train one run of the sweep, write its weights, checkpoints and cards."""
 import sys
 
 sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  (the checkout's library)
@@ -25,7 +25,7 @@ spec = job_spec(p.run, base_path=base["path"], data_dir=Path(smk.input.table).pa
 metrics = run_job(spec, p.launch["num_processes"], threads=int(smk.threads), port=p.launch["main_process_port"])
 if metrics is not None:  # the main process writes the cards
     source = f"finetune:{run_name}:base={base['checksum']}"
-    write_card(smk.output.card, base, run_name, smk.output.merged, source)
+    write_card(smk.output.card, base, run_name, smk.output.weights, source)
     for step, card in zip(p.steps, smk.output.checkpoint_cards):
         write_card(card, base, f"{run_name}-step{step}", Path(smk.output.checkpoints) / f"step_{step}",
                    f"{source}:step={step}")

@@ -24,7 +24,8 @@ esd_options = dict(min_evals=cfg["min_evals"], tw_scale=cfg["tw_scale"], ks=cfg[
 df = stream.compute_spectra(card["path"], model=snakemake.wildcards.model,  # noqa: F821
                             variant=snakemake.wildcards.variant,  # noqa: F821
                             device=cfg["device"], method=cfg["method"], modules=tuple(cfg["modules"]),
-                            include_embeddings=cfg["include_embeddings"], esd_options=esd_options)
+                            include_embeddings=cfg["include_embeddings"], esd_options=esd_options,
+                            adapter=card.get("adapter"))
 write_parquet(snakemake.output.table, df)  # noqa: F821
 log.info("%d matrices of %s/%s on %s (%s) in %.1f s; mean alpha_ks %.3f, mean stable rank %.2f", len(df),
          card["label"], card["variant"], df.attrs["device"], cfg["method"], df["seconds"].sum(),

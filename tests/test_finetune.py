@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from llmscape.finetune import RunSpec, grid, registry  # noqa: E402
 from llmscape.finetune.common import Context, FinetuneError, linear_shapes, trainable_count  # noqa: E402
 from llmscape.finetune.data import answer_loss, collate, encode  # noqa: E402
-from llmscape.finetune.merge import save_merged  # noqa: E402
+from llmscape.finetune.merge import load_weights, save_adapter, save_merged  # noqa: E402
 from llmscape.finetune.spectral_r import SpectralRLinear, cayley  # noqa: E402
 from llmscape.finetune.train import Preempted, checkpoint_steps, train  # noqa: E402
 
@@ -298,6 +298,58 @@ def test_merged_weights_match_unmerged_adapter(tiny_dir, ranks_file, tmp_path):
         assert (dest / "tokenizer.json").exists() and (dest / "config.json").exists()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adapter_checkpoints_give_the_merged_weights_and_states(tiny_dir, ranks_file, data_dir, tmp_path, dtype):
+    """Adapters (megabytes) instead of merged copies: for every method, the weights built from base plus
+    adapter equal the merged copy bit for bit (on a bf16 base too), and so do the model the extraction
+    loads, its states, and the spectra streamed from them."""
+    import pandas as pd
+
+    from llmscape import data as D, extract as E
+    from llmscape.finetune.merge import is_adapter, read_adapter
+    from llmscape.models import load as load_model
+    from llmscape.spectra.stream import compute_spectra
+
+    base = tiny_dir
+    if dtype is torch.bfloat16:
+        base = tmp_path / "base_bf16"
+        load(tiny_dir).to(dtype).save_pretrained(base)
+        for f in Path(tiny_dir).glob("tokenizer*"):
+            (base / f.name).write_bytes(f.read_bytes())
+    rows, pool = D.load_prepared(data_dir)
+    rows = rows.head(4)
+    for k, run in enumerate(all_methods(ranks_file)):
+        torch.manual_seed(k)
+        model = registry.get(run.method).apply(load(base), run, Context(adaptive_ranks=ranks_file[0]))
+        with torch.no_grad():  # stand-in for training: every trainable tensor moves
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.05)
+        merged = save_merged(model, base, tmp_path / f"m{k}")
+        adapter = save_adapter(model, tmp_path / f"a{k}")
+        assert is_adapter(adapter) and not is_adapter(merged)
+        size = sum(f.stat().st_size for f in adapter.glob("*"))
+        assert size < sum(f.stat().st_size for f in merged.glob("*.safetensors")), run.method
+        wm, wa = load_weights(merged, base), load_weights(adapter, base)
+        assert wm.keys() == wa.keys() and all(torch.equal(wm[n], wa[n]) for n in wm), run.method
+        plain = load_weights(base, base)
+        assert read_adapter(adapter) and any(not torch.equal(wa[n], plain[n]) for n in plain), run.method
+        _, m1 = load_model(merged)
+        _, m2 = load_model(base, adapter=adapter)
+        s1, s2 = m1.state_dict(), m2.state_dict()
+        assert all(torch.equal(s1[n], s2[n]) for n in s1), run.method
+        sp1 = compute_spectra(merged, device="cpu").drop(columns="seconds")
+        sp2 = compute_spectra(base, device="cpu", adapter=adapter).drop(columns="seconds")
+        pd.testing.assert_frame_equal(sp1, sp2)
+        if k == 0:  # extraction through the cards, as the workflow runs it
+            card_m = dict(path=str(merged), checksum="m", model="tiny", variant="m")
+            card_a = dict(path=str(base), adapter=str(adapter), checksum="a", model="tiny", variant="a")
+            cfg = E.ExtractConfig(shots=1, device="cpu", dtype="float32")
+            E.extract(card_m, rows, pool, cfg, tmp_path / "m.h5")
+            E.extract(card_a, rows, pool, cfg, tmp_path / "a.h5")
+            assert np.array_equal(E.read_states(tmp_path / "m.h5")["hidden"], E.read_states(tmp_path / "a.h5")["hidden"])
+
+
 # ---------------------------------------------------------------- the training loop: resume, outputs
 
 TC = dict(max_steps=6, batch_size=4, eval_every=2, val_rows=4, n_checkpoints=3, max_length=256)
@@ -309,7 +361,7 @@ def assert_same_training(tiny_dir, met_a, dir_a, met_b, dir_b):
 
     a, b = ([x["loss"] for x in m["train_loss"]] for m in (met_a, met_b))
     assert np.allclose(a, b, atol=1e-5), (a, b)
-    wa, wb = (load_file(Path(d) / "merged" / "model.safetensors") for d in (dir_a, dir_b))
+    wa, wb = (load_weights(Path(d) / "weights", tiny_dir) for d in (dir_a, dir_b))
     k = "model.layers.1.mlp.down_proj.weight"
     assert not torch.equal(wa[k], load_file(Path(tiny_dir) / "model.safetensors")[k])
     assert all(torch.allclose(wa[n], wb[n], atol=1e-6) for n in wa)
@@ -333,13 +385,13 @@ def test_resume_after_kill_matches_uninterrupted(tiny_dir, data_dir, tmp_path, m
     assert_same_training(tiny_dir, full, tmp_path / "full", resumed, tmp_path / "cut")
     if method != "lora":
         return
-    # outputs of a run: metrics, merged checkpoints at log-spaced steps, TensorBoard events
+    # outputs of a run: metrics, adapter checkpoints at log-spaced steps, TensorBoard events
     m = json.loads((tmp_path / "full" / "metrics.json").read_text())
     for key in ("train_loss", "val_loss", "accuracy", "trainable_params", "wall_time_s", "peak_memory_mb", "versions"):
         assert key in m
     assert m["checkpoints"] == checkpoint_steps(6, 3) == [1, 2, 6]
     assert [v["step"] for v in m["val_loss"]] == [1, 2, 4, 6]  # every eval_every = 2 steps and every checkpoint
-    assert all((tmp_path / "full" / "checkpoints" / f"step_{s}" / "config.json").exists() for s in m["checkpoints"])
+    assert all((tmp_path / "full" / "checkpoints" / f"step_{s}" / "adapter.json").exists() for s in m["checkpoints"])
     assert list((tmp_path / "full" / "tb").rglob("events.out.tfevents*"))
     assert m["accuracy"]["n"] == 6 and 0 <= m["accuracy"]["accuracy"] <= 1
     assert not (tmp_path / "full" / ".work" / "state").exists()
@@ -372,7 +424,7 @@ def test_deepspeed_zero2_step_on_cpu(tiny_dir, data_dir, tmp_path):
     out = json.loads(line[len("RESULT "):])
     assert out["ds"].endswith("zero2.json") and out["steps"] == 2 and out["engine"] == "DeepSpeedEngine"
     assert all(np.isfinite(x["loss"]) for x in out["loss"])
-    assert (tmp_path / "out" / "merged" / "model.safetensors").exists()
+    assert (tmp_path / "out" / "weights" / "adapter.safetensors").exists()
 
 
 # ---------------------------------------------------------------- bad input, before any job
@@ -550,7 +602,7 @@ def test_srank_time_aware_start_and_recalibration(tiny_dir, data_dir, tmp_path):
     assert len(full["srank_selection"]) == 7 and set(full["srank_selection"]) <= set(names)  # 1 of 2 layers per type
     assert full["trainable_params"] == sum(2 * sum(TINY_SHAPES[n.rsplit(".", 1)[1]]) for n in full["srank_selection"])
     # every matrix moved in the warm phase (full fine-tuning), so all differ from the base in the merged model
-    merged = load_file(tmp_path / "full" / "merged" / "model.safetensors")
+    merged = load_weights(tmp_path / "full" / "weights", tiny_dir)
     base = load_file(Path(tiny_dir) / "model.safetensors")
     assert all(not torch.equal(merged[n + ".weight"], base[n + ".weight"]) for n in names)
     # the final selection is the one the merged weights' stable ranks give (re-calibrated at the last step)
@@ -563,7 +615,7 @@ def test_srank_time_aware_start_and_recalibration(tiny_dir, data_dir, tmp_path):
     resumed = _train(run, tiny_dir, data_dir, tmp_path / "cut")
     assert resumed["srank_schedule"]["events"][-1]["step"] == 6 and resumed["srank_selection"] == full["srank_selection"]
     assert np.allclose([x["loss"] for x in resumed["train_loss"]], [x["loss"] for x in full["train_loss"]], atol=1e-5)
-    again = load_file(tmp_path / "cut" / "merged" / "model.safetensors")
+    again = load_weights(tmp_path / "cut" / "weights", tiny_dir)
     assert all(torch.allclose(merged[n], again[n], atol=1e-6) for n in merged)
 
 

@@ -23,7 +23,7 @@ HDF5 layout (``results/reps/{model}/{variant}/{shots}shot.h5``):
   letter_logits  (n, 2, 4) float32      [:, 0] = " A".." D", [:, 1] = "A".."D"
   n_tokens       (n,) int32              prompt length in tokens
   layer_name     (n_layers,) utf-8 str
-  attrs: model, variant, model_path, checksum, site, shots, shot_order, shot_seed, dtype, store_dtype,
+  attrs: model, variant, model_path, adapter (a fine-tuned variant's, or empty), checksum, site, shots, shot_order, shot_seed, dtype, store_dtype,
          template_hash, seed, prefix_sharing, fingerprint, versions (JSON)
 
 The file is written as ``<name>.partial`` and renamed when complete. A killed run resumes from its
@@ -373,7 +373,8 @@ def extract(card: dict, rows: pd.DataFrame, pool: pd.DataFrame, cfg: ExtractConf
     if model is None:
         tok, model = models.load(card["path"], dtype=dtype, device=device,
                                  trust_remote_code=card.get("trust_remote_code", False), device_map=cfg.device_map,
-                                 max_memory=cfg.max_memory, offload_folder=cfg.offload_folder)
+                                 max_memory=cfg.max_memory, offload_folder=cfg.offload_folder,
+                                 adapter=card.get("adapter"))
     capture = LastTokenCapture(model, cfg.site)
     d = int(model.config.hidden_size)
     n = len(rows)
@@ -426,6 +427,7 @@ def extract(card: dict, rows: pd.DataFrame, pool: pd.DataFrame, cfg: ExtractConf
     del f["done"]
     versions = package_versions()
     f.attrs.update(dict(model=card.get("model", ""), variant=card.get("variant", ""), model_path=str(card["path"]),
+                        adapter=str(card.get("adapter") or ""),
                         checksum=card["checksum"], site=cfg.site, shots=cfg.shots, shot_order=cfg.shot_order,
                         shot_seed=cfg.shot_seed, dtype=str(dtype).replace("torch.", ""), store_dtype=cfg.store_dtype,
                         template_hash=P.template_hash(), seed=seed, prefix_sharing=bool(cfg.shares_prefix),

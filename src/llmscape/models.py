@@ -148,7 +148,40 @@ def read_card(card: str | Path) -> dict:
     if not (Path(info["path"]) / "config.json").exists():
         raise ModelError(f"model card {card} points at {info['path']}, which holds no model anymore. "
                          "Fix: rerun the rule that made it (snakemake --forcerun prepare_model).")
+    if info.get("adapter") and not (Path(info["adapter"]) / "adapter.safetensors").exists():
+        raise ModelError(f"model card {card} points at the adapter {info['adapter']}, which is gone. "
+                         "Fix: rerun the fine-tuning job that wrote it (snakemake --forcerun finetune).")
     return info
+
+
+def apply_adapter(model, base_path: str | Path, adapter: str | Path) -> int:
+    """Add an llmscape adapter's updates to a loaded model in place, as a merged copy would hold them: each
+    updated tensor is rebuilt in the dtype the base folder stores it in (merge.update_tensor), then cast
+    to the model's. Returns the number of tensors updated."""
+    import torch
+    from safetensors import safe_open
+
+    from .finetune.merge import read_adapter, update_tensor
+
+    parts = read_adapter(adapter)
+    stored = {}
+    for f in sorted(Path(base_path).glob("*.safetensors")):
+        with safe_open(f, framework="pt") as sf:
+            for k in sf.keys():
+                if k in parts:
+                    stored[k] = sf.get_slice(k).get_dtype()
+    params = dict(model.named_parameters())
+    missing = sorted(set(parts) - set(params))
+    if missing:
+        raise ModelError(f"adapter {adapter} updates tensors the model does not have: {missing[:5]}. Fix: "
+                         "it belongs to another base model; rerun its fine-tuning job on this one.")
+    dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    with torch.no_grad():
+        for k, ps in parts.items():
+            p = params[k]
+            t = p.detach().to("cpu", dtypes.get(stored.get(k), p.dtype))  # as the base folder stores it
+            p.copy_(update_tensor(t, ps).to(p.dtype))
+    return len(parts)
 
 
 def pick_device(device: str = "auto", key: str = "extract.device", error: type[Exception] = None) -> str:
@@ -176,18 +209,31 @@ def pick_dtype(dtype: str, device: str):
 
 
 def load(path: str | Path, dtype="float32", device: str = "cpu", trust_remote_code: bool = False,
-         device_map: str | dict | None = None, max_memory: dict | None = None, offload_folder: str | None = None):
-    """(tokenizer, causal LM in eval mode) from a prepared folder. With ``device_map`` (accelerate's:
-    "auto", "balanced", ... or an explicit map) the model is sharded over the visible GPUs, within
-    ``max_memory`` per device, and what fits none is offloaded to ``offload_folder``."""
+         device_map: str | dict | None = None, max_memory: dict | None = None, offload_folder: str | None = None,
+         adapter: str | Path | None = None):
+    """(tokenizer, causal LM in eval mode) from a prepared folder, plus an llmscape ``adapter`` (the
+    weights of a fine-tuned variant, built in memory). With ``device_map`` (accelerate's: "auto",
+    "balanced", ... or an explicit map) the model is sharded over the visible GPUs, within ``max_memory``
+    per device, and what fits none is offloaded to ``offload_folder``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(dtype, str):
         dtype = pick_dtype(dtype, device)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if device_map is None:
+    if device_map is None or adapter is not None:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-        model.to(device)
+        if adapter is not None:
+            n = apply_adapter(model, path, adapter)
+            log.info("%s + adapter %s: %d tensors updated", path, adapter, n)
+        if device_map is None:
+            model.to(device)
+        else:  # an adapted model is built on the CPU, then dispatched as a plain one would be
+            from accelerate import dispatch_model, infer_auto_device_map
+
+            mm = {int(k) if str(k).isdigit() else k: v for k, v in (max_memory or {}).items()} or None
+            model = dispatch_model(model, infer_auto_device_map(model, max_memory=mm,
+                                                                no_split_module_classes=model._no_split_modules),
+                                   offload_dir=offload_folder)
     else:
         import tempfile
 

@@ -11,8 +11,9 @@ an empty folder (so every job of the DAG is listed, with the resources each woul
 * **disk**: what the results will hold when the DAG is done (nothing is deleted on the way, so this is
   also the peak): the extractions (layers x questions x hidden x bytes), the neighbour lists, the model
   copies (the downloaded base, merged fine-tuning runs and checkpoints, intervention variants), from
-  the model's published shape. Checkpoints stored as adapters (``finetune.checkpoint_format: adapter``)
-  cost their trainable parameters only; the plan shows both formats.
+  the model's published shape. Checkpoints stored as adapters (``finetune.train.checkpoint_format:
+  adapter``, the default) cost their trainable parameters only; the plan shows both formats and marks
+  the configured one.
 
 The model's shape comes from a local folder's config.json, or for a hub id from the configurations
 that the rehearsal keeps (``bench/configs/*/config.json``, matched by ``_name_or_path``).
@@ -187,6 +188,7 @@ def _disk(jobs, config, shape: Shape | None, n_q: int | None) -> dict:
         finetune_adapters=(1 + ckpts) * adapters,
     )
     common = out["extractions"] + out["neighbour_lists"] + out["base_model"] + out["interventions"]
+    out["checkpoint_format"] = config["finetune"].get("train", {}).get("checkpoint_format", "adapter")
     out["total_merged"] = common + out["finetune_merged"]
     out["total_adapters"] = common + out["finetune_adapters"]
     out["assumptions"] = (f"{shape.name}: {shape.layers} blocks, hidden {shape.hidden}, {shape.params / 1e9:.2f} B "
@@ -247,7 +249,9 @@ def format_plan(p: dict) -> str:
     if "note" in d:
         lines.append(f"Disk: {d['note']}")
     else:
-        lines += ["", "| results | merged checkpoints | adapter checkpoints |", "|---|---|---|"]
+        fmt = d["checkpoint_format"]
+        lines += ["", "| results | merged checkpoints" + (" (configured)" if fmt == "merged" else "") +
+                  " | adapter checkpoints" + (" (configured)" if fmt == "adapter" else "") + " |", "|---|---|---|"]
         for key, label in (("extractions", "extractions (HDF5)"), ("neighbour_lists", "neighbour lists"),
                            ("base_model", "base model"), ("interventions", "intervention variants")):
             lines.append(f"| {label} | {_gb(d[key])} | {_gb(d[key])} |")

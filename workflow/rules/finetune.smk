@@ -1,6 +1,6 @@
 # Fine-tuning sweeps: finetune.sweeps expands into one `finetune` job per run; each finished
-# run is a model variant (merged safetensors folder + card) for extraction, geometry and spectra, and its
-# log-spaced merged checkpoints are variants too (`{run}-step{N}`), for spectra during training.
+# run is a model variant (its weights, an adapter or a merged folder, + card) for extraction, geometry and
+# spectra, and its log-spaced checkpoints are variants too (`{run}-step{N}`), for spectra during training.
 # Grid problems (unknown method, out-of-range value, rank above a matrix, missing adaptive-rank file)
 # stop the workflow here, at DAG-build time, before any job is submitted.
 import re
@@ -110,12 +110,12 @@ def finetune_variants():
 
 
 def checkpoint_variants():
-    """Variants of the log-spaced merged checkpoints: `{run}-step{N}` (cards like any variant)."""
+    """Variants of the log-spaced checkpoints: `{run}-step{N}` (cards like any variant)."""
     return [f"{r}-step{s}" for r in FT_RUNS for s in FT_CKPT_STEPS]
 
 
 def checkpoint_dirs():
-    """Merged safetensors folders of the checkpoints, for the spectra-during-training analysis."""
+    """Weight folders of the checkpoints (adapters or merged copies), for the spectra during training."""
     return [f"results/finetune/{MODEL}/{r}/checkpoints/step_{s}" for r in FT_RUNS for s in FT_CKPT_STEPS]
 
 
@@ -147,7 +147,7 @@ rule finetune:
         unpack(finetune_inputs),
     output:
         metrics="results/finetune/{model}/{run}/metrics.json",
-        merged=directory("results/finetune/{model}/{run}/merged"),
+        weights=directory("results/finetune/{model}/{run}/weights"),
         checkpoints=directory("results/finetune/{model}/{run}/checkpoints"),
         card="results/models/{model}/{run}/model.json",
         checkpoint_cards=expand("results/models/{{model}}/{{run}}-step{step}/model.json", step=FT_CKPT_STEPS),
@@ -173,6 +173,6 @@ rule finetune:
 
 
 rule finetune_all:
-    """Only the sweep (training, merged variants, checkpoint cards): `snakemake finetune_all`."""
+    """Only the sweep (training, run variants, checkpoint cards): `snakemake finetune_all`."""
     input:
         lambda wc: [t for t in finetune_targets() if not t.startswith("results/reps/")],

@@ -1,7 +1,22 @@
-"""Merged weights: base tensors read from the base folder, adapter deltas added in fp32, written in the
-base dtype with the base's shard layout; every other tensor is copied byte for byte. The folder is written
-under a temporary name and renamed, and gets the base's config and tokenizer files, so it is a normal HF
-model folder any stage can read (and ``results/models/{model}/{variant}/model.json`` points at it).
+"""The weights a fine-tuning run leaves: merged copies of the model, or adapters.
+
+``merged``: base tensors read from the base folder, the run's updates added in fp32, written in the
+base dtype with the base's shard layout; every other tensor is copied byte for byte. The folder gets the
+base's config and tokenizer files, so it is a normal HF model folder any stage can read.
+
+``adapter`` (the default, finetune.train.checkpoint_format): only what the updates are made of, in one
+``adapter.safetensors`` (megabytes instead of a model copy: 16 GB per checkpoint at 8B), keyed
+``<base tensor>::<part>``:
+
+    LoRA          lora_A.i, lora_B.i, lora_scaling.i   for each LoRA adapter i of the module
+    spectral      U, S, V (the stored top-r triplets) and U2, S2, V2 (the trained ones)
+    full          the whole trained tensor (attn-qv in full mode, srank-calibrated's warm phase)
+
+A stage that needs the weights (extraction, spectra) builds them from base plus adapter in memory with
+:func:`update_tensor`, the function that writes the merged copies: the tensors are equal to a merged
+copy's bit for bit (tested). Both kinds are written under a temporary name and renamed; the model card
+(``results/models/{model}/{variant}/model.json``) points at the base folder and, for an adapter, at
+the adapter folder too.
 """
 
 from __future__ import annotations
@@ -33,31 +48,126 @@ def _gathered(model, accelerator=None):
     return contextlib.nullcontext()
 
 
-@torch.no_grad()
-def weight_updates(model, accelerator=None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(deltas, replacements) by base tensor name (``...q_proj.weight``), on CPU in fp32.
+ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_FORMAT = "llmscape-adapter/1"
 
-    deltas: adapter contributions (LoRA: scaling * B A; spectral: U'S'V'^T - U S V^T);
-    replacements: fully trained base parameters (attn-qv full)."""
+
+@torch.no_grad()
+def weight_updates(model, accelerator=None) -> dict[str, dict[str, torch.Tensor]]:
+    """Per base tensor name (``...q_proj.weight``), the parts its update is made of (module docstring),
+    as fp32 (the LoRA scaling float64) tensors on the CPU."""
     from peft.tuners.lora import LoraLayer
 
-    deltas, repl = {}, {}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
     with _gathered(model, accelerator):
         for name, mod in model.named_modules():
             if isinstance(mod, LoraLayer) and hasattr(mod, "lora_A"):
-                for ad in mod.lora_A:
-                    A = mod.lora_A[ad].weight.float()
-                    B = mod.lora_B[ad].weight.float()
-                    d = (B @ A) * float(mod.scaling[ad])
-                    key = clean_name(name) + ".weight"
-                    deltas[key] = deltas.get(key, 0) + d.cpu()
+                p = parts.setdefault(clean_name(name) + ".weight", {})
+                for i, ad in enumerate(mod.lora_A):
+                    p[f"lora_A.{i}"] = mod.lora_A[ad].weight.detach().float().cpu().clone()
+                    p[f"lora_B.{i}"] = mod.lora_B[ad].weight.detach().float().cpu().clone()
+                    p[f"lora_scaling.{i}"] = torch.tensor(float(mod.scaling[ad]), dtype=torch.float64)
             elif isinstance(mod, SpectralLinear):
-                deltas[clean_name(name) + ".weight"] = mod.delta_weight().cpu()
+                U2, S2, V2 = (t.detach().float().cpu().clone() for t in mod.factors())
+                parts[clean_name(name) + ".weight"] = dict(
+                    U=mod.spectral_U.float().cpu().clone(), S=mod.spectral_S.float().cpu().clone(),
+                    V=mod.spectral_V.float().cpu().clone(), U2=U2, S2=S2, V2=V2)
         for name, p in model.named_parameters():
             trained = p.requires_grad or getattr(p, "_llmscape_trained", False)  # (srank-calibrated's warm phase)
             if trained and not any(m in name for m in ADAPTER_MARKERS):
-                repl[clean_name(name)] = p.detach().float().cpu().clone()
-    return deltas, repl
+                parts.setdefault(clean_name(name), {})["full"] = p.detach().float().cpu().clone()
+    return parts
+
+
+def update_delta(parts: dict[str, torch.Tensor]):
+    """W' - W (fp32) of a tensor's adapter parts; 0 when it has no low-rank update."""
+    d = 0
+    i = 0
+    while f"lora_A.{i}" in parts:
+        d = d + (parts[f"lora_B.{i}"] @ parts[f"lora_A.{i}"]) * float(parts[f"lora_scaling.{i}"])
+        i += 1
+    if "U2" in parts:
+        d = d + ((parts["U2"] * parts["S2"]) @ parts["V2"].T - (parts["U"] * parts["S"]) @ parts["V"].T)
+    return d
+
+
+def update_tensor(t: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The updated tensor in ``t``'s dtype: (the fully trained tensor, else t in fp32) + the low-rank
+    delta. The one function that writes merged copies and builds weights from adapters."""
+    base = parts["full"] if "full" in parts else t.float()
+    return base.add(update_delta(parts)).to(t.dtype)
+
+
+def save_adapter(model, dest: str | Path, accelerator=None, is_main: bool = True, base_checksum: str = "",
+                 extra: dict | None = None) -> Path:
+    """Write ``dest``/adapter.safetensors (+ adapter.json) with this model's update parts."""
+    from safetensors.torch import save_file
+
+    dest = Path(dest)
+    parts = weight_updates(model, accelerator)
+    if not is_main:
+        return dest
+    flat = {f"{k}::{part}": t.contiguous() for k, ps in sorted(parts.items()) for part, t in sorted(ps.items())}
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(flat, tmp / ADAPTER_FILE, metadata=dict(format=ADAPTER_FORMAT, base_checksum=base_checksum))
+    info = dict(format=ADAPTER_FORMAT, base_checksum=base_checksum, tensors=len(parts),
+                parameters=int(sum(t.numel() for t in flat.values())), **(extra or {}))
+    (tmp / "adapter.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, dest)
+    return dest
+
+
+def is_adapter(folder: str | Path) -> bool:
+    return (Path(folder) / ADAPTER_FILE).exists()
+
+
+def read_adapter(folder: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The update parts of an adapter folder, by base tensor name."""
+    from safetensors import safe_open
+
+    f = Path(folder) / ADAPTER_FILE
+    if not f.exists():
+        raise FileNotFoundError(f"{folder} holds no {ADAPTER_FILE}: not an llmscape adapter. Fix: rerun the "
+                                "fine-tuning job that wrote it (snakemake --forcerun finetune)")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(f, framework="pt") as sf:
+        if (sf.metadata() or {}).get("format") != ADAPTER_FORMAT:
+            raise ValueError(f"{f} is not in the {ADAPTER_FORMAT} format")
+        for key in sf.keys():
+            name, _, part = key.rpartition("::")
+            parts.setdefault(name, {})[part] = sf.get_tensor(key)
+    return parts
+
+
+def load_weights(folder: str | Path, base_path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a run's weights as a merged copy holds them: the copy itself, or the base folder's
+    tensors with an adapter's updates (:func:`update_tensor`)."""
+    from safetensors.torch import load_file
+
+    folder, base_path = Path(folder), Path(base_path)
+    if not is_adapter(folder):
+        return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+    parts = read_adapter(folder)
+    out = {k: v for f in sorted(base_path.glob("*.safetensors")) for k, v in load_file(f).items()}
+    for k, ps in parts.items():
+        out[k] = update_tensor(out[k], ps)
+    return out
+
+
+def save_weights(model, base_path: str | Path, dest: str | Path, fmt: str, accelerator=None, is_main: bool = True,
+                 base_checksum: str = "", extra: dict | None = None) -> Path:
+    """A run's weights in ``fmt``: ``adapter`` (:func:`save_adapter`) or ``merged`` (:func:`save_merged`)."""
+    if fmt == "adapter":
+        return save_adapter(model, dest, accelerator, is_main, base_checksum, extra)
+    if fmt == "merged":
+        return save_merged(model, base_path, dest, accelerator, is_main, extra)
+    raise ValueError(f"finetune.train.checkpoint_format {fmt!r} is not one of adapter, merged")
 
 
 def _copy_side_files(base: Path, dest: Path) -> None:
@@ -73,7 +183,7 @@ def save_merged(model, base_path: str | Path, dest: str | Path, accelerator=None
     from safetensors.torch import save_file
 
     base_path, dest = Path(base_path), Path(dest)
-    deltas, repl = weight_updates(model, accelerator)
+    parts = weight_updates(model, accelerator)
     if not is_main:
         return dest
     files = sorted(base_path.glob("*.safetensors"))
@@ -90,13 +200,13 @@ def save_merged(model, base_path: str | Path, dest: str | Path, accelerator=None
             meta = sf.metadata() or {}
             for k in sf.keys():
                 t = sf.get_tensor(k)
-                if k in deltas or k in repl:  # a replaced (trained) base plus an adapter's delta: both
-                    t = (repl[k] if k in repl else t.float()).add(deltas.get(k, 0)).to(t.dtype)
+                if k in parts:
+                    t = update_tensor(t, parts[k])
                     used.add(k)
                 out[k] = t.contiguous()
         meta.setdefault("format", "pt")
         save_file(out, tmp / f.name, metadata=meta)
-    missing = (set(deltas) | set(repl)) - used
+    missing = set(parts) - used
     if missing:
         shutil.rmtree(tmp)
         raise KeyError(f"merged updates for tensors absent from {base_path}: {sorted(missing)[:5]}")
@@ -111,8 +221,18 @@ def save_merged(model, base_path: str | Path, dest: str | Path, accelerator=None
 
 
 def write_card(card: str | Path, base_card: dict, variant: str, folder: str | Path, source: str) -> dict:
-    info = dict(model=base_card["model"], label=base_card["label"], variant=variant,
-                path=str(Path(folder).resolve()), source=source, checksum=weights_checksum(Path(folder)),
+    """The model card of a run's weights: a merged folder is a model of its own; an adapter points at
+    the base folder and at the adapter, and its checksum covers both."""
+    import hashlib
+
+    folder = Path(folder)
+    info = dict(model=base_card["model"], label=base_card["label"], variant=variant, source=source,
                 trust_remote_code=bool(base_card.get("trust_remote_code", False)))
+    if is_adapter(folder):
+        both = f"{base_card['checksum']}+{weights_checksum(folder)}"
+        info.update(path=base_card["path"], adapter=str(folder.resolve()),
+                    checksum=hashlib.sha256(both.encode()).hexdigest())
+    else:
+        info.update(path=str(folder.resolve()), checksum=weights_checksum(folder))
     write_json(card, info)
     return info

@@ -69,12 +69,6 @@ class SpectralLinear(nn.Module):
         delta = self._path(x, U2, S2, V2) - self._path(x, self.spectral_U, self.spectral_S, self.spectral_V)
         return y + delta.to(y.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
-        """W' - W in fp32 (what a merge adds to the base weight)."""
-        U2, S2, V2 = (t.float() for t in self.factors())
-        U, S, V = self.spectral_U.float(), self.spectral_S.float(), self.spectral_V.float()
-        return (U2 * S2) @ V2.T - (U * S) @ V.T
-
 
 def wrap(model, names, make) -> None:
     """Replace each named nn.Linear by ``make(linear)``."""

@@ -3,12 +3,14 @@
     accelerate + optional DeepSpeed ZeRO-2/3 (a JSON under config/deepspeed; "auto" fields filled here),
     bf16 mixed precision on GPU, optional gradient checkpointing, seeded data order and initialisation,
     AdamW with warmup + cosine to lr_min_factor * lr (Doimo et al. 2024), gradient accumulation,
-    validation loss every ``eval_every`` steps and at every checkpoint, merged checkpoints at log-spaced steps (for spectra during
-    training), resumable state (only the trainable tensors, optimiser, scheduler, RNG and curves), SIGTERM
+    validation loss every ``eval_every`` steps and at every checkpoint, checkpoints at log-spaced steps (for spectra during
+    training; adapters by default, merged copies with checkpoint_format: merged), resumable state (only the
+    trainable tensors, optimiser, scheduler, RNG and curves), SIGTERM
     -> save and exit (a requeued Slurm job goes on from there), TensorBoard, and a metrics JSON.
 
 Layout under ``out_dir`` (= results/finetune/{model}/{run}):
-    metrics.json  merged/  checkpoints/step_N/ (merged)  tb/  .work/state/step_N/  .work/checkpoints/
+    metrics.json  weights/  checkpoints/step_N/ (adapters or merged copies, see merge.py)  tb/  .work/state/step_N/
+    .work/checkpoints/
 (tb/ and .work/ are not rule outputs, so a requeued job finds them: it resumes the state and appends
 to the TensorBoard curves; a fresh start clears both.)
 """
@@ -34,7 +36,7 @@ from . import registry
 from .common import Context, FinetuneError, RunSpec, linear_shapes, trainable_count
 from .data import answer_loss, batch_order, collate, encode, load_rows, split_validation
 from .evaluate import score
-from .merge import save_merged
+from .merge import save_weights
 
 log = logging.getLogger("llmscape.finetune")
 
@@ -42,7 +44,7 @@ TRAIN_DEFAULTS = dict(
     max_steps=40, batch_size=4, grad_accum=1, max_length=512, warmup_steps=None, lr_min_factor=0.01,
     weight_decay=0.0, max_grad_norm=1.0, eval_every=10, val_rows=32, n_checkpoints=4, save_every=0,
     gradient_checkpointing=False, mixed_precision="auto", load_dtype="auto", deepspeed=None, header=False,
-    device="auto",
+    device="auto", checkpoint_format="adapter",
 )
 EVAL_DEFAULTS = dict(header=True, per_subject=None, batch_size=16)
 
@@ -128,7 +130,7 @@ def _latest_state(state_root: Path) -> Path | None:
 def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None = None, eval_cfg: dict | None = None,
           ctx: Context | None = None, run_name: str = "run", data_split: str = "finetune",
           eval_split: str = "analysis", trust_remote_code: bool = False, stop_after: int | None = None) -> dict:
-    """Train ``run`` and write ``out_dir``/{metrics.json, merged/, checkpoints/}. Returns the metrics."""
+    """Train ``run`` and write ``out_dir``/{metrics.json, weights/, checkpoints/}. Returns the metrics."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -337,8 +339,9 @@ def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None 
                 acc.log({"val/loss": v}, step=state.step)
                 log.info("step %d train %.4f val %.4f", state.step, step_loss, v)
             if state.step in ckpt_steps:
-                save_merged(acc.unwrap_model(model), base_path, ckpt_work / f"step_{state.step}", acc,
-                            acc.is_main_process, extra=dict(run=run_name, step=state.step))
+                save_weights(acc.unwrap_model(model), base_path, ckpt_work / f"step_{state.step}",
+                             tc["checkpoint_format"], acc, acc.is_main_process,
+                             extra=dict(run=run_name, step=state.step, base=str(base_path)))
             want_save = (state.step in ckpt_steps or (tc["save_every"] and state.step % int(tc["save_every"]) == 0)
                          or stop_now)
             if want_save and state.step < max_steps:
@@ -356,15 +359,15 @@ def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None 
     state.wall_s += time.time() - session_t0
     state.train_s += train_t
 
-    # final: accuracy with extraction's scoring, merged weights, checkpoints, metrics
+    # final: accuracy with extraction's scoring, the run's weights, checkpoints, metrics
     eval_rows = load_rows(data_dir, eval_split)
     if ec["per_subject"]:
         eval_rows = eval_rows.groupby("subject", sort=False).head(int(ec["per_subject"])).reset_index(drop=True)
     m = acc.unwrap_model(model) if ds is None else model
     with acc.autocast():
         acc_res = score(m, tok, eval_rows, header=ec["header"], batch_size=int(ec["batch_size"]), device=dev)
-    merged = save_merged(acc.unwrap_model(model), base_path, out_dir / "merged", acc, acc.is_main_process,
-                         extra=dict(run=run_name, step=state.step))
+    weights = save_weights(acc.unwrap_model(model), base_path, out_dir / "weights", tc["checkpoint_format"], acc,
+                           acc.is_main_process, extra=dict(run=run_name, step=state.step, base=str(base_path)))
     metrics = None
     if acc.is_main_process:
         final_ckpts = out_dir / "checkpoints"
@@ -395,7 +398,7 @@ def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None 
             device=str(dev), world_size=world, engine=type(model).__name__, mixed_precision=mixed, load_dtype=load_dtype,
             deepspeed=str(tc["deepspeed"]) if tc["deepspeed"] else None,
             checkpoints=[s for s in ckpt_steps if (out_dir / "checkpoints" / f"step_{s}").exists()],
-            merged=str(merged), n_train_rows=len(train_rows), n_val_rows=len(val_rows),
+            weights=str(weights), checkpoint_format=tc["checkpoint_format"], n_train_rows=len(train_rows), n_val_rows=len(val_rows),
             versions=package_versions(("llmscape", "torch", "transformers", "peft", "accelerate", "deepspeed",
                                        "numpy", "tensorboard", "safetensors")),
         )

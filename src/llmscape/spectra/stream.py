@@ -174,8 +174,10 @@ def compute_eigenvalues(W, method: str = "auto", device: str = "cpu", block_rows
 
 def compute_spectra(folder: str | Path, model: str = "", variant: str = "", *, device: str = "auto",
                     method: str = "auto", modules=DECODER_MODULES, include_embeddings: bool = False,
-                    esd_options: dict | None = None, return_evals: bool = False):
-    """The spectra table (one row per matrix, columns in :data:`llmscape.spectra.COLUMNS`) of a folder.
+                    esd_options: dict | None = None, return_evals: bool = False, adapter: str | Path | None = None):
+    """The spectra table (one row per matrix, columns in :data:`llmscape.spectra.COLUMNS`) of a folder,
+    or of a folder plus an llmscape ``adapter`` (each matrix updated as it streams by, equal to a merged
+    copy's).
 
     With ``return_evals`` also a dict tensor name -> ascending eigenvalues.
     """
@@ -189,12 +191,19 @@ def compute_spectra(folder: str | Path, model: str = "", variant: str = "", *, d
     if not refs:
         raise SpectraError(f"no decoder weight matrices ({', '.join(modules)}) found in {folder}. Fix: the folder "
                            "must hold a Llama-style model (model.layers.N.self_attn/mlp.*_proj.weight).")
+    updates = {}
+    if adapter is not None:
+        from ..finetune.merge import read_adapter, update_tensor
+
+        updates = read_adapter(adapter)
     rows, evals = [], {}
     t_all = time.perf_counter()
     with torch.no_grad():
         tensors = iter_tensors(refs)
         for i in range(len(refs)):
             ref, W = next(tensors)  # (no enumerate: its cached result tuple would keep the last tensor alive)
+            if ref.name in updates:
+                W = update_tensor(W, updates[ref.name])
             t0 = time.perf_counter()
             if not torch.isfinite(W).all():
                 ev = np.full(min(W.shape), np.nan)
