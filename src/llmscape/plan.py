@@ -153,6 +153,8 @@ def plan(configfiles: list[str | Path], root: Path, config: dict) -> dict:
     sizes = analysis_subject_sizes(config["data"])
     n_q = sum(sizes.values()) if sizes else None
     shape = model_shape(config["model"], Path(config.get("resources_dir", root / "resources")), root / "bench/configs")
+    if shape is not None and Path(shape.source).is_relative_to(root):
+        shape.source = str(Path(shape.source).relative_to(root))
     disk = _disk(jobs, config, shape, n_q)
     expected = _expected(jobs, config, shape, n_q, root)
     return dict(configfiles=[str(c) for c in configfiles], model=config["model"], questions=n_q,
@@ -202,7 +204,7 @@ def _expected(jobs, config, shape, n_q, root: Path) -> dict:
     """Expected GPU hours of the extraction from a GPU rehearsal of this model, if one was measured."""
     if shape is None:
         return dict(note="no model shape: nothing to compare with a rehearsal")
-    name = Path(shape.source).parent.name
+    name = Path(shape.source).parent.name  # the rehearsal's name for this model (bench/configs/<name>)
     f = root / "bench/results" / f"scale_{name}_cuda.json"
     if not f.exists():
         return dict(note=f"no GPU rehearsal of {name} yet (bench/scale.py --device cuda --model {name} writes "
