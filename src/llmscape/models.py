@@ -104,6 +104,36 @@ def convert_gguf(gguf: Path, dest: Path) -> Path:
     return dest
 
 
+def looks_like_path(model: str) -> bool:
+    """A ``model`` string meant as a local folder, never as a hub id: absolute, ``~``, ``./``, ``../``,
+    more than one ``/``, or whose first part is an existing local folder (``mymodels/smol``)."""
+    m = str(model)
+    if m.startswith(("/", "~", "./", "../", ".\\")) or m.count("/") > 1 or "\\" in m:
+        return True
+    head = m.split("/", 1)[0]
+    return "/" in m and Path(head).expanduser().is_dir()
+
+
+def check_model_spec(model: str) -> None:
+    """DAG-build check of ``model``: an embedded name, an existing folder with config.json, or a hub id
+    (owner/name). A path never falls through to the hub: a missing folder is an error with the fix."""
+    if model in EMBEDDED:
+        return
+    p = Path(model).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise ModelError(f"model = {model!r}: the folder exists but holds no config.json. Fix: point `model` "
+                             "at a folder written by save_pretrained (config.json + *.safetensors).")
+        return
+    if looks_like_path(model):
+        raise ModelError(f"model = {model!r} looks like a local folder, and {p.resolve()} does not exist. Fix: "
+                         "correct the path (relative paths are read from the folder snakemake runs in), or give an "
+                         f"HF hub id (owner/name) or an embedded name ({', '.join(EMBEDDED)}).")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", model):
+        raise ModelError(f"model = {model!r} is not an embedded name ({', '.join(EMBEDDED)}), an existing folder or "
+                         "an HF hub id (owner/name). Fix: set `model` to one of those.")
+
+
 def resolve(model: str, resources: Path, trust_remote_code: bool = False) -> tuple[Path, str]:
     """(local folder, source description); downloads or converts when needed."""
     if model in EMBEDDED:
@@ -118,6 +148,8 @@ def resolve(model: str, resources: Path, trust_remote_code: bool = False) -> tup
             raise ModelError(f"model folder {p} has no config.json. Fix: point `model` at a folder written "
                              "by save_pretrained, an HF hub id, or an embedded name: " + ", ".join(EMBEDDED))
         return p.resolve(), f"local:{p.resolve()}"
+    if looks_like_path(model):
+        check_model_spec(model)  # raises: a folder that is not there
     if re.fullmatch(r"[\w.-]+/[\w.-]+", model):
         try:
             from huggingface_hub import snapshot_download

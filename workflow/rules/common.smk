@@ -7,11 +7,14 @@ from snakemake.utils import validate
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # the llmscape library, without installing it
 
 from llmscape.configcheck import check_config
-from llmscape.models import model_label
+from llmscape.data import check_data_config
+from llmscape.models import check_model_spec, model_label
 
 # every violation as one line naming the key, the value and the fix; then the schema fills in defaults
 check_config(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml")
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
+check_model_spec(config["model"])  # a local path that is not there fails here, never at the hub
+check_data_config(config["data"])
 
 MODEL = model_label(config["model"], config.get("model_label"))
 SHOTS = sorted({int(k) for k in config["extract"]["shots"]})
