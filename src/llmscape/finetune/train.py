@@ -329,6 +329,9 @@ def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None 
             state.step = step + 1
             state.tokens += step_tokens
             state.train.append([state.step, step_loss, lr_now])
+            if acc.is_main_process:
+                log.info("step %d/%d: train loss %.4f, lr %.3g, %d tokens, %.0f tokens/s", state.step, max_steps,
+                         step_loss, lr_now, step_tokens, step_tokens / max(time.time() - t0, 1e-9))
             if cal is not None:
                 cal.after_step(state.step)
             acc.log({"train/loss": step_loss, "train/lr": lr_now}, step=state.step)

@@ -221,8 +221,10 @@ def compute_spectra(folder: str | Path, model: str = "", variant: str = "", *, d
             if return_evals:
                 evals[ref.name] = ev
             del W
-            if (i + 1) % 50 == 0 or i + 1 == len(refs):
-                log.info("spectra: %d/%d matrices (%.1f s)", i + 1, len(refs), time.perf_counter() - t_all)
+            el = time.perf_counter() - t_all
+            log.info("spectra %d/%d %s %dx%d: stable rank %.2f, alpha_ks %.2f (%.2f s; %.0f s elapsed, ~%.0f s left)",
+                     i + 1, len(refs), ref.name, rows[-1]["shape_out"], rows[-1]["shape_in"], m.get("stable_rank", float("nan")),
+                     m.get("alpha_ks", float("nan")), rows[-1]["seconds"], el, el / (i + 1) * (len(refs) - i - 1))
     df = pd.DataFrame(rows)
     for k in esd.INT_METRICS:
         df[k] = pd.array([None if (v is None or (isinstance(v, float) and np.isnan(v))) else int(v)
