@@ -284,25 +284,31 @@ def test_degenerate_layers_give_nan_and_a_warning(tmp_path, caplog):
     X, y = blobs(n_per=40, n_blobs=3, dim=8, sep=20.0, seed=12)
     n = len(y)
     good = X
+    many = np.arange(n)[:, None] % 6 == 0  # 20 of 120 rows: more than max_nonfinite_fraction (1%)
     hidden = np.stack([
         np.ones((n, 8), np.float32),  # layer 0: every vector identical
-        np.where(np.arange(n)[:, None] == 5, np.nan, good).astype(np.float32),  # layer 1: a NaN
+        np.where(np.arange(n)[:, None] == 5, np.nan, good).astype(np.float32),  # layer 1: one NaN row, dropped
         np.repeat(good[:10], n // 10 + 1, axis=0)[:n],  # layer 2: 10 distinct points
-        np.where(np.arange(n)[:, None] == 7, np.inf, good).astype(np.float32),  # layer 3: an inf
+        np.where(many, np.inf, good).astype(np.float32),  # layer 3: 20 inf rows
         good,
         good,  # layers 4 and 5 identical: overlap 1
     ]).astype(np.float16)
     h5 = write_h5(tmp_path / "0shot.h5", hidden, np.array(["a", "b", "c"])[y], random_letters(n))
     with caplog.at_level(logging.WARNING, logger="llmscape.geometry"):
         table, gride, knn, _ = G.compute_geometry(h5, P)
-    assert table["status"].tolist() == ["constant", "non_finite", "too_few_points", "non_finite", "ok", "ok"]
-    assert table.loc[:3, ["id_gride", "id_2nn", "n_clusters", "ari_subjects", "overlap_letters"]].isna().all().all()
+    assert table["status"].tolist() == ["constant", "ok", "too_few_points", "non_finite", "ok", "ok"]
+    bad = [0, 2, 3]
+    assert table.loc[bad, ["id_gride", "id_2nn", "n_clusters", "ari_subjects", "overlap_letters"]].isna().all().all()
     assert table.loc[0, "n_duplicates"] == n - 1 and table.loc[2, "n_points"] == 10
-    for layer in range(4):
+    # a few non-finite rows are dropped and counted, the rest of the layer is analysed
+    assert table.loc[1, "n_dropped_nonfinite"] == 1 and table.loc[1, "n_points"] == n - 1
+    assert table.loc[1, "ari_subjects"] > 0.95 and (knn["knn"][1][5] == -1).all() and (knn["knn"][1] != 5).all()
+    assert table.loc[3, "n_dropped_nonfinite"] == 20
+    for layer in (0, 1, 2, 3):
         assert any(f"layer {layer} (l{layer})" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert table.loc[4, "ari_subjects"] > 0.95 and table.loc[4, "overlap_next_layer"] == 1.0
     assert math.isnan(table.loc[5, "overlap_next_layer"]) and math.isnan(table.loc[0, "overlap_next_layer"])
-    assert set(gride["layer"]) == {4, 5}
+    assert set(gride["layer"]) == {1, 4, 5}
     assert knn["knn"].shape == (6, n, 30) and (knn["knn"][0] == -1).all()
     assert list(table.columns) == G.TABLE_COLUMNS
 

@@ -120,6 +120,16 @@ def test_draws_with_duplicate_rows_keep_every_distinct_vector():
         assert b["id_gride"] == pytest.approx(fresh["id_gride"], rel=1e-5)
 
 
+def test_draws_leave_out_dropped_non_finite_rows():
+    X, y = blobs(n_per=60, n_blobs=3, dim=8, sep=4.0, seed=8)
+    X[7] = np.nan  # one of 180 rows: dropped and counted, not a reason to lose the layer
+    p = replace(P, maxk=60, id_scale=4, density_k=4, n_boot=5)
+    res = G.compute_layer_geometry(X, y, np.arange(len(y)) % 2, p, draws=G.draw_members(y, 5, 0.8, seed=0))
+    assert res.row["status"] == "ok" and res.row["n_dropped_nonfinite"] == 1 and res.row["n_points"] == 179
+    assert res.row["n_boot"] == 5 and np.isfinite(res.row["id_gride_lo"])
+    assert all(b["n_points"] <= 144 for b in res.boot)
+
+
 # --- intervals ----------------------------------------------------------------------------------
 
 

@@ -36,7 +36,9 @@ Output tables (column names are a contract with the join stage; keep them stable
 
     model, variant, shots, layer (int, index into ``hidden``), layer_name,
     status          "ok", or why the metrics are NaN: "non_finite", "constant", "too_few_points", "failed"
-    n_questions     rows in the extraction; n_points: distinct vectors analysed; n_duplicates = the difference
+    n_questions     rows in the extraction; n_points: distinct vectors analysed; n_duplicates: identical rows
+    n_dropped_nonfinite   rows with NaN or inf, left out (a layer with more than max_nonfinite_fraction is
+                    non_finite instead)
     maxk            neighbours given to DADApy (min(config maxk, n_points - 1))
     id_2nn          2NN intrinsic dimension (DADApy, linear fit on 90% of the ratios)
     id_gride, id_gride_err   Gride ID at the headline scale (id_scale_n1, 2 id_scale_n1)

@@ -161,23 +161,35 @@ def compute_layer_graph(X: np.ndarray, subjects: np.ndarray, letters: np.ndarray
                subject_size_min=s_min, subject_size_median=s_med, letter_size_min=l_min,
                letter_size_median=l_med, resolution_size=p.resolution_size(),
                resolution=return_resolution(s_min, l_min, p), n_boot=0, boot_fraction=p.boot_fraction,
+               n_dropped_nonfinite=0,
                confidence=p.confidence)
     save_k = p.overlap_k if not draws else max(p.overlap_k, boot_graph_k(p.overlap_k, p.boot_fraction, n))
     knn = np.full((n, save_k), -1, dtype=np.int32)
     state = dict(row=row, knn=knn, name=name, graph=None, draws=draws)
 
-    if not np.isfinite(X).all():
-        bad = int((~np.isfinite(X)).any(axis=1).sum())
-        log.warning("%s: %d of %d vectors hold NaN or inf; metrics set to NaN", name, bad, n)
+    finite = np.isfinite(X).all(axis=1)
+    bad = int(n - finite.sum())
+    row["n_dropped_nonfinite"] = bad
+    if bad and bad > p.max_nonfinite_fraction * n:
+        log.warning("%s: %d of %d vectors hold NaN or inf, more than geometry.max_nonfinite_fraction = %g; "
+                    "metrics set to NaN. Fix: look at the extraction (a corrupt file or an unstable model)",
+                    name, bad, n, p.max_nonfinite_fraction)
         row["status"] = "non_finite"
         return state
+    if bad:
+        log.warning("%s: dropped %d of %d vectors holding NaN or inf (rows %s); the others are analysed",
+                    name, bad, n, np.flatnonzero(~finite)[:10].tolist())
 
     X = np.asarray(X, dtype=np.float32 if X.dtype != np.float64 else np.float64)
-    keep, inverse = return_unique_rows(X, return_inverse=True)
+    rows = np.flatnonzero(finite)  # the analysed question rows; a non-finite row is left out like a duplicate
+    keep_f, inverse_f = return_unique_rows(X[rows], return_inverse=True)
+    keep = rows[keep_f]
+    inverse = np.full(n, -1, dtype=np.int64)
+    inverse[rows] = inverse_f
     m = keep.shape[0]
-    row.update(n_points=int(m), n_duplicates=int(n - m))
-    if m < n:
-        log.info("%s: dropped %d identical vectors, %d distinct left", name, n - m, m)
+    row.update(n_points=int(m), n_duplicates=int(rows.size - m))
+    if m < rows.size:
+        log.info("%s: dropped %d identical vectors, %d distinct left", name, rows.size - m, m)
     if m == 1:
         log.warning("%s: all %d vectors are identical; metrics set to NaN", name, n)
         row["status"] = "constant"
@@ -190,7 +202,7 @@ def compute_layer_graph(X: np.ndarray, subjects: np.ndarray, letters: np.ndarray
         return state
 
     Xu, sub_u, let_u = X[keep], subjects[keep], letters[keep]
-    if m < n:  # the classes of the points analysed
+    if m < n:  # the classes of the points analysed (no duplicate, no non-finite row)
         (s_min, s_med), (l_min, l_med) = return_class_sizes(sub_u), return_class_sizes(let_u)
         row.update(subject_size_min=s_min, subject_size_median=s_med, letter_size_min=l_min,
                    letter_size_median=l_med, resolution=return_resolution(s_min, l_min, p))
@@ -296,7 +308,8 @@ def draw_points(state: dict, rows: np.ndarray) -> np.ndarray:
     """The distinct points (positions into the layer's deduplicated points) of a subsample of question
     rows: each row's own vector, duplicates counted once, as a fresh computation on X[rows] would
     keep them."""
-    return np.unique(state["inverse"][rows])
+    u = np.unique(state["inverse"][rows])
+    return u[u >= 0]  # rows left out (non-finite) have no point
 
 
 def _one_draw(state: dict, p: GeometryParams, j: int) -> tuple[str, dict]:

@@ -32,6 +32,7 @@ class GeometryParams:
     boot_fraction: float = 0.8
     confidence: float = 0.95
     seed: int = 0
+    max_nonfinite_fraction: float = 0.01  # a layer with more NaN/inf rows is marked non_finite, fewer are dropped
 
     @classmethod
     def from_config(cls, cfg: dict | None) -> "GeometryParams":
@@ -70,7 +71,8 @@ INTERVAL_METRICS = ("id_2nn", "id_gride", "log_density_mean", "n_clusters", "cor
                     "ari_letters", "overlap_subjects", "overlap_letters", "overlap_next_layer")
 
 TABLE_COLUMNS = ["model", "variant", "shots", "layer", "layer_name", "status", "n_questions", "n_points",
-                 "n_duplicates", "maxk", "id_2nn", "id_gride", "id_gride_err", "id_scale_n1", "density_k",
+                 "n_duplicates", "n_dropped_nonfinite", "maxk", "id_2nn", "id_gride", "id_gride_err", "id_scale_n1",
+                 "density_k",
                  "log_density_mean", "z", "n_clusters", "core_fraction", "ari_subjects", "ari_letters",
                  "label_fraction", "overlap_subjects", "overlap_letters", "overlap_k", "overlap_next_layer",
                  "seconds_graph", "seconds_metrics", "seconds_boot", "device",
