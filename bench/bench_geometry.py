@@ -58,7 +58,7 @@ def synthetic_h5(path: Path, n: int = 9181, d: int = 4096, layers: int = 2, seed
         f["pred"] = answer
         f.create_dataset("layer_name", data=np.array([f"l{i}" for i in range(layers)], dtype=object),
                          dtype=h5py.string_dtype())
-        f.attrs.update(model="synthetic", variant="base", shots=0)
+        f.attrs.update(model="synthetic", variant="base", shots=0, complete=True)
     return path
 
 

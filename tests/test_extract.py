@@ -87,7 +87,9 @@ def test_hdf5_schema(tmp_path, base_card, rows_pool, loaded_model):
         assert set(f["subject"].asstr()[:]) == {"abstract_algebra", "anatomy", "world_religions"}
         assert f["layer_name"].asstr()[0] == "layers.0.input_layernorm" and f["layer_name"].asstr()[-1] == "norm"
         assert "done" not in f
+        assert f["hidden"].fletcher32 and f["letter_logits"].fletcher32  # per-chunk checksums
         a = dict(f.attrs)
+    assert a["complete"] and a["adapter"] == ""  # the completion mark, written last
     assert a["shots"] == 1 and a["site"] == "norm" and a["checksum"] == base_card["checksum"]
     assert a["template_hash"] and json.loads(a["versions"])["torch"].startswith("2.13")
     assert 0 <= acc["accuracy"] <= 1 and set(acc["per_subject"]) == {"abstract_algebra", "anatomy", "world_religions"}

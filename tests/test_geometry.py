@@ -38,14 +38,14 @@ def random_letters(n, seed=1):
 def write_h5(path, hidden, subject, answer, question_id=None, shots=0, variant="base"):
     n = hidden.shape[1]
     with h5py.File(path, "w") as f:
-        f.create_dataset("hidden", data=hidden, chunks=(1, n, hidden.shape[2]))
+        f.create_dataset("hidden", data=hidden, chunks=(1, n, hidden.shape[2]), fletcher32=True)
         f.create_dataset("question_id", data=np.arange(n, dtype=np.int64) if question_id is None else question_id)
         f.create_dataset("subject", data=np.asarray(subject, dtype=object), dtype=h5py.string_dtype())
         f.create_dataset("answer", data=np.asarray(answer, dtype=np.int8))
         f.create_dataset("pred", data=np.asarray(answer, dtype=np.int8))
         f.create_dataset("layer_name", data=np.asarray([f"l{i}" for i in range(hidden.shape[0])], dtype=object),
                          dtype=h5py.string_dtype())
-        f.attrs.update(model="toy", variant=variant, shots=shots, site="norm")
+        f.attrs.update(model="toy", variant=variant, shots=shots, site="norm", complete=True)
     return path
 
 
@@ -320,10 +320,47 @@ def test_unusable_inputs_are_clear_errors(tmp_path):
         G.compute_geometry(const, P)
     with h5py.File(tmp_path / "bad.h5", "w") as f:
         f.create_dataset("hidden", data=np.zeros((2, 3, 4)))
+        f.attrs["complete"] = True
     with pytest.raises(G.GeometryError, match="lacks datasets"):
         G.compute_geometry(tmp_path / "bad.h5", P)
     with pytest.raises(G.GeometryError, match="no extraction"):
         G.compute_geometry(tmp_path / "missing.h5", P)
+
+
+def test_damaged_extractions_stop_with_the_file_and_the_fix(tmp_path):
+    # a flipped byte inside a layer's data, a truncated file, a file cut short before its completion
+    # mark: each stops the geometry naming the file and the command that rebuilds it, never a bare
+    # h5py traceback, and nothing is computed from the damaged values
+    X, y = blobs(n_per=40, n_blobs=3, dim=8, sep=20.0, seed=16)
+    hidden = np.stack([X, X + 1]).astype(np.float32)
+    good = write_h5(tmp_path / "good.h5", hidden, np.array(["a", "b", "c"])[y], random_letters(len(y)))
+    fix = "Fix: rebuild it with snakemake --cores 1 --forcerun extract"
+
+    flipped = tmp_path / "flipped.h5"
+    flipped.write_bytes(good.read_bytes())
+    with h5py.File(flipped, "r") as f:
+        offset = f["hidden"].id.get_chunk_info(1).byte_offset  # layer 1's chunk
+    raw = bytearray(flipped.read_bytes())
+    raw[offset + 100] ^= 0xFF
+    flipped.write_bytes(bytes(raw))
+    with pytest.raises(G.GeometryError, match=r"flipped\.h5: layer 1 cannot be read intact") as e:
+        G.compute_geometry(flipped, P)
+    assert fix in str(e.value)
+
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(G.GeometryError, match=r"cut\.h5 is not a readable HDF5 file") as e:
+        G.compute_geometry(cut, P)
+    assert fix in str(e.value)
+
+    unmarked = tmp_path / "unmarked.h5"
+    unmarked.write_bytes(good.read_bytes())
+    with h5py.File(unmarked, "r+") as f:
+        del f.attrs["complete"]
+    with pytest.raises(G.GeometryError, match=r"unmarked\.h5 has no completion mark") as e:
+        G.compute_geometry(unmarked, P)
+    assert fix in str(e.value)
+    assert G.compute_geometry(good, P).table["status"].eq("ok").all()  # the intact copy reads fine
 
 
 def test_pair_overlaps_check_alignment(tmp_path):

@@ -15,7 +15,7 @@ for every batch of that subject (the prefix is found on token ids, so BPE merges
 prefix/question boundary cannot make it inexact).
 
 HDF5 layout (``results/reps/{model}/{variant}/{shots}shot.h5``):
-  hidden         (n_layers, n_questions, d)  float16|float32, chunked (1, <=256, d): a layer reads contiguously
+  hidden         (n_layers, n_questions, d)  float16|float32, chunked (1, <=256, d) with fletcher32 checksums
   question_id    (n,) int64, ascending (the analysis index order)
   subject        (n,) utf-8 str
   answer         (n,) int8 0..3         pred (n,) int8 0..3 (argmax of the " A".." D" logits)
@@ -24,7 +24,7 @@ HDF5 layout (``results/reps/{model}/{variant}/{shots}shot.h5``):
   n_tokens       (n,) int32              prompt length in tokens
   layer_name     (n_layers,) utf-8 str
   attrs: model, variant, model_path, adapter (a fine-tuned variant's, or empty), checksum, site, shots, shot_order, shot_seed, dtype, store_dtype,
-         template_hash, seed, prefix_sharing, fingerprint, versions (JSON)
+         template_hash, seed, prefix_sharing, fingerprint, versions (JSON), complete (written last)
 
 The file is written as ``<name>.partial`` and renamed when complete. A killed run resumes from its
 last completed batch: rows are marked done after each batch, and a rerun with the same fingerprint
@@ -346,8 +346,9 @@ def _open_partial(path: Path, fp: str, n_layers: int, n: int, d: int, store_dtyp
         path.unlink()
     f = h5py.File(path, "w")
     f.attrs["fingerprint"] = fp
-    f.create_dataset("hidden", shape=(n_layers, n, d), dtype=store_dtype, chunks=(1, min(n, 256), d))
-    f.create_dataset("letter_logits", shape=(n, 2, 4), dtype="float32")
+    # per-chunk checksums: a reader finds a flipped or overwritten chunk instead of computing on it
+    f.create_dataset("hidden", shape=(n_layers, n, d), dtype=store_dtype, chunks=(1, min(n, 256), d), fletcher32=True)
+    f.create_dataset("letter_logits", shape=(n, 2, 4), dtype="float32", chunks=(min(n, 4096), 2, 4), fletcher32=True)
     f.create_dataset("n_tokens", shape=(n,), dtype="int32")
     f.create_dataset("done", shape=(n,), dtype=bool, data=np.zeros(n, bool))
     return f
@@ -432,6 +433,7 @@ def extract(card: dict, rows: pd.DataFrame, pool: pd.DataFrame, cfg: ExtractConf
                         shot_seed=cfg.shot_seed, dtype=str(dtype).replace("torch.", ""), store_dtype=cfg.store_dtype,
                         template_hash=P.template_hash(), seed=seed, prefix_sharing=bool(cfg.shares_prefix),
                         versions=json.dumps(versions)))
+    f.attrs["complete"] = True  # written last: a file without it was cut short
     f.close()
     acc = accuracy_table(rows.subject.to_numpy(), answer, pred, pred_ns)
     acc.update(model=card.get("model"), variant=card.get("variant"), shots=cfg.shots, n_questions=n,

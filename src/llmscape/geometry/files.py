@@ -9,14 +9,37 @@ import numpy as np
 from .params import GeometryError
 
 
+def rebuild_hint(h5_path: str | Path) -> str:
+    return f"Fix: rebuild it with snakemake --cores 1 --forcerun extract {h5_path}"
+
+
+def read_layer(hidden, layer: int, h5_path: str | Path):
+    """One layer of ``hidden``, with a clear error when its checksums or its bytes are damaged."""
+    try:
+        return hidden[layer]
+    except OSError as e:
+        raise GeometryError(f"{h5_path}: layer {layer} cannot be read intact ({e}); the file is damaged "
+                            f"(a failed checksum or missing data), so nothing is computed from it. "
+                            f"{rebuild_hint(h5_path)}") from None
+
+
 def read_labels(h5_path: str | Path) -> dict:
-    """question_id, subject codes and names, answer letters and layer names of an extraction."""
+    """question_id, subject codes and names, answer letters and layer names of an extraction; an
+    unreadable, truncated or incomplete file is an error naming it and the command that rebuilds it."""
     import h5py
 
     h5_path = Path(h5_path)
     if not h5_path.exists():
         raise GeometryError(f"no extraction at {h5_path}")
-    with h5py.File(h5_path, "r") as f:
+    try:
+        f = h5py.File(h5_path, "r")
+    except OSError as e:
+        raise GeometryError(f"{h5_path} is not a readable HDF5 file ({e}): truncated or corrupt. "
+                            f"{rebuild_hint(h5_path)}") from None
+    with f:
+        if not f.attrs.get("complete", False):
+            raise GeometryError(f"{h5_path} has no completion mark: its extraction was cut short (or written by an "
+                                f"llmscape without the mark). {rebuild_hint(h5_path)}")
         missing = [k for k in ("hidden", "question_id", "subject", "answer") if k not in f]
         if missing:
             raise GeometryError(f"{h5_path} lacks datasets {missing}: not an llmscape extraction")

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .files import read_labels
+from .files import read_labels, read_layer
 from .graph import blas_single_thread, resolve_device
 from .metrics import (compute_layer_graph, compute_layer_metrics, fill_intervals, resolution_advice,
                       return_class_sizes, return_data_overlap)
@@ -70,7 +70,7 @@ def compute_geometry(h5_path: str | Path, params: GeometryParams, *, model: str 
         hidden = f["hidden"]
 
         def graph_of(layer):  # reading + neighbour graph: torch/BLAS/h5py work that releases the GIL
-            X = hidden[layer]
+            X = read_layer(hidden, layer, h5_path)
             X = X.astype(np.float32) if X.dtype == np.float16 else X
             return compute_layer_graph(X, meta["subject"], meta["answer"], params,
                                        name=f"layer {layer} ({meta['layer_name'][layer]})", draws=draws)

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import read_labels
+from .files import read_labels, read_layer
 from .metrics import (POINT_METRICS, _draw_metrics, compute_layer_graph, compute_layer_metrics, draw_points,
                       return_class_sizes, return_resolution)
 from .params import GeometryError, GeometryParams
@@ -103,7 +103,7 @@ def compute_resolution_study(h5_path: str | Path, params: GeometryParams, sizes,
     rows = []
     with h5py.File(h5_path, "r") as f:
         for layer in layers:
-            X = f["hidden"][layer]
+            X = read_layer(f["hidden"], layer, h5_path)
             X = X.astype(np.float32) if X.dtype == np.float16 else X
             name = f"layer {layer} ({meta['layer_name'][layer]})"
             key = dict(model=model, variant=variant, shots=shots, layer=int(layer),
