@@ -31,3 +31,53 @@ def test_model_labels_are_path_safe(name, label):
             models.model_label(name)
     else:
         assert models.model_label(name) == label
+
+
+def _tiny_folder(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    d = tmp_path / "m"
+    d.mkdir()
+    save_file({"a.weight": torch.arange(64, dtype=torch.float32).reshape(8, 8)}, d / "model.safetensors")
+    (d / "config.json").write_text("{}")
+    return d
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("length", "corrupt safetensors header"),      # the 8-byte header length overwritten (was an OverflowError)
+    ("json", "corrupt safetensors header"),        # garbage inside the JSON header (was a JSONDecodeError)
+    ("truncate", "is truncated"),                  # the tensor data cut short
+])
+def test_damaged_weights_name_the_file_and_the_fix(tmp_path, damage, message):
+    import json as _json
+
+    d = _tiny_folder(tmp_path)
+    f = d / "model.safetensors"
+    ok = models.weights_checksum(d)
+    card = tmp_path / "model.json"
+    card.write_text(_json.dumps(dict(path=str(d), checksum=ok, model="m", variant="base")))
+    assert models.read_card(card)["checksum"] == ok and models.check_weight_files(d) == 1
+    raw = bytearray(f.read_bytes())
+    if damage == "length":
+        raw[:8] = (2 ** 62).to_bytes(8, "little")
+    elif damage == "json":
+        raw[10:14] = b"\xff\xfe{{"
+    else:
+        raw = raw[:-40]
+    f.write_bytes(bytes(raw))
+    with pytest.raises(models.ModelError, match=message) as e:
+        models.read_card(card)
+    assert str(f) in str(e.value) and "Fix:" in str(e.value)
+
+
+def test_full_weight_verification_on_request(tmp_path, monkeypatch):
+    import json as _json
+
+    d = _tiny_folder(tmp_path)
+    card = tmp_path / "model.json"
+    card.write_text(_json.dumps(dict(path=str(d), checksum="0" * 64, model="m", variant="base")))
+    models.read_card(card)  # the cheap check reads headers only
+    monkeypatch.setenv("LLMSCAPE_VERIFY_WEIGHTS", "1")
+    with pytest.raises(models.ModelError, match="is not the card's"):
+        models.read_card(card)

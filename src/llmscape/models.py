@@ -47,23 +47,60 @@ def model_label(model: str, label: str | None = None) -> str:
     return name
 
 
+def read_safetensors_header(file: str | Path) -> tuple[dict, int]:
+    """(header, bytes before the data) of a safetensors file; a corrupt or truncated header is a
+    ModelError naming the file, not a JSONDecodeError, OverflowError or MemoryError."""
+    import struct
+
+    file = Path(file)
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > size - 8 or n > 100 << 20:
+                raise ValueError(f"header length {n} does not fit the file's {size} bytes")
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise ModelError(f"{file}: corrupt safetensors header ({type(e).__name__}: {e}). Fix: rewrite or re-download "
+                         "it (snakemake --forcerun prepare_model for a base model, or the rule that wrote the "
+                         "variant).") from None
+    return header, 8 + n
+
+
+def check_weight_files(folder: str | Path) -> int:
+    """The cheap integrity check every stage makes when it reads a model card: each safetensors header
+    parses and every tensor's data lies within its file (a truncated file fails). Reads the headers only
+    (milliseconds, whatever the model size); the full checksum over every tensor's bytes is
+    :func:`weights_checksum` (LLMSCAPE_VERIFY_WEIGHTS=1 makes read_card compute it too). Returns the
+    number of tensors."""
+    files = sorted(p for pat in WEIGHT_PATTERNS for p in Path(folder).glob(pat))
+    count = 0
+    for f in files:
+        header, base = read_safetensors_header(f)
+        end = max((info["data_offsets"][1] for k, info in header.items() if k != "__metadata__"), default=0)
+        if base + end > f.stat().st_size:
+            raise ModelError(f"{f} is truncated: its tensors need {base + end} bytes, the file has "
+                             f"{f.stat().st_size}. Fix: rewrite or re-download it (snakemake --forcerun "
+                             "prepare_model for a base model, or the rule that wrote the variant).")
+        count += len(header) - ("__metadata__" in header)
+    return count
+
+
 def weights_checksum(folder: Path) -> str:
     """sha256 over the tensors (name, dtype, shape, bytes, in name order) of every safetensors file,
     streamed. Hashing tensors rather than file bytes makes it independent of the header's key order,
     which safetensors does not keep stable between processes for metadata."""
-    import struct
-
     files = sorted(p for pat in WEIGHT_PATTERNS for p in Path(folder).glob(pat))
     if not files:
         raise ModelError(f"{folder} holds no *.safetensors weights. Fix: save the model with "
                          "save_pretrained(safe_serialization=True).")
     entries = []
     for f in files:
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
+        header, base = read_safetensors_header(f)
         header.pop("__metadata__", None)
-        entries += [(name, f, 8 + n, info) for name, info in header.items()]
+        entries += [(name, f, base, info) for name, info in header.items()]
     h = hashlib.sha256()
     for name, f, base, info in sorted(entries, key=lambda e: e[0]):
         h.update(f"{name}|{info['dtype']}|{info['shape']}".encode())
@@ -183,6 +220,16 @@ def read_card(card: str | Path) -> dict:
     if info.get("adapter") and not (Path(info["adapter"]) / "adapter.safetensors").exists():
         raise ModelError(f"model card {card} points at the adapter {info['adapter']}, which is gone. "
                          "Fix: rerun the fine-tuning job that wrote it (snakemake --forcerun finetune).")
+    check_weight_files(info["path"])
+    if info.get("adapter"):
+        check_weight_files(info["adapter"])
+    if os.environ.get("LLMSCAPE_VERIFY_WEIGHTS") == "1" and not info.get("adapter"):
+        got = weights_checksum(Path(info["path"]))
+        if got != info["checksum"]:
+            raise ModelError(f"{info['path']}: the weights' checksum {got[:12]}... is not the card's "
+                             f"{info['checksum'][:12]}... ({card}): the files changed after the card was written. "
+                             "Fix: rerun the rule that made the card (snakemake --forcerun prepare_model, or the "
+                             "variant's rule).")
     return info
 
 

@@ -102,10 +102,11 @@ _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat
 
 
 def read_header(file: str | Path) -> dict:
-    """The JSON header of a safetensors file: tensor name -> {dtype, shape, data_offsets} (+ __metadata__)."""
-    with open(file, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(n))
+    """The JSON header of a safetensors file: tensor name -> {dtype, shape, data_offsets} (+ __metadata__);
+    a corrupt one is an error naming the file (models.read_safetensors_header)."""
+    from ..models import read_safetensors_header
+
+    return read_safetensors_header(file)[0]
 
 
 def read_tensor(file: str | Path, name: str, header: dict | None = None):
