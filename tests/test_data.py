@@ -123,3 +123,25 @@ def test_an_empty_few_shot_pool_is_fine_for_zero_shots(tmp_path, mmlu_jsonl):
                                subjects=["anatomy"]), tmp_path)
     assert len(splits.pool) == 0 and splits.summary()["pool_per_subject_min"] == 0
     assert len(splits.analysis) == 5
+
+
+def test_a_read_only_results_folder_is_one_clear_line(tmp_path):
+    # a real read-only file system (a read-only bind mount; needs root, as the Slurm tests do)
+    import subprocess
+
+    from llmscape.io import OutputError, write_parquet
+
+    src, mnt = tmp_path / "src", tmp_path / "results"
+    src.mkdir()
+    mnt.mkdir()
+    if subprocess.run(["mount", "--bind", str(src), str(mnt)], capture_output=True).returncode != 0:
+        pytest.skip("cannot bind-mount here (needs root)")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(mnt)], check=True, capture_output=True)
+        with pytest.raises(OutputError, match=f"{mnt}.*not writable.*Fix"):
+            write_parquet(mnt / "t.parquet", pd.DataFrame({"a": [1]}))
+        with pytest.raises(OutputError, match=f"cannot create output folder {mnt / 'sub'}"):
+            write_parquet(mnt / "sub" / "t.parquet", pd.DataFrame({"a": [1]}))
+        assert list(src.iterdir()) == []  # nothing half-written
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)

@@ -4,6 +4,7 @@ so a killed job never leaves a half-written file behind."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 from pathlib import Path
@@ -14,6 +15,9 @@ import numpy as np
 
 class OutputError(RuntimeError):
     pass
+
+
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def ensure_writable(path: str | os.PathLike) -> Path:
@@ -41,6 +45,13 @@ def atomic_path(dest: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     try:
         yield tmp
         os.replace(tmp, dest)
+    except OSError as e:
+        if e.errno in _NO_ROOM:  # one line naming the folder, whichever library was writing
+            raise OutputError(f"cannot write {dest}: {os.strerror(e.errno)} in {dest.parent}. Fix: "
+                              + ("free space there or point the results elsewhere (run from another folder)."
+                                 if e.errno in (errno.ENOSPC, errno.EDQUOT) else
+                                 "make the folder writable or run the workflow from a writable folder.")) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
