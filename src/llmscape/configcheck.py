@@ -4,9 +4,10 @@ the fix, raised before Snakemake builds the DAG (so before any job is submitted)
 from __future__ import annotations
 
 from pathlib import Path
+from .errors import LlmscapeError
 
 
-class ConfigError(ValueError):
+class ConfigError(LlmscapeError, ValueError):
     """The configuration does not fit the schema; the message lists every offending key."""
 
 

@@ -27,6 +27,7 @@ import pandas as pd
 
 from . import assets
 from .io import write_json, write_npy, write_parquet
+from .errors import LlmscapeError
 
 LETTERS = ("A", "B", "C", "D")
 MMLU_SUBJECTS = 57
@@ -53,7 +54,7 @@ MMLU_TEST_SIZES = {
 }
 
 
-class DataError(ValueError):
+class DataError(LlmscapeError, ValueError):
     pass
 
 

@@ -51,13 +51,14 @@ import torch
 from . import prompts as P
 from .data import LETTERS
 from .io import ensure_writable, package_versions, write_json
+from .errors import LlmscapeError
 
 log = logging.getLogger("llmscape.extract")
 
 SITES = ("norm", "residual")
 
 
-class ExtractError(RuntimeError):
+class ExtractError(LlmscapeError, RuntimeError):
     pass
 
 

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from .errors import LlmscapeError
 
 
-class OutputError(RuntimeError):
+class OutputError(LlmscapeError, RuntimeError):
     pass
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from . import assets
 from .io import write_json
+from .errors import LlmscapeError
 
 log = logging.getLogger("llmscape.models")
 
@@ -30,7 +31,7 @@ EMBEDDED = {"smollm2-135m": assets.SMOLLM2_135M}
 WEIGHT_PATTERNS = ("*.safetensors",)
 
 
-class ModelError(ValueError):
+class ModelError(LlmscapeError, ValueError):
     pass
 
 

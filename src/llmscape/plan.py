@@ -29,12 +29,13 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from .errors import LlmscapeError
 
 BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 GB = 1e9
 
 
-class PlanError(RuntimeError):
+class PlanError(LlmscapeError, RuntimeError):
     pass
 
 

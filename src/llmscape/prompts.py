@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .data import LETTERS
+from .errors import LlmscapeError
 
 HEADER = "The following are multiple choice questions (with answers) about {subject}.\n\n"
 CHOICE = "{letter}. {text}\n"
@@ -26,7 +27,7 @@ SHOT_END = " {letter}\n\n"
 SHOT_ORDERS = ("fixed", "permuted")
 
 
-class PromptError(ValueError):
+class PromptError(LlmscapeError, ValueError):
     pass
 
 

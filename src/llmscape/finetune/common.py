@@ -20,13 +20,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from ..errors import LlmscapeError
 
 # Llama-style projection names; a target ``q`` matches ``q_proj`` (and ``q_proj`` itself).
 DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 COMPONENTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class FinetuneError(ValueError):
+class FinetuneError(LlmscapeError, ValueError):
     """Bad fine-tuning configuration or input; the message names the bad value and the fix."""
 
 

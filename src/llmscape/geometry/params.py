@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from ..errors import LlmscapeError
 
 STATUS_OK = "ok"
 RESOLVED = "resolved"  # the ``resolution`` column: every subject and letter class at least resolution_size()
@@ -10,7 +11,7 @@ RESOLVED = "resolved"  # the ``resolution`` column: every subject and letter cla
 RESOLUTION_FACTOR = 2  # from the resolution study on the embedded model (docs/geometry.md)
 
 
-class GeometryError(RuntimeError):
+class GeometryError(LlmscapeError, RuntimeError):
     """The whole input is unusable (missing datasets, misaligned pairs, no usable layer)."""
 
 

@@ -6,9 +6,10 @@ docstrings of ``llmscape.geometry``, ``llmscape.spectra``, ``llmscape.finetune.t
 """
 
 from __future__ import annotations
+from ..errors import LlmscapeError
 
 
-class JoinError(ValueError):
+class JoinError(LlmscapeError, ValueError):
     """Inputs that cannot be joined without losing rows: the message names what is missing."""
 
 

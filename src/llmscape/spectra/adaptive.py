@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 
 from .stream import DECODER_MODULES
+from ..errors import LlmscapeError
 
 EPS = 1e-8
 DEFAULTS = dict(alpha_metric="alpha_ks", spikes_metric="num_spikes_mean", w_alpha=0.7, w_spikes=0.3,
@@ -55,7 +56,7 @@ DEFAULTS = dict(alpha_metric="alpha_ks", spikes_metric="num_spikes_mean", w_alph
 SCALINGS = {"linear": lambda x: x, "log": np.log1p, "sqrt": np.sqrt}
 
 
-class AdaptiveRankError(ValueError):
+class AdaptiveRankError(LlmscapeError, ValueError):
     pass
 
 

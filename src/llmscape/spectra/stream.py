@@ -26,6 +26,7 @@ from typing import Iterator
 import numpy as np
 
 from . import esd
+from ..errors import LlmscapeError
 
 log = logging.getLogger("llmscape.spectra")
 
@@ -37,7 +38,7 @@ _DECODER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(" + "|".jo
 _EMBED_RE = re.compile(r"(?:^|\.)(embed_tokens|lm_head)\.weight$")
 
 
-class SpectraError(ValueError):
+class SpectraError(LlmscapeError, ValueError):
     pass
 
 
