@@ -8,7 +8,8 @@
 #    TORCH_INDEX=https://download.pytorch.org/whl/cpu to avoid several GB of CUDA wheels);
 #  - numpy stays < 2 while dadapy needs it (pinned in pyproject.toml and constraints.txt);
 #  - offline: LLMSCAPE_WHEELHOUSE=<folder of wheels> installs from that folder only (pip download the
-#    pins into it on a machine with registry access: pip download -d <folder> -c constraints.txt torch==2.13.0 .).
+#    pins into it on a machine with registry access: pip download -d <folder> -c constraints.txt torch==2.13.0
+#    setuptools wheel .).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-${PYTHON:-python3}}
