@@ -17,6 +17,11 @@ if not workflow.overwrite_configfiles:
 report: "workflow/report/workflow.rst"
 
 
+# Software per rule: each rule names its stage's conda environment (envs/, for --sdm conda); with
+# --sdm apptainer every rule runs in this image instead (the Containerfile builds it, docs/install.md).
+container: config.get("container", "llmscape.sif")
+
+
 include: "workflow/rules/common.smk"  # config validation, resources, target lists
 include: "workflow/rules/prepare.smk"  # model and MMLU preparation
 include: "workflow/rules/extract.smk"  # per-layer last-token representations (HDF5)

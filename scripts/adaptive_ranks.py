@@ -1,7 +1,5 @@
 """Rule adaptive_ranks: spectrum-adaptive LoRA rank / alpha patterns (peft-ready JSON) from a spectra table."""
-import sys
 
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  (the checkout's library)
 from llmscape import rulekit
 
 log = rulekit.start(snakemake, "spectra")  # noqa: F821

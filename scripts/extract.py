@@ -1,8 +1,6 @@
 """Rule extract: last-prompt-token states at every layer for one (model, variant, shots)."""
-import sys
 from pathlib import Path
 
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  (the checkout's library)
 from llmscape import data, models, rulekit  # noqa: E402
 from llmscape.extract import ExtractConfig, extract  # noqa: E402
 

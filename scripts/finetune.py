@@ -1,7 +1,5 @@
 """Rule finetune: train one run of the sweep, write its weights, checkpoints and cards."""
-import sys
 
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  (the checkout's library)
 from pathlib import Path
 
 from llmscape import rulekit

@@ -1,7 +1,5 @@
 """Rule geometry: ID, density peaks, ARIs and overlaps of every layer of one extraction, with intervals."""
-import sys
 
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  (the checkout's library)
 from llmscape import rulekit
 
 log = rulekit.start(snakemake, "geometry")  # noqa: F821

@@ -1,7 +1,5 @@
 """Rule geometry_overlap: neighbourhood overlap of an extraction with its 0-shot / base counterparts."""
-import sys
 
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  (the checkout's library)
 from llmscape import rulekit
 
 log = rulekit.start(snakemake, "geometry_overlap")  # noqa: F821

@@ -1,7 +1,5 @@
 """Rule geometry_resolution: geometry of one extraction at several numbers of questions per subject."""
-import sys
 
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  (the checkout's library)
 from llmscape import rulekit
 
 log = rulekit.start(snakemake, "geometry_resolution")  # noqa: F821

@@ -1,7 +1,5 @@
 """Rule intervene: a model variant whose matrices in one module group have a target stable rank."""
-import sys
 
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  (the checkout's library)
 from llmscape import rulekit
 
 log = rulekit.start(snakemake, "spectra")  # noqa: F821

@@ -1,8 +1,6 @@
 """Rule join_config: the effective configuration (config files + defaults filled in by the schema) as an
 HTML page for the report."""
-import sys
 
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  (the checkout's library)
 from llmscape import rulekit
 
 log = rulekit.start(snakemake, "join")  # noqa: F821

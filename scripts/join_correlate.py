@@ -1,8 +1,6 @@
 """Rule correlate: spectra x geometry correlations, deltas across variants, stable-rank interventions and
 eigenvalue-ratio trajectories during fine-tuning."""
-import sys
 
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  (the checkout's library)
 from llmscape import rulekit
 
 log = rulekit.start(snakemake, "join")  # noqa: F821

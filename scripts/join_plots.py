@@ -1,7 +1,5 @@
 """Rule plot_join: the join stage's figures for the report."""
-import sys
 
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  (the checkout's library)
 from llmscape import rulekit
 
 log = rulekit.start(snakemake, "join")  # noqa: F821

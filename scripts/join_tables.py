@@ -1,7 +1,5 @@
 """Rule join_tables: geometry + spectra + accuracy + fine-tuning metrics -> the joined per-layer table."""
-import sys
 
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  (the checkout's library)
 from llmscape import rulekit
 
 log = rulekit.start(snakemake, "join")  # noqa: F821

@@ -1,7 +1,5 @@
 """Rule plot_geometry: ARI, ID and cluster-count curves per layer, one line per number of shots."""
-import sys
 
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  (the checkout's library)
 from llmscape import rulekit
 
 log = rulekit.start(snakemake, "plot_geometry")  # noqa: F821

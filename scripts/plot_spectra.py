@@ -1,7 +1,5 @@
 """Rule plot_spectra: metrics against depth, one panel per module type, every variant of the model."""
-import sys
 
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  (the checkout's library)
 from llmscape import rulekit
 
 log = rulekit.start(snakemake, "spectra")  # noqa: F821

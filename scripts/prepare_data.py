@@ -1,9 +1,7 @@
 """Rule prepare_data: MMLU into one normalised table, the few-shot pool and the split index files."""
 from pathlib import Path
 
-import sys
 
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  (the checkout's library)
 from llmscape import data, rulekit
 
 log = rulekit.start(snakemake, "prepare_data")  # noqa: F821

@@ -1,7 +1,5 @@
 """Rule prepare_model: resolve the configured model to a safetensors folder and write its card."""
-import sys
 
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  (the checkout's library)
 from llmscape import models, rulekit
 
 log = rulekit.start(snakemake, "prepare_model")  # noqa: F821

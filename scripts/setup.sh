@@ -45,6 +45,6 @@ if [ -n "${LLMSCAPE_WHEELHOUSE:-}" ]; then
 fi
 echo "[setup] installing llmscape and its pinned dependencies into $("$PY" -c 'import sys; print(sys.prefix)')"
 "$PY" -m pip install "${pip_args[@]}" ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} torch==2.13.0
-"$PY" -m pip install "${pip_args[@]}" -c constraints.txt -e ".[dev,deepspeed,bench]"
+"$PY" -m pip install "${pip_args[@]}" -c constraints.txt -e ".[all,dev,deepspeed,bench]"
 mkdir -p resources && touch "$stamp"
 echo "[setup] done"

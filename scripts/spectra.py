@@ -1,7 +1,5 @@
 """Rule spectra: per-matrix weight-spectrum metrics of one model variant (any model card) to parquet."""
-import sys
 
-sys.path.insert(0, f"{snakemake.scriptdir}/../src")  # noqa: F821  (the checkout's library)
 from llmscape import rulekit
 
 log = rulekit.start(snakemake, "spectra")  # noqa: F821

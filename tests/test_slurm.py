@@ -287,7 +287,7 @@ def local_reference(work_root):
     """The CI DAG run locally (the reference for the cluster run), started in the background so that
     it overlaps with the fault workflow, which mostly waits on Slurm."""
     wd = workdir(fresh(work_root, "local"))
-    targets, omit = [], script_missing_rules()
+    omit = script_missing_rules()
     args = [*SNAKEMAKE, "-s", SNAKEFILE, "--configfile", CI_CONFIG, "--cores", "2",
             *(["--omit-from", *omit] if omit else [])]
     logf = open(wd / "head.log", "w")

@@ -1,5 +1,7 @@
 """The DAG end to end on the CI config, locally (the Slurm variant is in test_slurm.py), and the
 configuration errors a researcher sees before anything runs."""
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,20 +9,25 @@ from pathlib import Path
 import h5py
 import pytest
 
+import envcheck as ec
+from llmscape.rulekit import RECORD_IMPORTS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def smk(workdir: Path, *args: str, configfile: str = "config/ci.yaml") -> subprocess.CompletedProcess:
+def smk(workdir: Path, *args: str, configfile: str = "config/ci.yaml", env: dict | None = None
+        ) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
            "--configfile", str(ROOT / configfile) if not Path(configfile).is_absolute() else configfile,
            "--config", f"resources_dir={ROOT / 'resources'}", *args]
-    return subprocess.run(cmd, capture_output=True, text=True)
+    return subprocess.run(cmd, capture_output=True, text=True, env=None if env is None else {**os.environ, **env})
 
 
 @pytest.fixture(scope="module")
 def ci_run(tmp_path_factory):
     wd = tmp_path_factory.mktemp("dag")
-    res = smk(wd, "--cores", "2")
+    # every job records the distributions it imported (checked against its rule's environment below)
+    res = smk(wd, "--cores", "2", env={RECORD_IMPORTS: str(wd / "imports")})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return wd
 
@@ -37,12 +44,29 @@ def test_ci_dag_runs_end_to_end(ci_run):
         assert (ci_run / "benchmarks" / "extract" / "smollm2-135m" / "base" / f"{k}shot.tsv").exists()
     assert not list(ci_run.rglob("*.partial")) and not list(ci_run.rglob(".*.tmp"))
     # the CI config trains each run as 2 processes through accelerate launch (finetune.launch)
-    import json
 
     runs = sorted((ci_run / "results" / "finetune" / "smollm2-135m").glob("*/metrics.json"))
     assert len(runs) == 2 and all(json.loads(m.read_text())["world_size"] == 2 for m in runs)
     assert all("launching 2 processes" in log.read_text()
                for log in (ci_run / "logs" / "finetune" / "smollm2-135m").glob("*.log"))
+
+
+@pytest.mark.slow
+def test_every_job_imported_only_what_its_rule_environment_provides(ci_run):
+    """With --sdm conda each rule runs in its stage's environment (envs/): what the CI DAG's jobs (and the
+    fine-tuning workers) imported of the pinned stack must be installed there, apart from Snakemake's own
+    script preamble and the optional imports that tests/test_install.py shows each stage can do without."""
+    envs, pins, preamble = ec.rule_environments(), ec.constraints(), ec.preamble_distributions()
+    imported = {}
+    for f in (ci_run / "imports").glob("*.json"):
+        rec = json.loads(f.read_text())
+        imported.setdefault(rec["rule"], set()).update(rec["distributions"])
+    assert set(imported) == set(envs)  # every rule that runs code ran and recorded
+    closures = {e: ec.env_closure(ROOT / e) for e in set(envs.values())}
+    lacking = {rule: sorted(d for d in dists if d in pins and d not in closures[envs[rule]] | preamble)
+               for rule, dists in imported.items()}
+    assert {r: [d for d in ds if d not in ec.OPTIONAL_IMPORTS] for r, ds in lacking.items()} == {r: [] for r in lacking}
+    assert {d for ds in lacking.values() for d in ds} <= ec.OPTIONAL_IMPORTS
 
 
 @pytest.mark.slow

@@ -2,10 +2,16 @@
 import sys
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # the llmscape library, without installing it
-
+try:
+    import llmscape
+except ImportError:
+    raise WorkflowError(
+        f"the llmscape library is not installed in this Python ({sys.executable}). Fix: make setup, or "
+        "pip install -e . in this checkout (envs/ holds the per-stage environments for --sdm conda)."
+    ) from None
 from llmscape.configcheck import check_config
 from llmscape.data import check_data_config
 from llmscape.models import check_model_spec, model_label
@@ -37,7 +43,7 @@ wildcard_constraints:
     shots=r"\d+",
 
 
-# Conservative defaults per rule group; config `resources:` overrides them. Memory and runtime grow
+# Conservative defaults per group of rules; the config section `resources` overrides them. Memory and runtime grow
 # with the attempt number, so a job killed for time or memory is retried with more (--retries).
 DEFAULT_RESOURCES = {
     "default": dict(mem_mb=4000, runtime=60, cpus_per_task=1),
@@ -47,7 +53,7 @@ DEFAULT_RESOURCES = {
 
 
 def res(group, parent=None):
-    """Resources of a rule group: config first, defaults second; mem_mb and runtime scale with attempt.
+    """Resources of a group of rules: config first, defaults second; mem_mb and runtime scale with attempt.
     ``parent``: a group whose values this one starts from (e.g. finetune for finetune_<method>)."""
     r = dict(DEFAULT_RESOURCES["default"])
     r.update(config["resources"].get("default", {}))
@@ -107,3 +113,13 @@ def extraction_targets():
 
 def get_final_output():
     return extraction_targets() + spectra_targets() + geometry_targets() + finetune_targets() + join_targets()
+
+
+# Each stage's target lists, input functions and checks (the rule files hold rules only).
+include: "functions/spectra.smk"
+include: "functions/geometry.smk"
+include: "functions/join.smk"
+include: "functions/finetune.smk"
+
+
+_check_geometry_config()  # after every stage's functions: it needs the whole list of variants

@@ -14,11 +14,13 @@ rule extract:
         "logs/extract/{model}/{variant}/{shots}shot.log",
     benchmark:
         "benchmarks/extract/{model}/{variant}/{shots}shot.tsv"
+    conda:
+        "../../envs/extract.yaml"
+    threads: threads_of("extract")
+    resources:
+        **res("extract"),
     params:
         extract=config["extract"],
         seed=config["data"]["seed"],
-    resources:
-        **res("extract"),
-    threads: threads_of("extract")
     script:
         "../../scripts/extract.py"

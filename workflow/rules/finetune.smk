@@ -3,143 +3,6 @@
 # spectra, and its log-spaced checkpoints are variants too (`{run}-step{N}`), for spectra during training.
 # Grid problems (unknown method, out-of-range value, rank above a matrix, missing adaptive-rank file)
 # stop the workflow here, at DAG-build time, before any job is submitted.
-import re
-from dataclasses import asdict
-
-from snakemake.exceptions import WorkflowError
-
-from llmscape.finetune import grid as ft_grid
-from llmscape.finetune.common import Context as FtContext
-from llmscape.finetune.common import FinetuneError
-from llmscape.finetune.train import TRAIN_DEFAULTS, checkpoint_steps
-
-FT = config["finetune"]
-FT_DATA_DIR = FT["data"]["dir"]
-FT_ADAPTIVE = f"results/spectra/{MODEL}/adaptive_ranks.json"  # written by the spectra stage
-FT_SRANKS = f"results/spectra/{MODEL}/base.parquet"  # stable ranks of the base model (spectra stage)
-try:
-    FT_RUNS = ft_grid.expand(FT) if FT["enabled"] else {}
-except FinetuneError as e:
-    raise WorkflowError(f"finetune config: {e}") from None
-FT_TRAIN = {**TRAIN_DEFAULTS, **FT["train"]}
-FT_CKPT_STEPS = checkpoint_steps(FT_TRAIN["max_steps"], FT_TRAIN["n_checkpoints"]) if FT["checkpoint_spectra"] else []
-FT_RUN_RE = "|".join(re.escape(r) for r in FT_RUNS) or "(?!)"
-_FT_CHECKED = []
-
-
-def _ft_model_shapes():
-    """Linear shapes of the configured model from its config.json alone (None when not available yet:
-    the job then checks at its start)."""
-    from llmscape.finetune.common import meta_shapes
-    from llmscape.models import EMBEDDED
-
-    if config["model"] in EMBEDDED:
-        src = Path(RES_DIR) / "models" / config["model"] / "hf"
-        if not (src / "config.json").exists():
-            return None
-    else:
-        src = config["model"]
-    try:
-        return meta_shapes(src, config["trust_remote_code"])
-    except Exception as e:  # offline hub id not cached yet
-        print(f"finetune: model shapes not available before download ({type(e).__name__}); rank checks "
-              "run at job start", file=sys.stderr)
-        return None
-
-
-def finetune_check():
-    """Grid checks that need the model's shapes and the other stages' rules; once per workflow."""
-    if _FT_CHECKED or not FT_RUNS:
-        return
-    producible = any(r.is_producer(FT_ADAPTIVE) for r in workflow.rules)
-    ctx = FtContext(adaptive_ranks=FT_ADAPTIVE)
-    try:
-        ft_grid.validate(FT_RUNS, _ft_model_shapes(), ctx, adaptive_producible=producible)
-    except FinetuneError as e:
-        raise WorkflowError(f"finetune config: {e}") from None
-    _ft_check_launch()
-    _FT_CHECKED.append(True)
-
-
-FT_LAUNCH = {"num_processes": 1, "main_process_port": None, **FT.get("launch", {})}
-
-
-def _ft_check_launch():
-    """Several processes per run need as many GPUs where GPUs are requested (else the job could never
-    start them); checked for every method group before any job is submitted."""
-    n = int(FT_LAUNCH["num_processes"])
-    for run, spec in FT_RUNS.items():
-        dynamic = spec.method == "srank-calibrated" and (spec.opt("warm_steps") or spec.opt("recalibrate_every"))
-        if dynamic and (n > 1 or FT_TRAIN["deepspeed"]):
-            raise WorkflowError(f"run {run}: srank-calibrated's time-aware start / re-calibration changes the trained "
-                                "set during training, which several processes (DDP) and DeepSpeed do not allow. Fix: "
-                                "finetune.launch.num_processes 1 and finetune.train.deepspeed null for it, or "
-                                "warm_steps and recalibrate_every 0.")
-        gpus = res(_ft_method_group(run), parent="finetune").get("gpu", 0)
-        if isinstance(gpus, int) and 0 < gpus < n:
-            raise WorkflowError(f"finetune.launch.num_processes is {n} but run {run} requests {gpus} GPU(s) "
-                                f"(resources.{_ft_method_group(run)}.gpu or resources.finetune.gpu). Fix: request "
-                                f"{n} GPUs or set finetune.launch.num_processes to {gpus}.")
-
-
-def _ft_method_group(run):
-    return "finetune_" + FT_RUNS[run].method.replace("-", "_")
-
-
-def _ft_resource(key):
-    """Per-method resources: resources.finetune_<method> over resources.finetune over the defaults."""
-
-    def get(wildcards, attempt):
-        v = res(_ft_method_group(wildcards.run), parent="finetune")[key]
-        return v(wildcards, attempt) if callable(v) else v
-
-    return get
-
-
-def finetune_resources():
-    r = res("finetune")
-    out = {k: v for k, v in r.items() if k in ("gpu", "gpu_model")}
-    for key in ("mem_mb", "runtime", "cpus_per_task"):
-        out[key] = _ft_resource(key)
-    return out
-
-
-def finetune_variants():
-    """Model variants made by the sweep (one per run), for extraction, geometry and spectra targets."""
-    return list(FT_RUNS)
-
-
-def checkpoint_variants():
-    """Variants of the log-spaced checkpoints: `{run}-step{N}` (cards like any variant)."""
-    return [f"{r}-step{s}" for r in FT_RUNS for s in FT_CKPT_STEPS]
-
-
-def checkpoint_dirs():
-    """Weight folders of the checkpoints (adapters or merged copies), for the spectra during training."""
-    return [f"results/finetune/{MODEL}/{r}/checkpoints/step_{s}" for r in FT_RUNS for s in FT_CKPT_STEPS]
-
-
-def finetune_targets():
-    finetune_check()
-    if not FT_RUNS:
-        return []
-    out = expand("results/finetune/{model}/{run}/metrics.json", model=MODEL, run=FT_RUNS)
-    out += expand("results/models/{model}/{variant}/model.json", model=MODEL,
-                  variant=finetune_variants() + checkpoint_variants())
-    return out
-
-
-def finetune_inputs(wildcards):
-    run = FT_RUNS[wildcards.run]
-    d = FT_DATA_DIR
-    inp = dict(card=f"results/models/{wildcards.model}/base/model.json", table=f"{d}/mmlu.parquet",
-               pool=f"{d}/pool.parquet", train_index=f"{d}/{FT['data']['split']}_index.npy",
-               eval_index=f"{d}/{FT['data']['eval_split']}_index.npy")
-    if run.method == "lora-adaptive":
-        inp["ranks"] = run.opt("ranks_file") or f"results/spectra/{wildcards.model}/adaptive_ranks.json"
-    if run.method == "srank-calibrated" and FT["stable_ranks_from_spectra"]:
-        inp["sranks"] = f"results/spectra/{wildcards.model}/base.parquet"
-    return inp
 
 
 rule finetune:
@@ -157,6 +20,11 @@ rule finetune:
         "benchmarks/finetune/{model}/{run}.tsv"
     wildcard_constraints:
         run=FT_RUN_RE,
+    conda:
+        "../../envs/finetune.yaml"
+    threads: lambda wc: int(res(_ft_method_group(wc.run), parent="finetune").get("cpus_per_task", 1))
+    resources:
+        **finetune_resources(),
     params:
         run=lambda wc: asdict(FT_RUNS[wc.run]),  # plain data: the job unpickles params before its imports
         train=FT_TRAIN,
@@ -165,9 +33,6 @@ rule finetune:
         steps=FT_CKPT_STEPS,
         launch=FT_LAUNCH,
         trust_remote_code=config["trust_remote_code"],
-    resources:
-        **finetune_resources(),
-    threads: lambda wc: int(res(_ft_method_group(wc.run), parent="finetune").get("cpus_per_task", 1))
     script:
         "../../scripts/finetune.py"
 

@@ -11,81 +11,6 @@
 #   geometry_targets(), spectra_targets()    their presence switches join_targets() on
 # A function that is absent contributes nothing (looked up with globals().get at DAG-build time, so the
 # order of `include:` lines does not matter).
-import re
-
-JOIN = config["join"]
-
-
-def _stage(name):
-    fn = globals().get(name)
-    return list(fn()) if callable(fn) else []
-
-
-def join_enabled():
-    """The join needs the geometry and spectra rules; without them it has no targets."""
-    return callable(globals().get("geometry_targets")) and callable(globals().get("spectra_targets"))
-
-
-def join_variants():
-    """Variants in the joined table: join.variants, or base + interventions + fine-tuning runs."""
-    if JOIN["variants"] is not None:
-        return list(dict.fromkeys(JOIN["variants"]))
-    return model_variants()
-
-
-def join_runs():
-    ft = set(_stage("finetune_variants"))
-    return [v for v in join_variants() if v in ft]
-
-
-def join_checkpoints():
-    """(run, step, variant) of the merged checkpoints of the joined runs."""
-    if not JOIN["checkpoints"]:
-        return []
-    runs, out = set(join_runs()), []
-    for cv in _stage("checkpoint_variants"):
-        m = re.fullmatch(r"(.+)-step(\d+)", cv)
-        if m and m.group(1) in runs:
-            out.append((m.group(1), int(m.group(2)), cv))
-    return out
-
-
-def join_interventions():
-    iv = set(_stage("intervention_variants"))
-    return [v for v in join_variants() if v in iv]
-
-
-def join_table_inputs(wildcards):
-    m = wildcards.model
-    variants = join_variants()
-    return dict(
-        geometry=[f"results/geometry/{m}/{v}/{k}shot.parquet" for v, k in variant_shot_pairs(variants)],
-        spectra=[f"results/spectra/{m}/{v}.parquet" for v in variants],
-        accuracy=[f"results/reps/{m}/{v}/{k}shot.json" for v, k in variant_shot_pairs(variants)],
-        finetune=[f"results/finetune/{m}/{r}/metrics.json" for r in join_runs()],
-        interventions=[f"results/variants/{m}/{v}/intervention.json" for v in join_interventions()],
-    )
-
-
-def join_correlate_inputs(wildcards):
-    m = wildcards.model
-    return dict(
-        joined=f"results/join/{m}/joined.parquet",
-        base_spectra=f"results/spectra/{m}/base.parquet",
-        checkpoints=[f"results/spectra/{m}/{cv}.parquet" for _, _, cv in join_checkpoints()],
-        finetune=[f"results/finetune/{m}/{r}/metrics.json" for r in join_runs()],
-    )
-
-
-JOIN_FIGURES = ("heatmap", "id_alpha", "ari", "accuracy_trainable", "interventions", "trajectories")
-
-
-def join_targets():
-    if not join_enabled():
-        return []
-    out = expand("results/join/{model}/{name}", model=MODEL,
-                 name=["joined.parquet", "correlations.parquet", "config.html"])
-    return out + expand("results/join/{model}/figures/{fig}.png", model=MODEL, fig=JOIN_FIGURES)
 
 
 localrules:
@@ -109,6 +34,11 @@ rule join_tables:
         "logs/join/{model}/join_tables.log",
     benchmark:
         "benchmarks/join/{model}/join_tables.tsv"
+    conda:
+        "../../envs/join.yaml"
+    threads: threads_of("join")
+    resources:
+        **res("join"),
     params:
         variants=lambda wc: join_variants(),
         shots=SHOTS,
@@ -116,9 +46,6 @@ rule join_tables:
         runs=lambda wc: join_runs(),
         interventions=lambda wc: join_interventions(),
         layer_match=JOIN["layer_match"],
-    resources:
-        **res("join"),
-    threads: threads_of("join")
     script:
         "../../scripts/join_tables.py"
 
@@ -160,13 +87,15 @@ rule correlate:
         "logs/join/{model}/correlate.log",
     benchmark:
         "benchmarks/join/{model}/correlate.tsv"
+    conda:
+        "../../envs/join.yaml"
+    threads: threads_of("join")
+    resources:
+        **res("join"),
     params:
         join=JOIN,
         checkpoints=lambda wc: [[r, s] for r, s, _ in join_checkpoints()],
         runs=lambda wc: join_runs(),
-    resources:
-        **res("join"),
-    threads: threads_of("join")
     script:
         "../../scripts/join_correlate.py"
 
@@ -219,6 +148,8 @@ rule plot_join:
         "logs/join/{model}/plot_join.log",
     benchmark:
         "benchmarks/join/{model}/plot_join.tsv"
+    conda:
+        "../../envs/join.yaml"
     params:
         heatmap=JOIN["heatmap"],
     script:
@@ -234,6 +165,8 @@ rule join_config:
         ),
     log:
         "logs/join/{model}/join_config.log",
+    conda:
+        "../../envs/join.yaml"
     params:
         config=config,  # a changed config re-runs this rule (params are a rerun trigger)
         configfiles=[str(f) for f in workflow.configfiles],

@@ -6,14 +6,16 @@ rule prepare_model:
         card="results/models/{model}/base/model.json",
     log:
         "logs/prepare_model/{model}.log",
+    conda:
+        "../../envs/prepare.yaml"
+    threads: threads_of("prepare")
+    resources:
+        **res("prepare"),
     params:
         model=config["model"],
         label=config.get("model_label"),
         trust_remote_code=config["trust_remote_code"],
         resources_dir=RES_DIR,
-    resources:
-        **res("prepare"),
-    threads: threads_of("prepare")
     script:
         "../../scripts/prepare_model.py"
 
@@ -27,10 +29,12 @@ rule prepare_data:
         summary="results/data/summary.json",
     log:
         "logs/prepare_data.log",
+    conda:
+        "../../envs/prepare.yaml"
+    resources:
+        **res("prepare"),
     params:
         data=config["data"],
         resources_dir=RES_DIR,
-    resources:
-        **res("prepare"),
     script:
         "../../scripts/prepare_data.py"

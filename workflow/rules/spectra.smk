@@ -3,24 +3,6 @@
 #   base spectra    -> results/spectra/{model}/adaptive_ranks.json        (rule adaptive_ranks, for finetune)
 #   base card       -> results/variants/{model}/srank-{group}-{target}/hf + its model card (rule intervene)
 #   all tables      -> results/spectra/{model}/depth.png                  (rule plot_spectra, in the report)
-from llmscape.spectra.intervene import variant_name as _srank_variant_name
-
-SPECTRA = config["spectra"]
-
-
-def intervention_variants():
-    """Names of the stable-rank intervention variants the config asks for (srank-{group}-{target})."""
-    iv = SPECTRA["intervene"]
-    return [_srank_variant_name(g, t) for g in iv["groups"] for t in iv["targets"]]
-
-
-def spectra_targets():
-    variants = model_variants()
-    return (
-        expand("results/spectra/{model}/{variant}.parquet", model=MODEL, variant=variants)
-        + expand("results/spectra/{model}/adaptive_ranks.json", model=MODEL)
-        + expand("results/spectra/{model}/depth.png", model=MODEL)
-    )
 
 
 localrules:
@@ -36,11 +18,13 @@ rule spectra:
         "logs/spectra/{model}/{variant}.log",
     benchmark:
         "benchmarks/spectra/{model}/{variant}.tsv"
-    params:
-        spectra=SPECTRA,
+    conda:
+        "../../envs/spectra.yaml"
+    threads: threads_of("spectra")
     resources:
         **res("spectra"),
-    threads: threads_of("spectra")
+    params:
+        spectra=SPECTRA,
     script:
         "../../scripts/spectra.py"
 
@@ -52,11 +36,13 @@ rule adaptive_ranks:
         json="results/spectra/{model}/adaptive_ranks.json",
     log:
         "logs/spectra/{model}/adaptive_ranks.log",
-    params:
-        adaptive=SPECTRA["adaptive"],
+    conda:
+        "../../envs/spectra.yaml"
+    threads: threads_of("spectra")
     resources:
         **res("spectra"),
-    threads: threads_of("spectra")
+    params:
+        adaptive=SPECTRA["adaptive"],
     script:
         "../../scripts/adaptive_ranks.py"
 
@@ -68,18 +54,20 @@ rule intervene:
         hf=directory("results/variants/{model}/srank-{group}-{target}/hf"),
         summary="results/variants/{model}/srank-{group}-{target}/intervention.json",
         card="results/models/{model}/srank-{group}-{target}/model.json",
-    wildcard_constraints:
-        group=r"[a-z]+",
-        target=r"[0-9]+(\.[0-9]+)?",
     log:
         "logs/intervene/{model}/srank-{group}-{target}.log",
     benchmark:
         "benchmarks/intervene/{model}/srank-{group}-{target}.tsv"
-    params:
-        device=SPECTRA["device"],
+    wildcard_constraints:
+        group=r"[a-z]+",
+        target=r"[0-9]+(\.[0-9]+)?",
+    conda:
+        "../../envs/spectra.yaml"
+    threads: threads_of("spectra")
     resources:
         **res("spectra"),
-    threads: threads_of("spectra")
+    params:
+        device=SPECTRA["device"],
     script:
         "../../scripts/intervene.py"
 
@@ -99,6 +87,8 @@ rule plot_spectra:
         ),
     log:
         "logs/spectra/{model}/plot.log",
+    conda:
+        "../../envs/spectra.yaml"
     params:
         metrics=SPECTRA["plot_metrics"],
     script:

@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, force=True,
                         format=f"%(asctime)s %(levelname)s rank {os.environ.get('RANK', '?')} %(name)s: %(message)s")
     spec = json.loads(Path(argv[0]).read_text())
+    from ..rulekit import record_imports
+
+    record_imports("finetune")  # a worker of the finetune rule: its imports count for envs/finetune.yaml
     try:
         train_from_spec(spec)
     except Preempted as e:

@@ -1,0 +1,99 @@
+# Functions and settings of the geometry rules (workflow/rules/geometry.smk): targets, inputs, checks.
+from llmscape.data import analysis_subject_sizes
+from llmscape.geometry import GeometryParams
+
+# the keys of geometry: that the geometry jobs read (the study's own section goes to its rule only)
+GEOMETRY_PARAMS = {k: v for k, v in config["geometry"].items() if k != "resolution_study"}
+STUDY = config["geometry"]["resolution_study"]
+STUDY_SHOTS = max(SHOTS) if STUDY["shots"] is None else int(STUDY["shots"])
+
+
+def _check_geometry_config():
+    """Errors and warnings a researcher should see at DAG build, before any job runs."""
+    params = GeometryParams.from_config(GEOMETRY_PARAMS)  # (the schema has checked every value)
+    sizes = analysis_subject_sizes(config["data"])
+    need = params.resolution_size()
+    if STUDY["enabled"]:
+        if STUDY["variant"] not in model_variants():
+            raise ValueError(
+                f"geometry.resolution_study.variant = {STUDY['variant']!r} is not a variant of this run "
+                f"({', '.join(model_variants())}). Fix: choose one of them (base is always there)."
+            )
+        if STUDY_SHOTS not in shots_of(STUDY["variant"]):
+            raise ValueError(
+                f"geometry.resolution_study.shots = {STUDY_SHOTS} is not extracted for {STUDY['variant']} "
+                f"(shots {shots_of(STUDY['variant'])}). Fix: one of those, or null for the largest of extract.shots."
+            )
+    if not sizes:  # data.source csv: the subject sizes are known only once the files are read
+        return
+    smallest = min(sizes.values())
+    if STUDY["enabled"]:
+        big = [s for s in STUDY["sizes"] if s > smallest]
+        if big:
+            raise ValueError(
+                f"geometry.resolution_study.sizes = {STUDY['sizes']} asks for {big} questions per subject, but the "
+                f"smallest subject of the analysis subset has {smallest} (data.per_subject = "
+                f"{config['data']['per_subject']}). Fix: sizes of at most {smallest}, or raise data.per_subject."
+            )
+    if smallest < need:
+        print(
+            f"WARNING: the smallest subject of the analysis subset has {smallest} questions, below the {need} that "
+            f"density_k = {params.density_k} and the Gride scale ({params.id_scale}, {2 * params.id_scale}) "
+            "resolve: its layers will be marked below resolution (docs/geometry.md). Fix: data.per_subject >= "
+            f"{need} (fewer subjects if time is short), or smaller geometry.density_k and geometry.id_scale.",
+            file=sys.stderr,
+        )
+    elif params.n_boot and round(params.boot_fraction * smallest) < need:
+        print(
+            f"WARNING: the subsamples of the intervals keep {round(params.boot_fraction * smallest)} questions of "
+            f"the smallest subject, below the {need} that resolve it: the ARI intervals will be too wide. Fix: "
+            f"geometry.boot_fraction >= {need / smallest:.2f}, or more questions per subject.",
+            file=sys.stderr,
+        )
+
+
+def geometry_variants():
+    return model_variants()
+
+
+def geometry_references(model, variant, shots):
+    """Paired extractions of the same questions: (comparison, ref_variant, ref_shots)."""
+    refs = []
+    if int(shots) != 0 and 0 in shots_of(variant):
+        refs.append(("shots", variant, 0))
+    if variant != "base" and int(shots) in shots_of("base"):
+        refs.append(("variant", "base", int(shots)))
+    return refs
+
+
+def geometry_overlap_inputs(wildcards):
+    return [
+        f"results/geometry/{wildcards.model}/{v}/{k}shot_knn.npz"
+        for _, v, k in geometry_references(wildcards.model, wildcards.variant, wildcards.shots)
+    ]
+
+
+def resolution_targets():
+    if not STUDY["enabled"]:
+        return []
+    stem = f"{STUDY['variant']}_{STUDY_SHOTS}shot"
+    return [
+        f"results/geometry/{MODEL}/resolution/{stem}.parquet",
+        f"results/figures/geometry/{MODEL}/resolution_{stem}.png",
+    ]
+
+
+def geometry_targets():
+    out = []
+    for variant in geometry_variants():
+        for shots in shots_of(variant):
+            out.append(f"results/geometry/{MODEL}/{variant}/{shots}shot.parquet")
+            if geometry_references(MODEL, variant, shots):
+                out.append(f"results/geometry/{MODEL}/{variant}/{shots}shot_overlap.parquet")
+        out += expand(
+            "results/figures/geometry/{model}/{variant}/{fig}.png",
+            model=MODEL,
+            variant=variant,
+            fig=["ari", "id", "clusters"],
+        )
+    return out + resolution_targets()

@@ -1,0 +1,77 @@
+# Functions and settings of the join rules (workflow/rules/join.smk): targets, inputs, checks.
+import re
+
+JOIN = config["join"]
+
+
+def _stage(name):
+    fn = globals().get(name)
+    return list(fn()) if callable(fn) else []
+
+
+def join_enabled():
+    """The join needs the geometry and spectra rules; without them it has no targets."""
+    return callable(globals().get("geometry_targets")) and callable(globals().get("spectra_targets"))
+
+
+def join_variants():
+    """Variants in the joined table: join.variants, or base + interventions + fine-tuning runs."""
+    if JOIN["variants"] is not None:
+        return list(dict.fromkeys(JOIN["variants"]))
+    return model_variants()
+
+
+def join_runs():
+    ft = set(_stage("finetune_variants"))
+    return [v for v in join_variants() if v in ft]
+
+
+def join_checkpoints():
+    """(run, step, variant) of the merged checkpoints of the joined runs."""
+    if not JOIN["checkpoints"]:
+        return []
+    runs, out = set(join_runs()), []
+    for cv in _stage("checkpoint_variants"):
+        m = re.fullmatch(r"(.+)-step(\d+)", cv)
+        if m and m.group(1) in runs:
+            out.append((m.group(1), int(m.group(2)), cv))
+    return out
+
+
+def join_interventions():
+    iv = set(_stage("intervention_variants"))
+    return [v for v in join_variants() if v in iv]
+
+
+def join_table_inputs(wildcards):
+    m = wildcards.model
+    variants = join_variants()
+    return dict(
+        geometry=[f"results/geometry/{m}/{v}/{k}shot.parquet" for v, k in variant_shot_pairs(variants)],
+        spectra=[f"results/spectra/{m}/{v}.parquet" for v in variants],
+        accuracy=[f"results/reps/{m}/{v}/{k}shot.json" for v, k in variant_shot_pairs(variants)],
+        finetune=[f"results/finetune/{m}/{r}/metrics.json" for r in join_runs()],
+        interventions=[f"results/variants/{m}/{v}/intervention.json" for v in join_interventions()],
+    )
+
+
+def join_correlate_inputs(wildcards):
+    m = wildcards.model
+    return dict(
+        joined=f"results/join/{m}/joined.parquet",
+        base_spectra=f"results/spectra/{m}/base.parquet",
+        checkpoints=[f"results/spectra/{m}/{cv}.parquet" for _, _, cv in join_checkpoints()],
+        finetune=[f"results/finetune/{m}/{r}/metrics.json" for r in join_runs()],
+    )
+
+
+JOIN_FIGURES = ("heatmap", "id_alpha", "ari", "accuracy_trainable", "interventions", "trajectories")
+
+
+def join_targets():
+    if not join_enabled():
+        return []
+    out = expand(
+        "results/join/{model}/{name}", model=MODEL, name=["joined.parquet", "correlations.parquet", "config.html"]
+    )
+    return out + expand("results/join/{model}/figures/{fig}.png", model=MODEL, fig=JOIN_FIGURES)

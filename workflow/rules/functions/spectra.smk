@@ -1,0 +1,19 @@
+# Functions and settings of the spectra rules (workflow/rules/spectra.smk): targets, inputs, checks.
+from llmscape.spectra.intervene import variant_name as _srank_variant_name
+
+SPECTRA = config["spectra"]
+
+
+def intervention_variants():
+    """Names of the stable-rank intervention variants the config asks for (srank-{group}-{target})."""
+    iv = SPECTRA["intervene"]
+    return [_srank_variant_name(g, t) for g in iv["groups"] for t in iv["targets"]]
+
+
+def spectra_targets():
+    variants = model_variants()
+    return (
+        expand("results/spectra/{model}/{variant}.parquet", model=MODEL, variant=variants)
+        + expand("results/spectra/{model}/adaptive_ranks.json", model=MODEL)
+        + expand("results/spectra/{model}/depth.png", model=MODEL)
+    )
