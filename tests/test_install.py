@@ -150,3 +150,10 @@ def test_container_install_resolves_to_the_constraints(tmp_path):
     test_only = {"black", "iniconfig", "matplotlib-inline", "pathspec", "pluggy", "powerlaw", "pytest", "pytokens",
                  "shfmt-py", "snakefmt", "weightwatcher"}  # the dev and bench extras, not in the image
     assert sorted(n for n in pins if n not in got) == sorted(test_only)
+
+
+def test_every_rule_script_is_named_after_its_rule():
+    text = "\n".join(p.read_text() for p in (ROOT / "workflow/rules").glob("*.smk"))
+    pairs = re.findall(r"^rule (\w+):(?:\n    .*|\n\s*\n(?=    ))*?\n    script:\n\s+\"[./]*scripts/(\w+)\.py\"", text, re.M)
+    assert len(pairs) == len(ec.rule_environments())
+    assert [r for r, s in pairs if r != s] == []

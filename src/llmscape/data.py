@@ -325,8 +325,12 @@ def prepare(cfg: dict, out_dir: str | Path, cache: str | Path = "resources/data"
 def load_prepared(data_dir: str | Path, split: str = "analysis") -> tuple[pd.DataFrame, pd.DataFrame]:
     """(rows of ``split`` in question_id order, few-shot pool) as written by :func:`prepare`."""
     data_dir = Path(data_dir)
-    table = pd.read_parquet(data_dir / "mmlu.parquet")
-    ids = np.load(data_dir / f"{split}_index.npy")
-    rows = table.set_index("question_id").loc[ids].reset_index()
-    pool = pd.read_parquet(data_dir / "pool.parquet")
-    return rows, pool
+    return read_prepared(data_dir / "mmlu.parquet", data_dir / "pool.parquet", data_dir / f"{split}_index.npy")
+
+
+def read_prepared(table: str | Path, pool: str | Path, index: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(rows of the split whose index file is ``index``, in its order; the few-shot pool), from the
+    files a rule declares as its inputs."""
+    frame = pd.read_parquet(table)
+    rows = frame.set_index("question_id").loc[np.load(index)].reset_index()
+    return rows, pd.read_parquet(pool)

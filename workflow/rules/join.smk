@@ -97,7 +97,7 @@ rule correlate:
         checkpoints=lambda wc: [[r, s] for r, s, _ in join_checkpoints()],
         runs=lambda wc: join_runs(),
     script:
-        "../../scripts/join_correlate.py"
+        "../../scripts/correlate.py"
 
 
 rule plot_join:
@@ -153,7 +153,7 @@ rule plot_join:
     params:
         heatmap=JOIN["heatmap"],
     script:
-        "../../scripts/join_plots.py"
+        "../../scripts/plot_join.py"
 
 
 rule join_config:

@@ -7,7 +7,7 @@ from snakemake.exceptions import WorkflowError
 from llmscape.finetune import grid as ft_grid
 from llmscape.finetune.common import Context as FtContext
 from llmscape.finetune.common import FinetuneError
-from llmscape.finetune.train import TRAIN_DEFAULTS, checkpoint_steps
+from llmscape.finetune.train import checkpoint_steps
 
 FT = config["finetune"]
 FT_DATA_DIR = FT["data"]["dir"]
@@ -17,7 +17,7 @@ try:
     FT_RUNS = ft_grid.expand(FT) if FT["enabled"] else {}
 except FinetuneError as e:
     raise WorkflowError(f"finetune config: {e}") from None
-FT_TRAIN = {**TRAIN_DEFAULTS, **FT["train"]}
+FT_TRAIN = FT["train"]  # the schema has filled in every default (the only place they are written)
 FT_CKPT_STEPS = checkpoint_steps(FT_TRAIN["max_steps"], FT_TRAIN["n_checkpoints"]) if FT["checkpoint_spectra"] else []
 FT_RUN_RE = "|".join(re.escape(r) for r in FT_RUNS) or "(?!)"
 _FT_CHECKED = []
@@ -60,7 +60,7 @@ def finetune_check():
     _FT_CHECKED.append(True)
 
 
-FT_LAUNCH = {"num_processes": 1, "main_process_port": None, **FT.get("launch", {})}
+FT_LAUNCH = FT["launch"]
 
 
 def _ft_check_launch():
