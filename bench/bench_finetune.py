@@ -83,7 +83,7 @@ def worker(a) -> dict:
     tmp = Path(tempfile.mkdtemp())
     ctx = Context(adaptive_ranks=_adaptive_file(model, tmp) if method == "lora-adaptive" else None)
     run = RunSpec(method=method, lr=1e-4, seed=0, rank=rank, value_lr_ratio=4.0 if method == "attn-qv" else None,
-                  options={**m.DEFAULTS, **opts})
+                  options={**m.defaults, **opts})
     model = m.apply(model, run, ctx)
     for p in model.parameters():
         if p.requires_grad:

@@ -277,7 +277,7 @@ def part_training(name: str, layers: int | None, full_layers: int, device: str, 
     for label in ("llmscape_lora", "plain_peft"):
         model, _ = build_model(name, layers, device, dtype)
         if label == "llmscape_lora":
-            run = RunSpec(method="lora", lr=1e-4, seed=0, rank=64, options={**registry.get("lora").DEFAULTS,
+            run = RunSpec(method="lora", lr=1e-4, seed=0, rank=64, options={**registry.get("lora").defaults,
                                                                              "alpha": 16, "dropout": 0.1})
             model = registry.get("lora").apply(model, run, Context())
         else:

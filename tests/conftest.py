@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["slurm_cluster"]  # the loopback Slurm test cluster (tests/slurm_cluster.py)
+pytest_plugins = [
+    "slurm_cluster",  # the loopback Slurm test cluster (tests/slurm_cluster.py)
+    "finetune_kit",  # the fine-tuning tests' tiny model, data and helpers (tests/finetune_kit.py)
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 RESOURCES = ROOT / "resources"

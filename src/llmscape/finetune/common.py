@@ -1,17 +1,7 @@
 """What every fine-tuning method shares: the run description, target matching, shapes, parameter groups.
 
-A *method* is a small package (``lora/``, ``spectral_a/``, ...) exposing
-
-    NAME       the name used in the config grid
-    AXES       grid axes the method reads (``lr`` and ``seed`` always; ``rank``, ``value_lr_ratio``)
-    DEFAULTS   its options with their defaults (config ``finetune.methods.<name>``)
-    targets(shapes, run, ctx)            -> names of the Linear modules it adapts
-    expected_trainable(shapes, run, ctx) -> its trainable-parameter count, from the formula
-    apply(model, run, ctx)               -> the model ready to train (only its parameters trainable)
-    param_groups(model, run)             -> optimiser groups (optional; default: one lr, no decay on 1-D)
-
-``shapes`` maps every ``nn.Linear`` module name (without any peft prefix) to ``(out, in)``; it can be
-built from a meta-device model at DAG-build time, so a method's checks run before any job is submitted.
+The contract of a method (its typed options, hooks and registry entry) is in ``method.py``; the helpers
+here are what several methods use: target selection, rank checks, LoRA counts, parameter groups.
 """
 
 from __future__ import annotations
@@ -40,7 +30,7 @@ class RunSpec:
     seed: int = 0
     rank: int | None = None
     value_lr_ratio: float | None = None
-    options: dict[str, Any] = field(default_factory=dict)  # the method's options (DEFAULTS overridden)
+    options: dict[str, Any] = field(default_factory=dict)  # the method's options (its Options defaults, overridden)
 
     def opt(self, key: str):
         return self.options[key]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import re
-from pathlib import Path
 
 from . import registry
 from .common import Context, FinetuneError, RunSpec
@@ -78,29 +77,26 @@ def expand(ft: dict) -> dict[str, RunSpec]:
             raise FinetuneError(f"{where}: unknown key(s) {sorted(unknown_keys)}. Fix: use method, tag, options, "
                                 f"{', '.join(AXES)}.")
         for axis in AXES:
-            if axis in sweep and axis not in m.AXES:
-                raise FinetuneError(f"{where}: method {m.NAME!r} does not use {axis!r} (it reads {list(m.AXES)}). "
+            if axis in sweep and axis not in m.axes:
+                raise FinetuneError(f"{where}: method {m.name!r} does not use {axis!r} (it reads {list(m.axes)}). "
                                     f"Fix: remove {axis} from {where}.")
-        options = dict(m.DEFAULTS)
-        for src, extra in ((f"finetune.methods.{m.NAME}", methods_cfg.get(m.NAME) or {}),
+        options = m.defaults
+        for src, extra in ((f"finetune.methods.{m.name}", methods_cfg.get(m.name) or {}),
                            (f"{where}.options", sweep.get("options") or {})):
-            bad = set(extra) - set(m.DEFAULTS)
-            if bad:
-                raise FinetuneError(f"{src}: unknown option(s) {sorted(bad)} for {m.NAME}. Fix: use "
-                                    f"{sorted(m.DEFAULTS)}.")
+            m.check_options({**options, **extra}, src)  # unknown names and values out of range
             options.update(extra)
         tag = sweep.get("tag")
         if tag is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.]*", str(tag)):
             raise FinetuneError(f"{where}: tag {tag!r} must be letters, digits and dots. Fix: rename it.")
         values = {a: [_check_value(a, v, where) for v in _as_list(sweep.get(a, AXIS_DEFAULTS[a]))]
-                  for a in AXES if a in m.AXES}
+                  for a in AXES if a in m.axes}
         for a, vs in values.items():
             if not vs:
                 raise FinetuneError(f"{where}: empty list for {a}. Fix: give at least one value.")
         axes = list(values)
         for combo in itertools.product(*(values[a] for a in axes)):
             kw = dict(zip(axes, combo))
-            run = RunSpec(method=m.NAME, lr=kw["lr"], seed=kw["seed"], rank=kw.get("rank"),
+            run = RunSpec(method=m.name, lr=kw["lr"], seed=kw["seed"], rank=kw.get("rank"),
                           value_lr_ratio=kw.get("value_lr_ratio"), options=dict(options))
             name = run_name(run, tag)
             if not NAME_RE.fullmatch(name):
@@ -120,20 +116,10 @@ def validate(runs: dict[str, RunSpec], shapes: dict | None, ctx: Context | None 
     absence now is not an error (the DAG will make it first)."""
     for name, run in runs.items():
         m = registry.get(run.method)
-        if run.method == "lora-adaptive":
-            path = run.opt("ranks_file") or (ctx.adaptive_ranks if ctx else None)
-            if run.opt("ranks_file") or not adaptive_producible:
-                if path is None or not Path(path).exists():
-                    raise FinetuneError(
-                        f"run {name}: adaptive-rank file {path} does not exist and no rule of this workflow "
-                        "makes it. Fix: run the spectra stage first (it writes results/spectra/{model}/"
-                        "adaptive_ranks.json), set finetune.methods.lora-adaptive.ranks_file to an existing "
-                        "file, or drop lora-adaptive from finetune.sweeps.")
-            if shapes is not None and path is not None and Path(path).exists():
+        try:
+            if m.check_inputs is not None:
+                m.check_inputs(run, ctx, adaptive_producible)
+            if shapes is not None:
                 m.targets(shapes, run, ctx)
-            continue
-        if shapes is not None:
-            try:
-                m.targets(shapes, run, ctx)
-            except FinetuneError as e:
-                raise FinetuneError(f"run {name}: {e}") from None
+        except FinetuneError as e:
+            raise FinetuneError(f"run {name}: {e}") from None

@@ -73,7 +73,7 @@ def weight_updates(model, accelerator=None) -> dict[str, dict[str, torch.Tensor]
                     U=mod.spectral_U.float().cpu().clone(), S=mod.spectral_S.float().cpu().clone(),
                     V=mod.spectral_V.float().cpu().clone(), U2=U2, S2=S2, V2=V2)
         for name, p in model.named_parameters():
-            trained = p.requires_grad or getattr(p, "_llmscape_trained", False)  # (srank-calibrated's warm phase)
+            trained = p.requires_grad or getattr(p, "_llmscape_trained", False)  # trained earlier, frozen now
             if trained and not any(m in name for m in ADAPTER_MARKERS):
                 parts.setdefault(clean_name(name), {})["full"] = p.detach().float().cpu().clone()
     return parts

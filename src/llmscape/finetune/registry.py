@@ -1,16 +1,32 @@
-"""Method name -> method package (see common.py for what a method provides)."""
+"""Method name -> :class:`~llmscape.finetune.method.Method` (each method's folder builds its own entry).
+
+A method outside this package (a test's toy method, a researcher's experiment) is added with
+:func:`register`; from then on the grid, the workflow and ``train`` treat it as any other."""
 
 from __future__ import annotations
 
 import difflib
 
 from . import attn_qv, lora, lora_adaptive, spectral_a, spectral_r, srank_calibrated
-from .common import FinetuneError
+from .common import FinetuneError, default_param_groups
+from .method import Method
 
-METHODS = {m.NAME: m for m in (lora, lora_adaptive, attn_qv, spectral_a, spectral_r, srank_calibrated)}
+METHODS: dict[str, Method] = {}
 
 
-def get(name: str):
+def register(method: Method) -> Method:
+    """Add ``method`` under its name (replacing an entry of the same name)."""
+    if not isinstance(method, Method):
+        raise TypeError(f"register() takes a Method, not {type(method).__name__}")
+    METHODS[method.name] = method
+    return method
+
+
+for _pkg in (lora, lora_adaptive, attn_qv, spectral_a, spectral_r, srank_calibrated):
+    register(_pkg.METHOD)
+
+
+def get(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
@@ -21,9 +37,7 @@ def get(name: str):
 
 
 def param_groups(model, run, weight_decay: float = 0.0) -> list[dict]:
-    from .common import default_param_groups
-
     m = get(run.method)
-    if hasattr(m, "param_groups"):
+    if m.param_groups is not None:
         return m.param_groups(model, run, weight_decay)
     return default_param_groups(model, run.lr, weight_decay)

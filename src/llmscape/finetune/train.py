@@ -37,6 +37,7 @@ from .common import Context, FinetuneError, RunSpec, linear_shapes, trainable_co
 from .data import answer_loss, batch_order, collate, encode, load_rows, split_validation
 from .evaluate import score
 from .merge import save_weights
+from .method import Session
 
 log = logging.getLogger("llmscape.finetune")
 
@@ -127,21 +128,10 @@ def _latest_state(state_root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None = None, eval_cfg: dict | None = None,
-          ctx: Context | None = None, run_name: str = "run", data_split: str = "finetune",
-          eval_split: str = "analysis", trust_remote_code: bool = False, stop_after: int | None = None) -> dict:
-    """Train ``run`` and write ``out_dir``/{metrics.json, weights/, checkpoints/}. Returns the metrics."""
+def _open_session(run: RunSpec, tc: dict, out_dir: Path):
+    """The accelerator (CPU, one GPU, several processes; DeepSpeed when configured), seeded."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    t_start = time.time()
-    tc = {**TRAIN_DEFAULTS, **(train_cfg or {})}
-    ec = {**EVAL_DEFAULTS, **(eval_cfg or {})}
-    out_dir, base_path = Path(out_dir), Path(base_path)
-    work = out_dir / ".work"
-    state_root, ckpt_work = work / "state", work / "checkpoints"
-    method = registry.get(run.method)
 
     cuda = torch.cuda.is_available() and tc["device"] != "cpu"
     mixed = resolve_mixed_precision(tc)
@@ -149,77 +139,63 @@ def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None 
     acc = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=int(tc["grad_accum"]),
                       log_with="tensorboard", project_dir=str(out_dir / "tb"), deepspeed_plugin=ds,
                       cpu=not cuda and ds is None)  # DeepSpeed on CPU needs its (gloo) process group
-    dev = acc.device
     set_seed(run.seed)
+    return acc, ds, mixed, cuda
 
-    # data
-    tok = AutoTokenizer.from_pretrained(base_path, trust_remote_code=trust_remote_code)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    rows = load_rows(data_dir, data_split)
-    train_rows, val_rows = split_validation(rows, tc["val_rows"])
-    if len(train_rows) == 0:
-        raise FinetuneError(f"no training rows in split {data_split!r} of {data_dir}. Fix: a larger "
-                            "data.finetune_per_subject (or null), or fewer finetune.train.val_rows.")
-    train_ex = encode(train_rows, tok, tc["header"], tc["max_length"])
-    val_ex = encode(val_rows, tok, tc["header"], tc["max_length"])
 
-    # model + method
+@dataclass
+class _Prepared:
+    """The model with its method applied, and what train() needs to know about it."""
+
+    model: object
+    session: object  # the method's Session (a no-op one when it has none)
+    groups: list
+    expected: int | None
+    n_trainable: int
+    n_total: int
+    load_dtype: str
+
+
+def _prepare_model(run: RunSpec, ctx, base_path: Path, tc: dict, cuda: bool, acc, ds,
+                   trust_remote_code: bool) -> _Prepared:
+    """Load the base model, apply the method, build its optimiser groups and check the trainable count
+    against the method's formula."""
+    from transformers import AutoModelForCausalLM
+
+    method = registry.get(run.method)
     load_dtype = tc["load_dtype"]
     if load_dtype == "auto":
         load_dtype = "bfloat16" if cuda else "float32"
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, load_dtype),
                                                  trust_remote_code=trust_remote_code)
     model.config.use_cache = False
-    model.to(dev)  # spectral SVDs run where the weights are
+    model.to(acc.device)  # spectral SVDs run where the weights are
     shapes = linear_shapes(model)
-    expected = method.expected_trainable(shapes, run, ctx) if run.method != "srank-calibrated" else None
+    expected = method.expected_trainable(shapes, run, ctx)
     model = method.apply(model, run, ctx)
-    if getattr(model, "srank_selection", None) is not None:  # the selection needs the weights: count after it
-        from .common import lora_count
-
-        expected = lora_count(shapes, {n: run.rank for n in model.srank_selection})
-    cal = getattr(model, "srank_calibration", None)  # srank-calibrated's time-aware schedule, when dynamic
-    if cal is not None:
-        if acc.num_processes > 1 or ds is not None:
-            raise FinetuneError(f"{run.method}: the time-aware start / re-calibration changes the trained set "
-                                "during training, which DDP and DeepSpeed do not allow. Fix: set "
-                                "finetune.launch.num_processes to 1 and finetune.train.deepspeed to null, or set "
-                                "warm_steps and recalibrate_every of finetune.methods.srank-calibrated to 0.")
-        cal.enable_all()  # the optimiser holds everything the schedule may train
-        expected = None  # the selection is made during training
+    session = (method.session(model, run) if method.session is not None else None) or Session()
+    expected = session.expected_trainable(shapes, expected)  # some methods know it only once applied
+    if session.single_process and (acc.num_processes > 1 or ds is not None):
+        raise FinetuneError(f"{run.method}: {session.single_process}")
+    session.before_optimizer()
     for p in model.parameters():  # trainable tensors in fp32 (mixed precision computes in bf16)
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     groups = registry.param_groups(model, run, float(tc["weight_decay"]))
-    if cal is not None:
-        cal.apply_flags()
+    session.after_param_groups()
     n_trainable = trainable_count(model)
     if expected is not None and n_trainable != expected:
         raise FinetuneError(f"{run.method}: {n_trainable} trainable parameters, the formula says {expected}")
-    n_total = sum(p.numel() for p in model.parameters())
     if tc["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    return _Prepared(model, session, groups, expected, n_trainable, sum(p.numel() for p in model.parameters()),
+                     load_dtype)
 
-    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in groups], lr=run.lr)
-    max_steps = int(tc["max_steps"])
-    warm = warmup_of(max_steps, tc["warmup_steps"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, max_steps, warm, float(tc["lr_min_factor"])))
-    model, opt = acc.prepare(model, opt)
-    state = TrainState()
-    acc.register_for_checkpointing(state, sched, *([cal] if cal is not None else []))
-    in_opt = {id(p) for g in groups for p in g["params"]}
-    keep = {n for n, p in acc.unwrap_model(model).named_parameters() if id(p) in in_opt}
 
-    def _trim(models, weights, output_dir):  # resume state holds only what training changes
-        for i in range(len(weights)):
-            weights[i] = {k: v for k, v in weights[i].items()  # DDP's keys carry a "module." prefix
-                          if k.removeprefix("module.") in keep or "spectral_" in k}
-
-    if ds is None:
-        acc.register_save_state_pre_hook(_trim)
-
-    # a resume state is only valid for the same run and settings (a changed config starts afresh)
+def _resume_point(acc, run: RunSpec, tc: dict, out_dir: Path, work: Path, state_root: Path) -> Path | None:
+    """The saved state to resume from, if it belongs to the same run and settings (a changed config
+    starts afresh, and so do its TensorBoard curves)."""
     fingerprint = json.dumps(dict(run=asdict(run), train=tc, world=acc.num_processes), sort_keys=True, default=str)
     stamp = work / "config.json"
     if acc.is_main_process:
@@ -234,6 +210,105 @@ def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None 
     if latest is None and acc.is_main_process:  # a fresh start: TensorBoard starts afresh too; a resumed
         shutil.rmtree(out_dir / "tb", ignore_errors=True)  # run appends to the curves of its first attempt
     acc.wait_for_everyone()
+    return latest
+
+
+def _save_state(acc, state_root: Path, step: int) -> None:
+    """The resume state of ``step``, written under a temporary name and swapped in whole."""
+    if acc.is_main_process:
+        state_root.mkdir(parents=True, exist_ok=True)
+    tmp = state_root / f".tmp_step_{step:07d}"
+    if acc.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        (tmp / "COMPLETE").write_text(str(step))
+        final = state_root / f"step_{step:07d}"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in state_root.glob("step_*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+
+
+def _evaluate(acc, model, ds, tok, data_dir, eval_split: str, ec: dict) -> dict:
+    """MMLU accuracy of the trained model, scored as the extraction scores it."""
+    eval_rows = load_rows(data_dir, eval_split)
+    if ec["per_subject"]:
+        eval_rows = eval_rows.groupby("subject", sort=False).head(int(ec["per_subject"])).reset_index(drop=True)
+    m = acc.unwrap_model(model) if ds is None else model
+    with acc.autocast():
+        return score(m, tok, eval_rows, header=ec["header"], batch_size=int(ec["batch_size"]), device=acc.device)
+
+
+def _publish_checkpoints(out_dir: Path, ckpt_work: Path, ckpt_steps: list[int]) -> None:
+    final_ckpts = out_dir / "checkpoints"
+    final_ckpts.mkdir(parents=True, exist_ok=True)
+    for s in ckpt_steps:
+        src = ckpt_work / f"step_{s}"
+        if src.exists():
+            dst = final_ckpts / f"step_{s}"
+            if dst.exists():
+                shutil.rmtree(dst)
+            os.replace(src, dst)
+
+
+def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None = None, eval_cfg: dict | None = None,
+          ctx: Context | None = None, run_name: str = "run", data_split: str = "finetune",
+          eval_split: str = "analysis", trust_remote_code: bool = False, stop_after: int | None = None) -> dict:
+    """Train ``run`` and write ``out_dir``/{metrics.json, weights/, checkpoints/}. Returns the metrics.
+
+    The parts: the session (:func:`_open_session`), the data, the model with its method
+    (:func:`_prepare_model`), resume (:func:`_resume_point`), the loop below with its checkpoints and
+    resume states (:func:`_save_state`), then evaluation (:func:`_evaluate`) and the outputs."""
+    from transformers import AutoTokenizer
+
+    t_start = time.time()
+    tc = {**TRAIN_DEFAULTS, **(train_cfg or {})}
+    ec = {**EVAL_DEFAULTS, **(eval_cfg or {})}
+    out_dir, base_path = Path(out_dir), Path(base_path)
+    work = out_dir / ".work"
+    state_root, ckpt_work = work / "state", work / "checkpoints"
+    acc, ds, mixed, cuda = _open_session(run, tc, out_dir)
+    dev = acc.device
+
+    # data
+    tok = AutoTokenizer.from_pretrained(base_path, trust_remote_code=trust_remote_code)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    rows = load_rows(data_dir, data_split)
+    train_rows, val_rows = split_validation(rows, tc["val_rows"])
+    if len(train_rows) == 0:
+        raise FinetuneError(f"no training rows in split {data_split!r} of {data_dir}. Fix: a larger "
+                            "data.finetune_per_subject (or null), or fewer finetune.train.val_rows.")
+    train_ex = encode(train_rows, tok, tc["header"], tc["max_length"])
+    val_ex = encode(val_rows, tok, tc["header"], tc["max_length"])
+
+    # model + method
+    prep = _prepare_model(run, ctx, base_path, tc, cuda, acc, ds, trust_remote_code)
+    session, groups, n_trainable = prep.session, prep.groups, prep.n_trainable
+    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in groups], lr=run.lr)
+    max_steps = int(tc["max_steps"])
+    warm = warmup_of(max_steps, tc["warmup_steps"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, max_steps, warm, float(tc["lr_min_factor"])))
+    model, opt = acc.prepare(prep.model, opt)
+    state = TrainState()
+    acc.register_for_checkpointing(state, sched, *session.checkpoint_objects())
+    in_opt = {id(p) for g in groups for p in g["params"]}
+    keep = {n for n, p in acc.unwrap_model(model).named_parameters() if id(p) in in_opt}
+
+    def _trim(models, weights, output_dir):  # resume state holds only what training changes
+        for i in range(len(weights)):
+            weights[i] = {k: v for k, v in weights[i].items()  # DDP's keys carry a "module." prefix
+                          if k.removeprefix("module.") in keep or "spectral_" in k}
+
+    if ds is None:
+        acc.register_save_state_pre_hook(_trim)
+
+    latest = _resume_point(acc, run, tc, out_dir, work, state_root)
     if latest is not None:
         acc.load_state(str(latest), strict=False)
         log.info("resumed from %s (step %d)", latest, state.step)
@@ -276,26 +351,6 @@ def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None 
         m.train(was)
         return tot / max(n, 1)
 
-    def save_state(step):
-        if acc.is_main_process:
-            state_root.mkdir(parents=True, exist_ok=True)
-        tmp = state_root / f".tmp_step_{step:07d}"
-        if acc.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            (tmp / "COMPLETE").write_text(str(step))
-            final = state_root / f"step_{step:07d}"
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            for old in state_root.glob("step_*"):
-                if old != final:
-                    shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
-
     session_t0 = time.time()
     train_t = 0.0
     try:
@@ -332,8 +387,7 @@ def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None 
             if acc.is_main_process:
                 log.info("step %d/%d: train loss %.4f, lr %.3g, %d tokens, %.0f tokens/s", state.step, max_steps,
                          step_loss, lr_now, step_tokens, step_tokens / max(time.time() - t0, 1e-9))
-            if cal is not None:
-                cal.after_step(state.step)
+            session.after_step(state.step)
             acc.log({"train/loss": step_loss, "train/lr": lr_now}, step=state.step)
             # also at every checkpoint step: the join's generalisation gap of a checkpoint needs it
             if state.step % int(tc["eval_every"]) == 0 or state.step == max_steps or state.step in ckpt_steps:
@@ -351,7 +405,7 @@ def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None 
                 state.wall_s += time.time() - session_t0
                 state.train_s += train_t
                 session_t0, train_t = time.time(), 0.0
-                save_state(state.step)
+                _save_state(acc, state_root, state.step)
             if stop_now:
                 if acc.is_main_process:  # tells a launching parent that this was a preemption, not a crash
                     (work / "PREEMPTED").write_text(str(state.step))
@@ -363,48 +417,33 @@ def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None 
     state.train_s += train_t
 
     # final: accuracy with extraction's scoring, the run's weights, checkpoints, metrics
-    eval_rows = load_rows(data_dir, eval_split)
-    if ec["per_subject"]:
-        eval_rows = eval_rows.groupby("subject", sort=False).head(int(ec["per_subject"])).reset_index(drop=True)
-    m = acc.unwrap_model(model) if ds is None else model
-    with acc.autocast():
-        acc_res = score(m, tok, eval_rows, header=ec["header"], batch_size=int(ec["batch_size"]), device=dev)
+    acc_res = _evaluate(acc, model, ds, tok, data_dir, eval_split, ec)
     weights = save_weights(acc.unwrap_model(model), base_path, out_dir / "weights", tc["checkpoint_format"], acc,
                            acc.is_main_process, extra=dict(run=run_name, step=state.step, base=str(base_path)))
     metrics = None
     if acc.is_main_process:
-        final_ckpts = out_dir / "checkpoints"
-        final_ckpts.mkdir(parents=True, exist_ok=True)
-        for s in ckpt_steps:
-            src = ckpt_work / f"step_{s}"
-            if src.exists():
-                dst = final_ckpts / f"step_{s}"
-                if dst.exists():
-                    shutil.rmtree(dst)
-                os.replace(src, dst)
+        _publish_checkpoints(out_dir, ckpt_work, ckpt_steps)
         metrics = dict(
             run=run_name, method=run.method, spec=asdict(run),
             train_config=tc, eval_config=ec,
             train_loss=[dict(step=s, loss=l, lr=lr) for s, l, lr in state.train],
             val_loss=[dict(step=s, loss=l) for s, l in state.val],
-            accuracy=acc_res, trainable_params=cal.lft_trainable() if cal is not None else n_trainable, total_params=n_total,
-            trainable_share=n_trainable / n_total, expected_trainable=expected,
-            srank_selection=(cal.selection if cal is not None
-                             else getattr(acc.unwrap_model(model), "srank_selection", None)),
-            srank_schedule=(dict(lft_start_step=cal.start_step, events=cal.events,
-                                 warm_trainable_params=cal.warm_trainable()) if cal is not None else None),
+            accuracy=acc_res, trainable_params=n_trainable, total_params=prep.n_total,
+            trainable_share=n_trainable / prep.n_total, expected_trainable=prep.expected,
             param_groups=[dict(name=g["name"], lr=g["lr"], weight_decay=g["weight_decay"],
                                n=sum(p.numel() for p in g["params"])) for g in groups],
             steps=state.step, tokens=state.tokens, train_time_s=state.train_s, wall_time_s=state.wall_s,
             total_time_s=time.time() - t_start, tokens_per_s=state.tokens / max(state.train_s, 1e-9),
             peak_memory_mb=_peak_memory_mb(dev), peak_memory_kind="cuda_allocated" if dev.type == "cuda" else "cpu_rss",
-            device=str(dev), world_size=world, engine=type(model).__name__, mixed_precision=mixed, load_dtype=load_dtype,
-            deepspeed=str(tc["deepspeed"]) if tc["deepspeed"] else None,
+            device=str(dev), world_size=world, engine=type(model).__name__, mixed_precision=mixed,
+            load_dtype=prep.load_dtype, deepspeed=str(tc["deepspeed"]) if tc["deepspeed"] else None,
             checkpoints=[s for s in ckpt_steps if (out_dir / "checkpoints" / f"step_{s}").exists()],
-            weights=str(weights), checkpoint_format=tc["checkpoint_format"], n_train_rows=len(train_rows), n_val_rows=len(val_rows),
+            weights=str(weights), checkpoint_format=tc["checkpoint_format"], n_train_rows=len(train_rows),
+            n_val_rows=len(val_rows),
             versions=package_versions(("llmscape", "torch", "transformers", "peft", "accelerate", "deepspeed",
                                        "numpy", "tensorboard", "safetensors")),
         )
+        metrics.update(session.metrics(n_trainable))  # what the method adds (it may restate the trainable count)
         write_json(out_dir / "metrics.json", metrics)
         shutil.rmtree(state_root, ignore_errors=True)  # finished: the resume state is no longer needed
     acc.wait_for_everyone()

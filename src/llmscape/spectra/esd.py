@@ -225,6 +225,23 @@ def compute_mp_sigma_fit(evals_asc: np.ndarray, n_big: int, n_small: int,
 # Everything for one matrix
 # ----------------------------------------------------------------------------------------------
 
+def stable_rank_of_eigenvalues(lam) -> float:
+    """srank = ||W||_F^2 / ||W||_2^2 = sum(lambda) / lambda_max, lambda the eigenvalues of W^T W (NaN for a
+    zero matrix). The one definition every stage uses: spectra, interventions, srank-calibrated."""
+    lam = np.asarray(lam, dtype=np.float64)
+    lmax = float(lam.max()) if lam.size else 0.0
+    return float(lam.sum()) / lmax if lmax > 0 else math.nan
+
+
+def stable_rank(W) -> float:
+    """The stable rank of a weight tensor: eigenvalues of its smaller Gram matrix in float64."""
+    import torch
+
+    Wd = W.detach().to(torch.float64)
+    G = Wd.T @ Wd if Wd.shape[0] >= Wd.shape[1] else Wd @ Wd.T
+    return stable_rank_of_eigenvalues(torch.linalg.eigvalsh(G).clamp_min(0).cpu().numpy())
+
+
 def compute_metrics(evals, n_rows: int, n_cols: int, *, min_evals: int = 10, tw_scale: float = 2.0,
                     ks: str = "ww", peak_bins: int = 100, peak_window: tuple[float, float] = (0.95, 1.5),
                     mp_quantiles: tuple[float, float] = (0.05, 0.95), name: str = "") -> dict:
@@ -246,7 +263,7 @@ def compute_metrics(evals, n_rows: int, n_cols: int, *, min_evals: int = 10, tw_
     lmax = float(lam[-1])
     total = float(lam.sum())
     tail = total - lmax
-    out.update(fro_norm_sq=total, spectral_norm=math.sqrt(lmax), stable_rank=total / lmax,
+    out.update(fro_norm_sq=total, spectral_norm=math.sqrt(lmax), stable_rank=stable_rank_of_eigenvalues(lam),
                log_norm=math.log10(total), log_spectral_norm=math.log10(lmax))
     out["eig_ratio"] = math.sqrt(lmax / tail) if tail > 0 else math.inf
     tol = lmax * (n_big * EPS32) ** 2  # s_i > s_1 * N * eps  <=>  lambda_i > lambda_max (N eps)^2

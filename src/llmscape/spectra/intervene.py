@@ -38,6 +38,7 @@ import numpy as np
 
 from ..io import write_json
 from .stream import DECODER_MODULES, SpectraError, list_weight_files, parse_name
+from .esd import stable_rank
 
 log = logging.getLogger("llmscape.spectra")
 
@@ -116,15 +117,6 @@ def compute_srank_update(W, target: float, name: str = "", device: str = "cpu"):
     return Wn, info
 
 
-def _measured_srank(W) -> float:
-    import torch
-
-    Wd = W.to(torch.float64)
-    G = Wd.T @ Wd if Wd.shape[0] >= Wd.shape[1] else Wd @ Wd.T
-    lam = torch.linalg.eigvalsh(G).clamp_min(0)
-    return float(lam.sum() / lam[-1])
-
-
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
@@ -163,7 +155,7 @@ def intervene_folder(src: str | Path, dest: str | Path, group: str, target: floa
                 if k in touched:
                     Wn, info = compute_srank_update(t, target, k, device)
                     t = Wn.to(device="cpu", dtype=t.dtype).contiguous()
-                    info["srank_after"] = _measured_srank(t)
+                    info["srank_after"] = stable_rank(t)
                     matrices.append(info)
                 tensors[k] = t
         meta["llmscape_intervention"] = json.dumps(dict(kind="stable_rank", group=group, target=float(target)))

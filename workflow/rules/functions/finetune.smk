@@ -5,6 +5,7 @@ from dataclasses import asdict
 from snakemake.exceptions import WorkflowError
 
 from llmscape.finetune import grid as ft_grid
+from llmscape.finetune import registry as ft_registry
 from llmscape.finetune.common import Context as FtContext
 from llmscape.finetune.common import FinetuneError
 from llmscape.finetune.train import checkpoint_steps
@@ -68,14 +69,10 @@ def _ft_check_launch():
     start them); checked for every method group before any job is submitted."""
     n = int(FT_LAUNCH["num_processes"])
     for run, spec in FT_RUNS.items():
-        dynamic = spec.method == "srank-calibrated" and (spec.opt("warm_steps") or spec.opt("recalibrate_every"))
-        if dynamic and (n > 1 or FT_TRAIN["deepspeed"]):
-            raise WorkflowError(
-                f"run {run}: srank-calibrated's time-aware start / re-calibration changes the trained "
-                "set during training, which several processes (DDP) and DeepSpeed do not allow. Fix: "
-                "finetune.launch.num_processes 1 and finetune.train.deepspeed null for it, or "
-                "warm_steps and recalibrate_every 0."
-            )
+        method = ft_registry.get(spec.method)
+        why = method.launch_constraint(spec) if method.launch_constraint is not None else None
+        if why and (n > 1 or FT_TRAIN["deepspeed"]):
+            raise WorkflowError(f"run {run}: {spec.method}: {why}")
         gpus = res(_ft_method_group(run), parent="finetune").get("gpu", 0)
         if isinstance(gpus, int) and 0 < gpus < n:
             raise WorkflowError(
@@ -144,8 +141,7 @@ def finetune_inputs(wildcards):
         train_index=f"{d}/{FT['data']['split']}_index.npy",
         eval_index=f"{d}/{FT['data']['eval_split']}_index.npy",
     )
-    if run.method == "lora-adaptive":
-        inp["ranks"] = run.opt("ranks_file") or f"results/spectra/{wildcards.model}/adaptive_ranks.json"
-    if run.method == "srank-calibrated" and FT["stable_ranks_from_spectra"]:
-        inp["sranks"] = f"results/spectra/{wildcards.model}/base.parquet"
+    method = ft_registry.get(run.method)
+    if method.inputs is not None:  # result files the method reads (adaptive ranks, stable ranks...)
+        inp.update(method.inputs(run, wildcards.model, FT))
     return inp

@@ -3,4 +3,8 @@
 ``query`` (lr eta, the default), ``value`` (lr lambda * eta, what the published code does implicitly) or
 ``frozen``. Llama has no q/v biases, so the choice only matters for models with them (Qwen, OPT...)."""
 
-from .model import AXES, DEFAULTS, NAME, apply, expected_trainable, param_groups, targets  # noqa: F401
+from ..method import Method
+from .model import AXES, NAME, Options, apply, expected_trainable, param_groups, targets  # noqa: F401
+
+METHOD = Method(name=NAME, axes=AXES, options=Options, targets=targets, expected_trainable=expected_trainable,
+                apply=apply, param_groups=param_groups)

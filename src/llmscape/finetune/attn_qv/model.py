@@ -1,29 +1,35 @@
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..common import (FinetuneError, check_rank, component, freeze_all, lora_config, lora_count, names_regex,
                       select_targets)
+from ..method import check_choice, check_number
 
 NAME = "attn-qv"
 AXES = ("lr", "rank", "value_lr_ratio", "seed")
-DEFAULTS = dict(
-    mode="lora",  # lora | full
-    alpha=16.0,  # LoRA alpha (mode lora)
-    dropout=0.1,
-    one_d="query",  # query | value | frozen: the optimiser group of 1-D trainable parameters
-    query="q_proj",
-    value="v_proj",
-)
 MODES = ("lora", "full")
 ONE_D = ("query", "value", "frozen")
 
 
+@dataclass
+class Options:
+    mode: str = "lora"  # lora | full
+    alpha: float = 16.0  # LoRA alpha (mode lora)
+    dropout: float = 0.1
+    one_d: str = "query"  # query | value | frozen: the optimiser group of 1-D trainable parameters
+    query: str = "q_proj"
+    value: str = "v_proj"
+
+    def check(self) -> None:
+        check_choice(NAME, "mode", self.mode, MODES)
+        check_choice(NAME, "one_d", self.one_d, ONE_D)
+        check_number(NAME, "alpha", self.alpha, 0, 1e6)
+        check_number(NAME, "dropout", self.dropout, 0, 1, lo_open=False)
+
+
 def _check(run):
-    if run.opt("mode") not in MODES:
-        raise FinetuneError(f"{NAME}: mode {run.opt('mode')!r} is not one of {MODES}. Fix: set "
-                            f"finetune.methods.{NAME}.mode.")
-    if run.opt("one_d") not in ONE_D:
-        raise FinetuneError(f"{NAME}: one_d {run.opt('one_d')!r} is not one of {ONE_D}. Fix: set "
-                            f"finetune.methods.{NAME}.one_d.")
+    Options(**run.options).check()
 
 
 def targets(shapes, run, ctx=None) -> list[str]:

@@ -1,3 +1,7 @@
 """``lora``: peft LoRA (Hu et al.) on configurable targets; trainable = r * (in + out) per target."""
 
-from .model import AXES, DEFAULTS, NAME, apply, expected_trainable, targets  # noqa: F401
+from ..method import Method
+from .model import AXES, NAME, Options, apply, expected_trainable, targets  # noqa: F401
+
+METHOD = Method(name=NAME, axes=AXES, options=Options, targets=targets, expected_trainable=expected_trainable,
+                apply=apply)

@@ -1,14 +1,23 @@
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from ..common import DEFAULT_TARGETS, lora_config, lora_count, names_regex, ranked_targets
+from ..method import check_number
 
 NAME = "lora"
 AXES = ("lr", "rank", "seed")
-DEFAULTS = dict(
-    targets=list(DEFAULT_TARGETS),  # Doimo et al. (A.9): q, k, v, o, gate, up, down
-    alpha=16.0,  # scaling alpha / r
-    dropout=0.1,
-)
+
+
+@dataclass
+class Options:
+    targets: list = field(default_factory=lambda: list(DEFAULT_TARGETS))  # Doimo et al. (A.9): all seven
+    alpha: float = 16.0  # scaling alpha / r
+    dropout: float = 0.1
+
+    def check(self) -> None:
+        check_number(NAME, "alpha", self.alpha, 0, 1e6)
+        check_number(NAME, "dropout", self.dropout, 0, 1, lo_open=False)
 
 
 def targets(shapes, run, ctx=None) -> list[str]:

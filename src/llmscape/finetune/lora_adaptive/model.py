@@ -4,14 +4,49 @@ import json
 import re
 from pathlib import Path
 
+from dataclasses import dataclass
+
 from ..common import FinetuneError, lora_config, lora_count
+from ..method import check_number
 
 NAME = "lora-adaptive"
 AXES = ("lr", "seed")
-DEFAULTS = dict(
-    ranks_file=None,  # null: results/spectra/{model}/adaptive_ranks.json from the spectra stage
-    dropout=0.05,  # Adaptive-Rank LoRA's default (E.2)
-)
+
+
+@dataclass
+class Options:
+    ranks_file: str | None = None  # null: results/spectra/{model}/adaptive_ranks.json from the spectra stage
+    dropout: float = 0.05  # Adaptive-Rank LoRA's default (E.2)
+
+    def check(self) -> None:
+        check_number(NAME, "dropout", self.dropout, 0, 1, lo_open=False)
+
+
+def default_ranks_file(model: str) -> str:
+    """Where the spectra stage writes the adaptive ranks of ``model``."""
+    return f"results/spectra/{model}/adaptive_ranks.json"
+
+
+def inputs(run, model: str, ft: dict) -> dict[str, str]:
+    return {"ranks": run.opt("ranks_file") or default_ranks_file(model)}
+
+
+def check_inputs(run, ctx, producible: bool) -> None:
+    """The rank file must exist now unless it is the default one and a rule of the workflow makes it."""
+    path = run.opt("ranks_file") or (ctx.adaptive_ranks if ctx else None)
+    if run.opt("ranks_file") or not producible:
+        if path is None or not Path(path).exists():
+            raise FinetuneError(
+                f"adaptive-rank file {path} does not exist and no rule of this workflow makes it. Fix: run the "
+                "spectra stage first (it writes results/spectra/{model}/adaptive_ranks.json), set "
+                "finetune.methods.lora-adaptive.ranks_file to an existing file, or drop lora-adaptive from "
+                "finetune.sweeps.")
+
+
+def checked_targets(shapes, run, ctx=None) -> list[str]:
+    """The targets, when the rank file can be read yet (before the spectra stage ran, it cannot)."""
+    path = run.opt("ranks_file") or (ctx.adaptive_ranks if ctx else None)
+    return targets(shapes, run, ctx) if path is not None and Path(path).exists() else []
 KEYS = ("target_modules", "rank_pattern", "alpha_pattern", "r", "lora_alpha")
 
 

@@ -1,12 +1,21 @@
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from ..common import DEFAULT_TARGETS, freeze_all, lora_count, ranked_targets
 from ..spectral import wrap
 from .layer import SpectralALinear
 
 NAME = "spectral-a"
 AXES = ("lr", "rank", "seed")
-DEFAULTS = dict(targets=list(DEFAULT_TARGETS))  # the paper's Llama-3 run: q, k, v, up, down, gate
+
+
+@dataclass
+class Options:
+    targets: list = field(default_factory=lambda: list(DEFAULT_TARGETS))  # the paper's Llama-3 run: q k v up down gate
+
+    def check(self) -> None:
+        pass
 
 
 def targets(shapes, run, ctx=None) -> list[str]:

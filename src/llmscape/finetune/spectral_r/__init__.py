@@ -4,5 +4,9 @@ K = (M - M^T) / 2, A = B = 0 and c = 1 at initialisation. Trainable = 2 r^2 (+ r
 target. Only the skew part of A and B acts (r(r-1)/2 effective each); we count the stored 2 r^2, as the
 published code does."""
 
+from ..method import Method
 from .layer import SpectralRLinear, cayley  # noqa: F401
-from .model import AXES, DEFAULTS, NAME, apply, expected_trainable, targets  # noqa: F401
+from .model import AXES, NAME, Options, apply, expected_trainable, targets  # noqa: F401
+
+METHOD = Method(name=NAME, axes=AXES, options=Options, targets=targets, expected_trainable=expected_trainable,
+                apply=apply)

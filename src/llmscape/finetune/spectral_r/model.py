@@ -1,12 +1,23 @@
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from ..common import DEFAULT_TARGETS, freeze_all, ranked_targets
+from ..method import check_choice
 from ..spectral import wrap
 from .layer import SpectralRLinear
 
 NAME = "spectral-r"
 AXES = ("lr", "rank", "seed")
-DEFAULTS = dict(targets=list(DEFAULT_TARGETS), scale=True)  # scale: r trainable singular-value factors
+
+
+@dataclass
+class Options:
+    targets: list = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    scale: bool = True  # r trainable singular-value factors
+
+    def check(self) -> None:
+        check_choice(NAME, "scale", self.scale, (True, False))
 
 
 def targets(shapes, run, ctx=None) -> list[str]:

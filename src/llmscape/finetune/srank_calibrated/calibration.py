@@ -25,8 +25,8 @@ import logging
 
 import torch
 
+from ...spectra.esd import stable_rank
 from ..common import component
-from .model import stable_rank
 
 log = logging.getLogger("llmscape.finetune")
 

@@ -1,43 +1,51 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..common import (DEFAULT_TARGETS, FinetuneError, component, lora_config, lora_count, names_regex,
-                      ranked_targets)
+from ...spectra.esd import stable_rank
+from ..common import DEFAULT_TARGETS, FinetuneError, component, lora_config, lora_count, names_regex, ranked_targets
+from ..method import Session, check_choice, check_int, check_number
 
 NAME = "srank-calibrated"
 AXES = ("lr", "rank", "seed")
-DEFAULTS = dict(
-    targets=list(DEFAULT_TARGETS),  # candidate matrices
-    direction="low",  # low | high: which end of the stable-rank ranking is tuned
-    fraction=0.5,  # share of the layers tuned, per component type
-    per_component=True,  # rank within each component type (else all candidates together)
-    alpha=16.0,
-    dropout=0.1,
-    # time-aware start and re-calibration (calibration.py; 0 = off, the static selection above)
-    warm_steps=0,  # at most this many full fine-tuning steps of the candidates before the LoRA phase
-    warm_check_every=2,  # T: stable ranks measured every T warm steps
-    warm_eps=1.0e-3,  # the LoRA phase commences once the relative change of every component's mean srank
-    warm_patience=2,  # is below warm_eps for this many consecutive checks
-    recalibrate_every=0,  # K: re-select by the current stable ranks every K LoRA steps
-)
 DIRECTIONS = ("low", "high")
 
 
-def _check(run):
-    if run.opt("direction") not in DIRECTIONS:
-        raise FinetuneError(f"{NAME}: direction {run.opt('direction')!r} is not one of {DIRECTIONS}. Fix: set "
-                            f"finetune.methods.{NAME}.direction.")
-    for key in ("warm_steps", "recalibrate_every", "warm_check_every", "warm_patience"):
-        v = run.opt(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v < (1 if key in ("warm_check_every", "warm_patience") else 0):
-            raise FinetuneError(f"{NAME}: {key} = {v!r} must be an integer >= "
-                                f"{1 if key in ('warm_check_every', 'warm_patience') else 0}. Fix: set "
-                                f"finetune.methods.{NAME}.{key}.")
-    if not 0 < float(run.opt("fraction")) <= 1:
-        raise FinetuneError(f"{NAME}: fraction {run.opt('fraction')} is outside (0, 1]. Fix: set "
-                            f"finetune.methods.{NAME}.fraction.")
+@dataclass
+class Options:
+    targets: list = field(default_factory=lambda: list(DEFAULT_TARGETS))  # candidate matrices
+    direction: str = "low"  # low | high: which end of the stable-rank ranking is tuned
+    fraction: float = 0.5  # share of the layers tuned, per component type
+    per_component: bool = True  # rank within each component type (else all candidates together)
+    alpha: float = 16.0
+    dropout: float = 0.1
+    # time-aware start and re-calibration (calibration.py; 0 = off, the static selection above)
+    warm_steps: int = 0  # at most this many full fine-tuning steps of the candidates before the LoRA phase
+    warm_check_every: int = 2  # T: stable ranks measured every T warm steps
+    warm_eps: float = 1.0e-3  # the LoRA phase commences once the relative change of every component's mean srank
+    warm_patience: int = 2  # is below warm_eps for this many consecutive checks
+    recalibrate_every: int = 0  # K: re-select by the current stable ranks every K LoRA steps
+
+    def check(self) -> None:
+        check_choice(NAME, "direction", self.direction, DIRECTIONS)
+        for key in ("warm_steps", "recalibrate_every"):
+            check_int(NAME, key, getattr(self, key), 0)
+        for key in ("warm_check_every", "warm_patience"):
+            check_int(NAME, key, getattr(self, key), 1)
+        check_number(NAME, "fraction", self.fraction, 0, 1)
+        check_number(NAME, "dropout", self.dropout, 0, 1, lo_open=False)
+
+    @property
+    def dynamic(self) -> bool:
+        return bool(self.warm_steps or self.recalibrate_every)
+
+
+def _check(run) -> Options:
+    opts = Options(**run.options)
+    opts.check()
+    return opts
 
 
 def targets(shapes, run, ctx=None) -> list[str]:
@@ -68,14 +76,6 @@ def stable_ranks(names, ctx=None, weights=None) -> dict[str, float]:
     return {n: stable_rank(weights(n)) for n in names}
 
 
-def stable_rank(W) -> float:
-    """||W||_F^2 / ||W||_2^2 from the singular values (NaN for a zero matrix)."""
-    import torch
-
-    s = torch.linalg.svdvals(W.detach().float())
-    return float((s ** 2).sum() / s[0] ** 2) if s[0] > 0 else float("nan")
-
-
 def select(names, sranks: dict[str, float], run) -> list[str]:
     _check(run)
     groups: dict[str, list[str]] = {}
@@ -102,10 +102,10 @@ def apply(model, run, ctx=None):
 
     names = targets(linear_shapes(model), run, ctx)
     sranks = stable_ranks(names, ctx, weights=lambda n: model.get_submodule(n).weight)
-    if not (run.opt("warm_steps") or run.opt("recalibrate_every")):  # the static selection
+    if not _check(run).dynamic:  # the static selection
         chosen = select(names, sranks, run)
         model = get_peft_model(model, lora_config(names_regex(chosen), run.rank, run.opt("alpha"), run.opt("dropout")))
-        model.srank_selection = chosen  # recorded in the metrics JSON
+        model.llmscape_session = SrankSession(run, chosen)
         return model
     from .calibration import Calibration
 
@@ -113,6 +113,67 @@ def apply(model, run, ctx=None):
     model = get_peft_model(model, lora_config(names_regex(names), run.rank, run.opt("alpha"), run.opt("dropout")))
     cal = Calibration(model, names, run, select)
     cal.start(sranks)
-    model.srank_calibration = cal
-    model.srank_selection = cal.selection
+    model.llmscape_session = SrankSession(run, cal.selection, cal)
     return model
+
+
+DYNAMIC_LAUNCH = ("the time-aware start / re-calibration changes the trained set during training, which several "
+                  "processes (DDP) and DeepSpeed do not allow. Fix: finetune.launch.num_processes 1 and "
+                  "finetune.train.deepspeed null for it, or warm_steps and recalibrate_every of "
+                  "finetune.methods.srank-calibrated 0.")
+
+
+class SrankSession(Session):
+    """The selection needs the weights, so the trainable count is known only after ``apply``; with the
+    time-aware schedule the trained set changes during training (``calibration.py``)."""
+
+    def __init__(self, run, selection, calibration=None):
+        self.run, self.static_selection, self.cal = run, list(selection), calibration
+        self.single_process = DYNAMIC_LAUNCH if calibration is not None else None
+
+    def expected_trainable(self, shapes, before):
+        if self.cal is not None:
+            return None  # the selection is made during training
+        return lora_count(shapes, {n: self.run.rank for n in self.static_selection})
+
+    def before_optimizer(self):
+        if self.cal is not None:
+            self.cal.enable_all()  # the optimiser holds everything the schedule may train
+
+    def after_param_groups(self):
+        if self.cal is not None:
+            self.cal.apply_flags()
+
+    def checkpoint_objects(self):
+        return [self.cal] if self.cal is not None else []
+
+    def after_step(self, step):
+        if self.cal is not None:
+            self.cal.after_step(step)
+
+    def metrics(self, n_trainable):
+        if self.cal is None:
+            return dict(srank_selection=self.static_selection, srank_schedule=None)
+        return dict(srank_selection=self.cal.selection, trainable_params=self.cal.lft_trainable(),
+                    srank_schedule=dict(lft_start_step=self.cal.start_step, events=self.cal.events,
+                                        warm_trainable_params=self.cal.warm_trainable()))
+
+
+def session(model, run):
+    return getattr(model, "llmscape_session", None)
+
+
+def launch_constraint(run) -> str | None:
+    return DYNAMIC_LAUNCH if _check(run).dynamic else None
+
+
+def inputs(run, model: str, ft: dict) -> dict[str, str]:
+    """The spectra stage's stable ranks of the base model, unless finetune.stable_ranks_from_spectra is off
+    (then they come from the loaded weights)."""
+    return {"sranks": f"results/spectra/{model}/base.parquet"} if ft.get("stable_ranks_from_spectra", True) else {}
+
+
+def expected_before_weights(shapes, run, ctx=None):
+    """Unknown before the weights are read (the session gives it after ``apply``)."""
+    targets(shapes, run, ctx)  # the candidates are checked all the same
+    return None
