@@ -70,6 +70,21 @@ def test_every_job_imported_only_what_its_rule_environment_provides(ci_run):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("change, rule", [
+    ("spectra={plot_metrics: [alpha_ks]}", "plot_spectra"),  # not in what the spectra jobs read
+    ("join={heatmap: {method: pearson}}", "plot_join"),  # not in what join_tables and correlate read
+])
+def test_a_key_read_by_one_rule_reruns_that_rule_only(ci_run, change, rule):
+    """Each rule passes only the keys its job reads: a change elsewhere in a config section does not
+    make the other rules of the stage rerun (params are a rerun trigger)."""
+    res = smk(ci_run, change, "-n", "--rerun-triggers", "params")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    stats = res.stdout.split("Job stats:")[1].split("\n\n")[0]
+    jobs = {line.split()[0] for line in stats.splitlines()[3:] if line.strip() and line.split()[0] != "total"}
+    assert jobs == {rule}, stats
+
+
+@pytest.mark.slow
 def test_report_of_the_ci_run_is_complete(ci_run):
     """snakemake --report: one self-contained HTML with the join's figures and tables, the configuration
     and the per-rule runtimes."""

@@ -93,7 +93,7 @@ rule correlate:
     resources:
         **res("join"),
     params:
-        join=JOIN,
+        join=JOIN_CORRELATE,
         checkpoints=lambda wc: [[r, s] for r, s, _ in join_checkpoints()],
         runs=lambda wc: join_runs(),
     script:

@@ -24,7 +24,7 @@ rule spectra:
     resources:
         **res("spectra"),
     params:
-        spectra=SPECTRA,
+        spectra=SPECTRA_JOB,
     script:
         "../../scripts/spectra.py"
 

@@ -2,6 +2,24 @@
 import re
 
 JOIN = config["join"]
+# what the correlate job reads of join: (variants, checkpoints, layer_match and heatmap choose inputs or
+# belong to other rules)
+JOIN_CORRELATE = {
+    k: JOIN[k]
+    for k in (
+        "spectral_metrics",
+        "modules",
+        "stats",
+        "geometry_metrics",
+        "methods",
+        "pooled",
+        "n_boot",
+        "ci",
+        "seed",
+        "top_k",
+        "gap_window",
+    )
+}
 
 
 def _stage(name):

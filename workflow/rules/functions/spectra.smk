@@ -2,6 +2,8 @@
 from llmscape.spectra.intervene import variant_name as _srank_variant_name
 
 SPECTRA = config["spectra"]
+# what a spectra job reads (the adaptive ranks, interventions and plots have their own rules and keys)
+SPECTRA_JOB = {k: v for k, v in SPECTRA.items() if k not in ("adaptive", "intervene", "plot_metrics")}
 
 
 def intervention_variants():
