@@ -32,11 +32,12 @@ def main():
     args = ap.parse_args()
     import torch
 
+    from llmscape.devices import pick_device
     from llmscape.spectra import esd, stream
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    dev = stream.pick_device(args.device)
+    dev = pick_device(args.device, key="--device")
     res = {}
     for method in args.methods:
         per = {}

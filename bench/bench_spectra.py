@@ -57,6 +57,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    from llmscape.devices import pick_device
     from llmscape.spectra import stream
 
     folder = Path(args.model_dir)
@@ -64,7 +65,7 @@ def main() -> None:
     if args.random_like:
         folder = random_like(Path(args.random_like), Path(tempfile.mkdtemp()) / "hf")
         label = f"random-like:{Path(args.random_like).parent.name}"
-    dev = stream.pick_device(args.device)
+    dev = pick_device(args.device, key="--device")
 
     def ours():
         return stream.compute_spectra(folder, label, "base", device=dev, include_embeddings=True)

@@ -93,6 +93,6 @@ def test_every_stage_error_is_an_llmscape_error():
              "llmscape.finetune.common": "FinetuneError", "llmscape.assets": "AssetError",
              "llmscape.geometry": "GeometryError", "llmscape.prompts": "PromptError", "llmscape.data": "DataError",
              "llmscape.plan": "PlanError", "llmscape.io": "OutputError", "llmscape.configcheck": "ConfigError",
-             "llmscape.models": "ModelError", "llmscape.join.columns": "JoinError"}
+             "llmscape.models": "ModelError", "llmscape.join.columns": "JoinError", "llmscape.devices": "DeviceError"}
     for module, name in names.items():
         assert issubclass(getattr(importlib.import_module(module), name), LlmscapeError), name

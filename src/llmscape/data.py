@@ -331,6 +331,9 @@ def load_prepared(data_dir: str | Path, split: str = "analysis") -> tuple[pd.Dat
 def read_prepared(table: str | Path, pool: str | Path, index: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(rows of the split whose index file is ``index``, in its order; the few-shot pool), from the
     files a rule declares as its inputs."""
-    frame = pd.read_parquet(table)
-    rows = frame.set_index("question_id").loc[np.load(index)].reset_index()
-    return rows, pd.read_parquet(pool)
+    return read_rows(table, index), pd.read_parquet(pool)
+
+
+def read_rows(table: str | Path, index: str | Path) -> pd.DataFrame:
+    """The rows of ``table`` listed in the index file ``index``, in its order."""
+    return pd.read_parquet(table).set_index("question_id").loc[np.load(index)].reset_index()

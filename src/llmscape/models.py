@@ -23,6 +23,7 @@ from pathlib import Path
 
 from . import assets
 from .io import write_json
+from .devices import pick_device, pick_dtype  # noqa: F401  (the stages' one device helper)
 from .errors import LlmscapeError
 
 log = logging.getLogger("llmscape.models")
@@ -262,30 +263,6 @@ def apply_adapter(model, base_path: str | Path, adapter: str | Path) -> int:
             t = p.detach().to("cpu", dtypes.get(stored.get(k), p.dtype))  # as the base folder stores it
             p.copy_(update_tensor(t, ps).to(p.dtype))
     return len(parts)
-
-
-def pick_device(device: str = "auto", key: str = "extract.device", error: type[Exception] = None) -> str:
-    """``auto`` -> cuda when torch sees a GPU, else cpu; a CUDA device without a GPU is an error naming
-    the config ``key`` (raised as ``error``, ModelError by default). Shared by every stage."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise (error or ModelError)(f"{key} {device!r} asked for, but torch sees no CUDA GPU. "
-                                    f"Fix: set {key} to auto or cpu.")
-    return device
-
-
-def pick_dtype(dtype: str, device: str):
-    import torch
-
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if dtype not in table:
-        raise ModelError(f"dtype {dtype!r} is not one of auto, {', '.join(table)}")
-    return table[dtype]
 
 
 def load(path: str | Path, dtype="float32", device: str = "cpu", trust_remote_code: bool = False,

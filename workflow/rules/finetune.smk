@@ -29,7 +29,6 @@ rule finetune:
         run=lambda wc: asdict(FT_RUNS[wc.run]),  # plain data: the job unpickles params before its imports
         train=FT_TRAIN,
         eval=FT["eval"],
-        data=FT_SPLITS,
         steps=FT_CKPT_STEPS,
         launch=FT_LAUNCH,
         trust_remote_code=config["trust_remote_code"],

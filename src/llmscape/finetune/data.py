@@ -15,16 +15,24 @@ import numpy as np
 import torch
 
 from .. import prompts
-from ..data import LETTERS, load_prepared
+from ..data import LETTERS, load_prepared, read_rows
 
 
 def prompt_text(subject: str, question: str, choices, header: bool) -> str:
     return (prompts.header(subject) if header else "") + prompts.question_block(question, choices)
 
 
-def load_rows(data_dir: str | Path, split: str):
-    rows, _ = load_prepared(data_dir, split=split)
-    return rows
+def load_rows(source: str | Path, split: str | Path):
+    """Rows of a split of prepared data. ``source``: the folder prepare_data wrote, or its table file
+    (``mmlu.parquet``); ``split``: a split name, or the path of its index file (``<split>_index.npy``), as a
+    rule declares them."""
+    source = Path(source)
+    if source.suffix != ".parquet" and not str(split).endswith(".npy"):
+        rows, _ = load_prepared(source, split=str(split))
+        return rows
+    table = source if source.suffix == ".parquet" else source / "mmlu.parquet"
+    index = Path(split) if str(split).endswith(".npy") else table.parent / f"{split}_index.npy"
+    return read_rows(table, index)
 
 
 def split_validation(rows, val_rows: int, seed: int = 0):

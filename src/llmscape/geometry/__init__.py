@@ -79,7 +79,7 @@ subject, subsample), columns ``resolution.STUDY_COLUMNS``.
 """
 
 from .files import read_knn, read_labels, write_knn
-from .graph import blas_single_thread, compute_neighbour_graph, resolve_device, return_unique_rows
+from .graph import blas_single_thread, compute_neighbour_graph, return_unique_rows
 from .metrics import (LayerResult, compute_layer_geometry, compute_layer_graph, compute_layer_metrics,
                       return_ari, return_class_sizes, return_core_fraction, return_data_overlap,
                       return_label_overlap_k, return_resolution)
@@ -93,7 +93,7 @@ __all__ = [
     "STATUS_OK", "TABLE_COLUMNS", "ExtractionGeometry", "GeometryError", "GeometryParams", "LayerResult",
     "blas_single_thread", "compute_geometry", "compute_layer_geometry", "compute_layer_graph",
     "compute_layer_metrics", "compute_neighbour_graph", "compute_pair_overlaps", "draw_members", "read_knn",
-    "read_labels", "resolve_device", "return_ari", "return_class_sizes", "return_core_fraction",
+    "read_labels", "return_ari", "return_class_sizes", "return_core_fraction",
     "return_data_overlap", "return_interval", "return_label_overlap_k", "return_member_knn", "return_resolution",
     "return_subgraph", "return_unique_rows", "write_knn",
 ]

@@ -9,15 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ..devices import pick_device
 from .params import GeometryError
 
 log = logging.getLogger("llmscape.geometry")
-
-
-def resolve_device(spec: str = "auto") -> str:
-    from ..models import pick_device
-
-    return pick_device(spec, key="geometry.device", error=GeometryError)
 
 
 def return_unique_rows(X: np.ndarray, return_inverse: bool = False):
@@ -90,7 +85,7 @@ def compute_neighbour_graph(X: np.ndarray, k: int, *, device: str = "auto", prec
         raise ValueError(f"precision must be float32 or float64, got {precision!r}")
     if blas not in ("numpy", "torch"):
         raise ValueError(f"blas must be numpy or torch, got {blas!r}")
-    dev = resolve_device(device)
+    dev = pick_device(device, key="geometry.device", error=GeometryError)
     B = max(1, min(int(block_rows), n))
     itemsize = 4 if precision == "float32" else 8
     # each (I, J >= I) block is computed once; its transpose serves row block J later. Keeping the

@@ -13,7 +13,8 @@ from typing import NamedTuple
 import numpy as np
 
 from .files import read_labels, read_layer
-from .graph import blas_single_thread, resolve_device
+from ..devices import pick_device
+from .graph import blas_single_thread
 from .metrics import (compute_layer_graph, compute_layer_metrics, fill_intervals, resolution_advice,
                       return_class_sizes, return_data_overlap)
 from .params import (BOOT_COLUMNS, GRIDE_COLUMNS, OVERLAP_COLUMNS, RESOLVED, STATUS_OK, TABLE_COLUMNS, GeometryError,
@@ -49,7 +50,7 @@ def compute_geometry(h5_path: str | Path, params: GeometryParams, *, model: str 
     model = model or str(meta["attrs"].get("model", ""))
     variant = variant or str(meta["attrs"].get("variant", ""))
     layers = list(range(n_layers)) if layers is None else list(layers)
-    device = resolve_device(params.device)
+    device = pick_device(params.device, key="geometry.device", error=GeometryError)
     params = GeometryParams(**{**asdict(params), "device": device})
     log.info("%s: %d layers x %d questions x %d dims on %s (torch threads %d)", h5_path, n_layers,
              meta["shape"][1], meta["shape"][2], device, torch.get_num_threads())

@@ -26,6 +26,7 @@ from typing import Iterator
 import numpy as np
 
 from . import esd
+from ..devices import pick_device
 from ..errors import LlmscapeError
 
 log = logging.getLogger("llmscape.spectra")
@@ -143,12 +144,6 @@ def iter_tensors(refs: list[MatrixRef]) -> Iterator[tuple[MatrixRef, "object"]]:
         yield r, read_tensor(r.file, r.name, headers[r.file])
 
 
-def pick_device(device: str = "auto") -> str:
-    from ..models import pick_device as _pick
-
-    return _pick(device, key="spectra.device", error=SpectraError)
-
-
 def compute_eigenvalues(W, method: str = "auto", device: str = "cpu", block_rows: int = 8192) -> np.ndarray:
     """Squared singular values of a 2-D tensor (ascending float64 numpy), see the module docstring."""
     import torch
@@ -188,7 +183,7 @@ def compute_spectra(folder: str | Path, model: str = "", variant: str = "", *, d
     import pandas as pd
     import torch
 
-    dev = pick_device(device)
+    dev = pick_device(device, key="spectra.device", error=SpectraError)
     refs = list_matrices(folder, modules, include_embeddings)
     if not refs:
         raise SpectraError(f"no decoder weight matrices ({', '.join(modules)}) found in {folder}. Fix: the folder "

@@ -12,7 +12,6 @@ from llmscape.finetune.train import checkpoint_steps
 
 FT = config["finetune"]
 FT_DATA_DIR = FT["data"]["dir"]
-FT_SPLITS = {k: FT["data"][k] for k in ("split", "eval_split")}  # what the job reads (the folder is its inputs)
 FT_ADAPTIVE = f"results/spectra/{MODEL}/adaptive_ranks.json"  # written by the spectra stage
 FT_SRANKS = f"results/spectra/{MODEL}/base.parquet"  # stable ranks of the base model (spectra stage)
 try:
