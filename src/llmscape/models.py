@@ -18,11 +18,10 @@ import json
 import logging
 import os
 import re
-import shutil
 from pathlib import Path
 
 from . import assets
-from .io import write_json
+from .io import atomic_dir, write_json
 from .devices import pick_device, pick_dtype  # noqa: F401  (the stages' one device helper)
 from .errors import LlmscapeError
 
@@ -124,22 +123,17 @@ def convert_gguf(gguf: Path, dest: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = dest.with_name(dest.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The loaded model is flagged as quantised and save_pretrained refuses it; its weights are plain
-    # fp32 by now, so clear the flags (offline-assets.md).
+    # fp32 by now, so clear the flags.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.is_quantized = False
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
+    with atomic_dir(dest, tmp_name=dest.name + ".tmp") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
     return dest
 
 

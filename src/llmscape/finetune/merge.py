@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from ..io import write_json
+from ..io import atomic_dir, write_json
 from ..models import weights_checksum
 from .common import clean_name
 from .spectral import SpectralLinear
@@ -108,18 +107,11 @@ def save_adapter(model, dest: str | Path, accelerator=None, is_main: bool = True
     if not is_main:
         return dest
     flat = {f"{k}::{part}": t.contiguous() for k, ps in sorted(parts.items()) for part, t in sorted(ps.items())}
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file(flat, tmp / ADAPTER_FILE, metadata=dict(format=ADAPTER_FORMAT, base_checksum=base_checksum))
-    info = dict(format=ADAPTER_FORMAT, base_checksum=base_checksum, tensors=len(parts),
-                parameters=int(sum(t.numel() for t in flat.values())), **(extra or {}))
-    (tmp / "adapter.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, dest)
+    with atomic_dir(dest) as tmp:
+        save_file(flat, tmp / ADAPTER_FILE, metadata=dict(format=ADAPTER_FORMAT, base_checksum=base_checksum))
+        info = dict(format=ADAPTER_FORMAT, base_checksum=base_checksum, tensors=len(parts),
+                    parameters=int(sum(t.numel() for t in flat.values())), **(extra or {}))
+        (tmp / "adapter.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
     return dest
 
 
@@ -189,34 +181,26 @@ def save_merged(model, base_path: str | Path, dest: str | Path, accelerator=None
     files = sorted(base_path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{base_path} holds no *.safetensors; the base model must be a safetensors folder")
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     used = set()
-    for f in files:
-        out = {}
-        with safe_open(f, framework="pt") as sf:
-            meta = sf.metadata() or {}
-            for k in sf.keys():
-                t = sf.get_tensor(k)
-                if k in parts:
-                    t = update_tensor(t, parts[k])
-                    used.add(k)
-                out[k] = t.contiguous()
-        meta.setdefault("format", "pt")
-        save_file(out, tmp / f.name, metadata=meta)
-    missing = set(parts) - used
-    if missing:
-        shutil.rmtree(tmp)
-        raise KeyError(f"merged updates for tensors absent from {base_path}: {sorted(missing)[:5]}")
-    _copy_side_files(base_path, tmp)
-    if extra:
-        (tmp / "finetune.json").write_text(json.dumps(extra, indent=2, sort_keys=True, default=str) + "\n")
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, dest)
+    with atomic_dir(dest) as tmp:
+        for f in files:
+            out = {}
+            with safe_open(f, framework="pt") as sf:
+                meta = sf.metadata() or {}
+                for k in sf.keys():
+                    t = sf.get_tensor(k)
+                    if k in parts:
+                        t = update_tensor(t, parts[k])
+                        used.add(k)
+                    out[k] = t.contiguous()
+            meta.setdefault("format", "pt")
+            save_file(out, tmp / f.name, metadata=meta)
+        missing = set(parts) - used
+        if missing:
+            raise KeyError(f"merged updates for tensors absent from {base_path}: {sorted(missing)[:5]}")
+        _copy_side_files(base_path, tmp)
+        if extra:
+            (tmp / "finetune.json").write_text(json.dumps(extra, indent=2, sort_keys=True, default=str) + "\n")
     return dest
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import write_json
+from ..io import atomic_dir, write_json
 from .stream import DECODER_MODULES, SpectraError, list_weight_files, parse_name
 from .esd import stable_rank
 
@@ -133,40 +133,33 @@ def intervene_folder(src: str | Path, dest: str | Path, group: str, target: floa
     if group not in GROUPS:
         raise InterventionError(f"unknown module group {group!r}; choose from {', '.join(GROUPS)}")
     modules = set(GROUPS[group])
-    tmp = dest.with_name(dest.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    shards = {f.name for f in list_weight_files(src)}
-    for f in sorted(src.iterdir()):
-        if f.is_file() and f.name not in shards:
-            shutil.copy2(f, tmp / f.name)
-    matrices = []
-    for shard in list_weight_files(src):
-        with safe_open(str(shard), framework="pt") as h:
-            touched = [k for k in h.keys() if (p := parse_name(k)) and p[0] >= 0 and p[1] in modules]
-            if not touched:
-                _link_or_copy(shard, tmp / shard.name)
-                continue
-            meta = dict(h.metadata() or {"format": "pt"})
-            tensors = {}
-            for k in h.keys():
-                t = h.get_tensor(k)
-                if k in touched:
-                    Wn, info = compute_srank_update(t, target, k, device)
-                    t = Wn.to(device="cpu", dtype=t.dtype).contiguous()
-                    info["srank_after"] = stable_rank(t)
-                    matrices.append(info)
-                tensors[k] = t
-        meta["llmscape_intervention"] = json.dumps(dict(kind="stable_rank", group=group, target=float(target)))
-        save_file(tensors, str(tmp / shard.name), metadata=meta)
-        del tensors
-    if not matrices:
-        shutil.rmtree(tmp)
-        raise InterventionError(f"no {', '.join(sorted(modules))} matrices in {src}")
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
+    with atomic_dir(dest, tmp_name=dest.name + ".tmp") as tmp:
+        shards = {f.name for f in list_weight_files(src)}
+        for f in sorted(src.iterdir()):
+            if f.is_file() and f.name not in shards:
+                shutil.copy2(f, tmp / f.name)
+        matrices = []
+        for shard in list_weight_files(src):
+            with safe_open(str(shard), framework="pt") as h:
+                touched = [k for k in h.keys() if (p := parse_name(k)) and p[0] >= 0 and p[1] in modules]
+                if not touched:
+                    _link_or_copy(shard, tmp / shard.name)
+                    continue
+                meta = dict(h.metadata() or {"format": "pt"})
+                tensors = {}
+                for k in h.keys():
+                    t = h.get_tensor(k)
+                    if k in touched:
+                        Wn, info = compute_srank_update(t, target, k, device)
+                        t = Wn.to(device="cpu", dtype=t.dtype).contiguous()
+                        info["srank_after"] = stable_rank(t)
+                        matrices.append(info)
+                    tensors[k] = t
+            meta["llmscape_intervention"] = json.dumps(dict(kind="stable_rank", group=group, target=float(target)))
+            save_file(tensors, str(tmp / shard.name), metadata=meta)
+            del tensors
+        if not matrices:
+            raise InterventionError(f"no {', '.join(sorted(modules))} matrices in {src}")
     errs = [abs(m["srank_after"] - m["target"]) for m in matrices]
     log.info("intervention %s -> %s: %d matrices, stable rank %s, max |achieved - target| %.2e", group,
              target, len(matrices), f"{np.mean([m['srank_before'] for m in matrices]):.3f} (mean before)",
