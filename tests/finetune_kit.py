@@ -129,3 +129,12 @@ def job_spec_tiny(run, tiny_dir, data_dir, out, **tc):
 
     return job_spec(asdict(run), base_path=tiny_dir, data_dir=data_dir, out_dir=out, train_cfg={**TC, **tc},
                     eval_cfg=dict(per_subject=3), run_name="t", data_split="finetune", eval_split="analysis")
+
+
+def perturb_trainable(model, scale: float = 0.05):
+    """Stand-in for training: every trainable tensor moves by seeded noise (seed it before calling)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * scale)
+    return model

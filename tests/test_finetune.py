@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from finetune_kit import (ROOT, SMOL, TINY_SHAPES, H, L, all_methods, assert_same_training, job_spec_tiny, load,
-                          run_of, train_tiny)
+                          perturb_trainable, run_of, train_tiny)
 from llmscape.finetune import grid, registry
 from llmscape.finetune.common import Context, FinetuneError, linear_shapes, trainable_count
 from llmscape.finetune.data import answer_loss, collate
@@ -111,10 +111,7 @@ def test_merged_weights_match_unmerged_adapter(tiny_dir, ranks_file, tmp_path):
     for k, run in enumerate(all_methods(ranks_file)):
         torch.manual_seed(k)
         model = registry.get(run.method).apply(load(tiny_dir), run, Context(adaptive_ranks=ranks_file[0]))
-        with torch.no_grad():  # stand-in for training: every trainable tensor moves
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn_like(p) * 0.05)
+        perturb_trainable(model)
         model.eval()
         with torch.no_grad():
             want = model(input_ids=ids_).logits
@@ -151,10 +148,7 @@ def test_adapter_checkpoints_give_the_merged_weights_and_states(tiny_dir, ranks_
     for k, run in enumerate(all_methods(ranks_file)):
         torch.manual_seed(k)
         model = registry.get(run.method).apply(load(base), run, Context(adaptive_ranks=ranks_file[0]))
-        with torch.no_grad():  # stand-in for training: every trainable tensor moves
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn_like(p) * 0.05)
+        perturb_trainable(model)
         merged = save_merged(model, base, tmp_path / f"m{k}")
         adapter = save_adapter(model, tmp_path / f"a{k}")
         assert is_adapter(adapter) and not is_adapter(merged)

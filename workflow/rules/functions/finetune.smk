@@ -6,14 +6,14 @@ from snakemake.exceptions import WorkflowError
 
 from llmscape.finetune import grid as ft_grid
 from llmscape.finetune import registry as ft_registry
+from llmscape.finetune.lora_adaptive.model import default_ranks_file
 from llmscape.finetune.common import Context as FtContext
 from llmscape.finetune.common import FinetuneError
 from llmscape.finetune.train import checkpoint_steps
 
 FT = config["finetune"]
 FT_DATA_DIR = FT["data"]["dir"]
-FT_ADAPTIVE = f"results/spectra/{MODEL}/adaptive_ranks.json"  # written by the spectra stage
-FT_SRANKS = f"results/spectra/{MODEL}/base.parquet"  # stable ranks of the base model (spectra stage)
+FT_ADAPTIVE = default_ranks_file(MODEL)  # written by the spectra stage
 try:
     FT_RUNS = ft_grid.expand(FT) if FT["enabled"] else {}
 except FinetuneError as e:

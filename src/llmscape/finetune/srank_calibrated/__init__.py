@@ -12,7 +12,7 @@ re-calibration during training (``recalibrate_every``) are in ``calibration.py``
 
 from ...spectra.esd import stable_rank  # noqa: F401
 from ..method import Method
-from .model import (AXES, NAME, Options, SrankSession, apply, expected_before_weights, expected_trainable,  # noqa: F401
+from .model import (AXES, NAME, Options, SrankSession, apply, expected_before_weights,  # noqa: F401
                     inputs, launch_constraint, select, session, stable_ranks, targets)
 
 METHOD = Method(name=NAME, axes=AXES, options=Options, targets=targets, expected_trainable=expected_before_weights,

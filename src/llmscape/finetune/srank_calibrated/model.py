@@ -89,12 +89,6 @@ def select(names, sranks: dict[str, float], run) -> list[str]:
     return [n for n in names if n in set(chosen)]
 
 
-def expected_trainable(shapes, run, ctx=None) -> int:
-    names = targets(shapes, run, ctx)
-    chosen = select(names, stable_ranks(names, ctx), run)
-    return lora_count(shapes, {n: run.rank for n in chosen})
-
-
 def apply(model, run, ctx=None):
     from peft import get_peft_model
 
