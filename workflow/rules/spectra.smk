@@ -1,5 +1,6 @@
 # Weight spectra per matrix, spectrum-adaptive LoRA ranks and controlled stable-rank interventions.
 #   any model card  -> results/spectra/{model}/{variant}.parquet          (rule spectra)
+#   a fine-tuning run's final and checkpoint cards -> the same files, one job per run (rule spectra_run)
 #   base spectra    -> results/spectra/{model}/adaptive_ranks.json        (rule adaptive_ranks, for finetune)
 #   base card       -> results/variants/{model}/srank-{group}-{target}/hf + its model card (rule intervene)
 #   all tables      -> results/spectra/{model}/depth.png                  (rule plot_spectra, in the report)
@@ -7,6 +8,10 @@
 
 localrules:
     plot_spectra,
+
+
+# A run's variants ({run}, {run}-step{N}) are made together by its finetune job; one job reads them all.
+ruleorder: spectra_run > spectra
 
 
 rule spectra:
@@ -18,6 +23,30 @@ rule spectra:
         "logs/spectra/{model}/{variant}.log",
     benchmark:
         "benchmarks/spectra/{model}/{variant}.tsv"
+    conda:
+        "../../envs/spectra.yaml"
+    threads: threads_of("spectra")
+    resources:
+        **res("spectra"),
+    params:
+        spectra=SPECTRA_JOB,
+    script:
+        "../../scripts/spectra.py"
+
+
+rule spectra_run:
+    """The spectra of a fine-tuning run's final weights and of all its checkpoints, in one job: each is
+    minutes of work on a node, and one job per checkpoint would queue that many allocations."""
+    input:
+        cards=lambda wc: spectra_run_files(wc.model, wc.run, "results/models/{model}/{variant}/model.json"),
+    output:
+        tables=spectra_run_files("{model}", "{run}", "results/spectra/{model}/{variant}.parquet"),
+    log:
+        "logs/spectra/{model}/{run}.log",
+    benchmark:
+        "benchmarks/spectra/{model}/{run}.tsv"
+    wildcard_constraints:
+        run=FT_RUN_RE,
     conda:
         "../../envs/spectra.yaml"
     threads: threads_of("spectra")

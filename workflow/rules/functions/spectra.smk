@@ -12,6 +12,13 @@ def intervention_variants():
     return [_srank_variant_name(g, t) for g in iv["groups"] for t in iv["targets"]]
 
 
+def spectra_run_files(model, run, pattern):
+    """``pattern`` for a fine-tuning run's variants: its final weights, then its checkpoints in step order
+    (the variants the rule spectra_run computes in one job)."""
+    variants = [run] + [f"{run}-step{s}" for s in FT_CKPT_STEPS]
+    return [pattern.replace("{model}", model).replace("{variant}", v) for v in variants]
+
+
 def spectra_targets():
     variants = model_variants()
     return (
