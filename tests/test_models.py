@@ -96,3 +96,27 @@ def test_every_stage_error_is_an_llmscape_error():
              "llmscape.models": "ModelError", "llmscape.join.columns": "JoinError", "llmscape.devices": "DeviceError"}
     for module, name in names.items():
         assert issubclass(getattr(importlib.import_module(module), name), LlmscapeError), name
+
+
+def test_local_config_dir_reads_only_this_machine(tmp_path, monkeypatch):
+    """Where the DAG-build checks find a model's config.json: a folder, the HF cache, the published
+    configurations; a hub id found nowhere gives None (checked in the job), never a download."""
+    from pathlib import Path
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: a request would fail loudly
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    known = Path(__file__).resolve().parents[1] / "bench" / "configs"
+    d = _tiny_folder(tmp_path)
+    assert models.local_config_dir(str(d), tmp_path) == d
+    assert models.local_config_dir("meta-llama/Meta-Llama-3-70B", tmp_path, known) == known / "llama3-70b"
+    assert models.local_config_dir("someone/unknown-model", tmp_path, known) is None
+    assert models.local_config_dir("smollm2-135m", tmp_path / "nothing") is None  # not converted yet
+    snap = tmp_path / "cache" / "models--someone--cached" / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (tmp_path / "cache" / "models--someone--cached" / "refs").mkdir()
+    (tmp_path / "cache" / "models--someone--cached" / "refs" / "main").write_text("a" * 40)
+    assert models.local_config_dir("someone/cached", tmp_path) == snap

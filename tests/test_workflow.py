@@ -133,3 +133,41 @@ def test_invalid_config_fails_before_running(tmp_path, bad, message):
     res = smk(tmp_path, "-n", "--cores", "1", configfile=str(cfg))
     assert res.returncode != 0
     assert message in res.stdout + res.stderr, (res.stdout + res.stderr)[-2000:]
+
+
+@pytest.fixture()
+def counting_hub():
+    """A stand-in for the HF hub on loopback that answers every request with 503 and counts it (the real
+    hub cannot be reached here; a request to this one is what a login node without network would retry)."""
+    import http.server
+    import threading
+
+    hits: list[str] = []
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def _count(self):
+            hits.append(f"{self.command} {self.path}")
+            self.send_response(503)
+            self.end_headers()
+
+        do_GET = do_HEAD = do_POST = _count
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", hits
+    server.shutdown()
+
+
+@pytest.mark.parametrize("config_name", ["llama3-8b.yaml", "llama3-70b.yaml"])
+def test_dag_build_makes_no_request_to_the_hub(tmp_path, counting_hub, config_name):
+    """Hub models are checked in their jobs; the DAG is built from what is on this machine (an empty HF
+    cache here), so a login node without network builds it at once instead of retrying the hub."""
+    url, hits = counting_hub
+    env = {"HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"}
+    res = smk(tmp_path / "wd", "-n", "--cores", "1", configfile=f"config/{config_name}", env=env)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert "rule extract:" in res.stdout  # the whole DAG was built
+    assert hits == []

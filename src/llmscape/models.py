@@ -167,6 +167,32 @@ def check_model_spec(model: str) -> None:
                          "an HF hub id (owner/name). Fix: set `model` to one of those.")
 
 
+def local_config_dir(model: str, resources: str | Path, known: str | Path | None = None) -> Path | None:
+    """A folder on this machine holding ``model``'s config.json, found without any request to a hub,
+    or None. The DAG is built on a login node that may have no network (and a hub that is down must
+    not cost minutes of retries), so checks at DAG build read only what is here: the converted embedded
+    model, a local folder, the HF cache of a hub id (a model downloaded before), or a published
+    configuration kept in ``known`` (bench/configs/*/config.json, matched by ``_name_or_path``).
+    Whatever is not found here is checked in the job, which has the downloaded model."""
+    if model in EMBEDDED:
+        folder = Path(resources) / "models" / model / "hf"
+        return folder if (folder / "config.json").exists() else None
+    p = Path(model).expanduser()
+    if (p / "config.json").exists():
+        return p
+    if looks_like_path(model) or not re.fullmatch(r"[\w.-]+/[\w.-]+", model):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model, "config.json")  # reads the cache folder only
+    if isinstance(cached, str):
+        return Path(cached).parent
+    for c in sorted(Path(known).glob("*/config.json")) if known else []:
+        if json.loads(c.read_text()).get("_name_or_path") == model:
+            return c.parent
+    return None
+
+
 def resolve(model: str, resources: Path, trust_remote_code: bool = False) -> tuple[Path, str]:
     """(local folder, source description); downloads or converts when needed."""
     if model in EMBEDDED:

@@ -14,7 +14,7 @@ except ImportError:
     ) from None
 from llmscape.configcheck import check_config
 from llmscape.data import check_data_config
-from llmscape.models import check_model_spec, model_label
+from llmscape.models import check_model_spec, local_config_dir, model_label
 
 # every violation as one line naming the key, the value and the fix; then the schema fills in defaults
 check_config(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml")
@@ -27,6 +27,8 @@ SHOTS = sorted({int(k) for k in config["extract"]["shots"]})
 _vs = config["extract"].get("variant_shots")
 VARIANT_SHOTS = SHOTS if _vs is None else sorted({int(k) for k in _vs})
 RES_DIR = config["resources_dir"]
+# published configurations of hub models (config.json only): shapes at DAG build without the hub
+KNOWN_CONFIGS = Path(workflow.basedir) / "bench" / "configs"
 # what an extraction job reads of extract: (the shot lists only choose the jobs)
 EXTRACT_PARAMS = {k: v for k, v in config["extract"].items() if k not in ("shots", "variant_shots")}
 

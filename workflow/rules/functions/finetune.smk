@@ -25,26 +25,16 @@ _FT_CHECKED = []
 
 
 def _ft_model_shapes():
-    """Linear shapes of the configured model from its config.json alone (None when not available yet:
-    the job then checks at its start)."""
+    """Linear shapes of the configured model from a config.json on this machine (models.local_config_dir:
+    never a request to the hub); None when there is none yet: the job then checks at its start."""
     from llmscape.finetune.common import meta_shapes
-    from llmscape.models import EMBEDDED
 
-    if config["model"] in EMBEDDED:
-        src = Path(RES_DIR) / "models" / config["model"] / "hf"
-        if not (src / "config.json").exists():
-            return None
-    else:
-        src = config["model"]
-    try:
-        return meta_shapes(src, config["trust_remote_code"])
-    except Exception as e:  # offline hub id not cached yet
-        print(
-            f"finetune: model shapes not available before download ({type(e).__name__}); rank checks "
-            "run at job start",
-            file=sys.stderr,
-        )
+    src = local_config_dir(config["model"], RES_DIR, KNOWN_CONFIGS)
+    if src is None:
+        print("finetune: no config.json of the model on this machine yet; rank checks run at job start",
+              file=sys.stderr)
         return None
+    return meta_shapes(src, config["trust_remote_code"])
 
 
 def finetune_check():
