@@ -126,6 +126,9 @@ def test_second_run_has_nothing_to_do(ci_run):
     ("data:\n  subjects: [anatomyy, world_religions]\n", "'anatomyy' (did you mean 'anatomy'?)"),
     ("data:\n  source: csv\n  path: /nonexistent/mmlu\n", "data.path = '/nonexistent/mmlu': no such folder"),
     ("model: /nonexistent/x\n", "model = '/nonexistent/x' looks like a local folder, and /nonexistent/x does not"),
+    # GPUs the job could not use
+    ("extract:\n  device_map: auto\n", "extract.device_map = 'auto' shards the model over the job's GPUs, but "
+                                       "resources.extract.gpu requests none"),
 ])
 def test_invalid_config_fails_before_running(tmp_path, bad, message):
     cfg = tmp_path / "bad.yaml"
@@ -171,3 +174,24 @@ def test_dag_build_makes_no_request_to_the_hub(tmp_path, counting_hub, config_na
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     assert "rule extract:" in res.stdout  # the whole DAG was built
     assert hits == []
+
+
+@pytest.mark.parametrize("group, change, message", [
+    ("extract", {"gpu": 4, "gpu_model": "a100"},
+     "resources.extract asks for 4 x NVIDIA A100 40GB (40 GB each, gpu_model 'a100'), which give the extraction "
+     "146.9 GB; it needs 150.4 GB: 141.1 GB of weights"),
+    ("finetune", {"gpu": 4},
+     "finetune.train.deepspeed = 'config/deepspeed/zero3.json' is ZeRO-3 with finetune.launch.num_processes = 8, "
+     "but resources.finetune_lora.gpu requests 4 GPU(s)"),
+])
+def test_70b_gpus_that_cannot_run_fail_at_dag_build(tmp_path, group, change, message):
+    """The 70B config with too few or too small GPUs: the error comes from the DAG build, offline."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "config" / "llama3-70b.yaml").read_text())
+    cfg["resources"][group].update(change)
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump(cfg))
+    res = smk(tmp_path / "wd", "-n", "--cores", "1", configfile=str(f), env={"HF_HUB_OFFLINE": "1"})
+    assert res.returncode != 0
+    assert message in res.stdout + res.stderr, (res.stdout + res.stderr)[-2000:]

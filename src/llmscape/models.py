@@ -321,3 +321,56 @@ def load(path: str | Path, dtype="float32", device: str = "cpu", trust_remote_co
         log.info("%s sharded: %s", path, sorted({str(d) for d in getattr(model, "hf_device_map", {}).values()}))
     model.eval()
     return tok, model
+
+
+def parameter_count(folder: str | Path) -> int:
+    """Parameters stored in a folder's safetensors files, from their headers (no tensor is read)."""
+    import math
+
+    total = 0
+    for f in sorted(p for pat in WEIGHT_PATTERNS for p in Path(folder).glob(pat)):
+        header, _ = read_safetensors_header(f)
+        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    return total
+
+
+def plan_gpus(folder: str | Path, totals: list[int], *, dtype_bytes: int, token_budget: int, sharded: bool,
+              max_memory: dict | None = None) -> dict | None:
+    """The job's check, before any weight is loaded: do the GPUs it got (``totals``: bytes of each
+    visible GPU; one is used unless ``sharded``) hold the model's weights and an extraction's working
+    memory (llmscape.gpufit)? Raises FitError naming the keys and the fix. Returns the ``max_memory`` a
+    sharded load should use: the configured one, else per GPU its memory less the reserve, one block's
+    activations and its share of the keys/values, so that accelerate's placement leaves room for them."""
+    from . import gpufit
+
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    fp = gpufit.footprint(cfg, parameter_count(folder), dtype_bytes, token_budget)
+    used = totals if sharded else totals[:1]
+    have = sum(t - gpufit.RESERVE_GB * gpufit.GB for t in used) - (len(used) - 1) * fp.block
+    if have < fp.total:
+        fewest = gpufit.gpus_needed(fp, min(used))
+        raise gpufit.FitError(
+            f"{folder}: the extraction needs {fp.total / 1e9:.1f} GB ({fp.weights / 1e9:.1f} GB of weights, "
+            f"{(fp.kv + fp.activations) / 1e9:.1f} GB of keys/values and activations at extract.token_budget = "
+            f"{token_budget}), and the {len(used)} GPU(s) it uses give {have / 1e9:.1f} GB. Fix: "
+            + (f"resources.extract.gpu: {fewest} with extract.device_map: auto" if fewest else "larger GPUs")
+            + ", or a lower extract.token_budget (nothing was loaded).")
+    if not sharded or max_memory:
+        return max_memory
+    share = fp.kv / len(used) + fp.activations + gpufit.RESERVE_GB * gpufit.GB
+    return {i: int(t - share) for i, t in enumerate(used)}
+
+
+def fit_on_gpus(folder: str | Path, cfg) -> dict | None:
+    """``plan_gpus`` for an ExtractConfig on the GPUs torch sees; nothing to check on a CPU."""
+    import torch
+
+    device = pick_device(cfg.device)
+    if not device.startswith("cuda"):
+        return cfg.max_memory
+    first = torch.device(device).index or 0
+    ids = range(torch.cuda.device_count()) if cfg.device_map else [first]
+    totals = [torch.cuda.get_device_properties(i).total_memory for i in ids]
+    nbytes = torch.tensor([], dtype=pick_dtype(cfg.dtype, device)).element_size()
+    return plan_gpus(folder, totals, dtype_bytes=nbytes, token_budget=cfg.token_budget,
+                     sharded=bool(cfg.device_map), max_memory=cfg.max_memory)

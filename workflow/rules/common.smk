@@ -1,4 +1,5 @@
 # Shared by every stage: config validation, paths, resources, target lists.
+import json
 import sys
 from pathlib import Path
 
@@ -12,9 +13,11 @@ except ImportError:
         f"the llmscape library is not installed in this Python ({sys.executable}). Fix: make setup, or "
         "pip install -e . in this checkout (envs/ holds the per-stage environments for --sdm conda)."
     ) from None
+from llmscape import gpufit
 from llmscape.configcheck import check_config
 from llmscape.data import check_data_config
 from llmscape.models import check_model_spec, local_config_dir, model_label
+from llmscape.plan import model_shape
 
 # every violation as one line naming the key, the value and the fix; then the schema fills in defaults
 check_config(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml")
@@ -71,6 +74,20 @@ def res(group, parent=None):
         r.pop("gpu", None)
         r.pop("gpu_model", None)
     return r
+
+
+def _check_gpus():
+    """GPUs requested that the jobs cannot use or that cannot hold the model (llmscape.gpufit), from the
+    model's shape on this machine (plan.model_shape: a local config.json or a published one) and the
+    device table; what only the job can see (an unknown GPU or model) the job checks before loading."""
+    shape = model_shape(config["model"], Path(RES_DIR), KNOWN_CONFIGS)
+    model_cfg = json.loads(Path(shape.source).read_text()) if shape else None
+    note = gpufit.check_extract(config["extract"], res("extract"), model_cfg, shape.params if shape else None)
+    if note:
+        print(note, file=sys.stderr)
+
+
+_check_gpus()
 
 
 # Downloads (the model, MMLU) need the login node's network, so they run in the head process; so do

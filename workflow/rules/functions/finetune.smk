@@ -64,6 +64,7 @@ def _ft_check_launch():
         if why and (n > 1 or FT_TRAIN["deepspeed"]):
             raise WorkflowError(f"run {run}: {spec.method}: {why}")
         gpus = res(_ft_method_group(run), parent="finetune").get("gpu", 0)
+        gpufit.check_zero3_launch(FT_TRAIN, FT_LAUNCH, int(gpus or 0), _ft_method_group(run), [Path(workflow.basedir)])
         if isinstance(gpus, int) and 0 < gpus < n:
             raise WorkflowError(
                 f"finetune.launch.num_processes is {n} but run {run} requests {gpus} GPU(s) "
