@@ -19,15 +19,15 @@ def shape_of(model):
 
 
 LLAMA70 = shape_of("meta-llama/Meta-Llama-3-70B")
-EXTRACT_70B = dict(device="cuda", dtype="bfloat16", token_budget=16384, device_map="auto")
+EXTRACT_70B = dict(device="cuda", dtype="bfloat16", token_budget=8192, device_map="auto")
 
 
 def test_70b_footprint_from_its_shape():
     cfg, params = LLAMA70
-    fp = gpufit.footprint(cfg, params, 2, 16384)
+    fp = gpufit.footprint(cfg, params, 2, 8192)
     assert fp.weights == pytest.approx(141.1e9, rel=1e-3)
-    assert fp.kv == 16384 * 80 * 2 * 8 * 128 * 2              # 80 layers, 8 kv heads of 128, bf16
-    assert fp.activations == 16384 * (4 * 8192 + 2 * 1024 + 3 * 28672) * 2
+    assert fp.kv == 8192 * 80 * 2 * 8 * 128 * 2              # 80 layers, 8 kv heads of 128, bf16
+    assert fp.activations == 8192 * (4 * 8192 + 2 * 1024 + 3 * 28672) * 2
     assert gpufit.gpus_needed(fp, 80e9) == 2 and gpufit.gpus_needed(fp, 40e9) == 5
     assert gpufit.gpus_needed(fp, 141e9) == 2  # an H200 alone cannot hold 141 GB of weights and the rest
 
@@ -58,7 +58,7 @@ def test_gpus_that_cannot_hold_the_model_fail_naming_keys_and_fix(r, fits):
         gpufit.check_extract(EXTRACT_70B, r, *LLAMA70)
     msg = str(e.value)
     assert isinstance(e.value, LlmscapeError)
-    assert "resources.extract" in msg and "extract.token_budget = 16384" in msg and "Fix:" in msg
+    assert "resources.extract" in msg and "extract.token_budget = 8192" in msg and "Fix:" in msg
     assert "141.1 GB of weights" in msg
 
 
@@ -112,22 +112,47 @@ def test_zero3_launches_that_can_start_pass(tmp_path):
         gpufit.check_zero3_launch({"deepspeed": "nowhere/zero3.json"}, {"num_processes": 2}, 0, "finetune", [ROOT])
 
 
-def test_job_check_before_loading(base_card, tmp_path):
+def test_job_check_before_loading(base_card):
     """In the job: the model's own weights (safetensors headers) against the memory of the GPUs it got.
     No GPU here: the per-GPU totals are given as numbers (a stand-in for torch.cuda's properties)."""
+    import torch
+
     folder = Path(base_card["path"])
-    cfg = json.loads((folder / "config.json").read_text())
     n = models.parameter_count(folder)
     assert n == pytest.approx(134.5e6, rel=0.01)  # SmolLM2-135M, tied embeddings stored once
-    fp = gpufit.footprint(cfg, n, 2, 4096)
-    room = fp.total + gpufit.RESERVE_GB * 1e9
-    assert models.plan_gpus(folder, [int(room) + 1], dtype_bytes=2, token_budget=4096, sharded=False) is None
-    with pytest.raises(gpufit.FitError, match=r"extract.token_budget = 4096.*Fix: .*nothing was loaded"):
-        models.plan_gpus(folder, [int(room) - 1], dtype_bytes=2, token_budget=4096, sharded=False)
-    # sharded over two: each GPU keeps its reserve, one block's activations and half the keys/values
-    half = int((fp.total + fp.block) / 2 + gpufit.RESERVE_GB * 1e9) + 1
-    mm = models.plan_gpus(folder, [half, half], dtype_bytes=2, token_budget=4096, sharded=True)
-    assert set(mm) == {0, 1}
-    assert mm[0] == int(half - fp.kv / 2 - fp.activations - gpufit.RESERVE_GB * 1e9)
-    assert models.plan_gpus(folder, [half, half], dtype_bytes=2, token_budget=4096, sharded=True,
-                            max_memory={"0": "1GiB"}) == {"0": "1GiB"}  # a configured max_memory is kept
+    fp = gpufit.footprint(json.loads((folder / "config.json").read_text()), n, 2, 4096)
+    one = fp.weights + fp.kv + fp.activations + fp.block + gpufit.RESERVE_GB * 1e9  # what one GPU must have
+    kw = dict(dtype=torch.bfloat16, token_budget=4096)
+    assert models.plan_gpus(folder, [int(one) + 1], device_map=None, **kw) is None
+    with pytest.raises(gpufit.FitError, match=r"extract.token_budget = 4096. Fix: .*nothing was loaded"):
+        models.plan_gpus(folder, [int(one) - 1], device_map=None, **kw)
+    # sharded over two such GPUs: a device map on GPUs 0 and 1 only
+    placed = models.plan_gpus(folder, [int(one), int(one)], device_map="auto", **kw)
+    assert set(placed.values()) == {0, 1}
+    assert models.plan_gpus(folder, [int(one)] * 2, device_map="auto", max_memory={"0": "1GiB"}, **kw) is None
+
+
+def test_70b_on_two_80gb_gpus_places_every_block_on_a_gpu():
+    """accelerate's device map for Llama-3-70B (meta-device weights) within the caps the job computes for
+    two 80 GB GPUs: nothing on the CPU or disk, 40 blocks on each, every GPU under its cap."""
+    import collections
+
+    import torch
+    from accelerate import init_empty_weights
+    from accelerate.utils import compute_module_sizes
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg, params = LLAMA70
+    fp = gpufit.footprint(cfg, params, 2, 8192)
+    caps = gpufit.shard_budget(fp, [80e9, 80e9])
+    placed = models.meta_device_map(KNOWN / "llama3-70b", caps, torch.bfloat16, strategy="auto")
+    with init_empty_weights():
+        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(KNOWN / "llama3-70b"), dtype=torch.bfloat16)
+    sizes = compute_module_sizes(meta, dtype=torch.bfloat16)
+    held = collections.Counter()
+    for name, device in placed.items():
+        held[device] += sizes[name]
+    blocks = collections.Counter(d for k, d in placed.items() if k.startswith("model.layers."))
+    assert set(held) == {0, 1} and blocks == {0: 40, 1: 40}
+    assert all(held[i] <= caps[i] for i in (0, 1))
+    assert sum(held.values()) == pytest.approx(fp.weights, rel=1e-6)

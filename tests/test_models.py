@@ -120,3 +120,24 @@ def test_local_config_dir_reads_only_this_machine(tmp_path, monkeypatch):
     (tmp_path / "cache" / "models--someone--cached" / "refs").mkdir()
     (tmp_path / "cache" / "models--someone--cached" / "refs" / "main").write_text("a" * 40)
     assert models.local_config_dir("someone/cached", tmp_path) == snap
+
+
+def test_a_device_map_planned_on_meta_weights_loads_the_same_model(tmp_path, base_card, loaded_model):
+    """The job plans its device map before reading any weight (models.meta_device_map, on a meta-device
+    copy) and loads with it. Without GPUs the same plan puts part of the real SmolLM2 on the CPU and
+    the rest on disk; the hidden states of every layer equal the model in one piece, bit for bit."""
+    import torch
+
+    tok, whole = loaded_model
+    placed = models.meta_device_map(base_card["path"], {"cpu": 250_000_000}, torch.float32, strategy="sequential")
+    assert {"cpu", "disk"} <= set(placed.values())
+    _, sharded = models.load(base_card["path"], dtype="float32", device="cpu", device_map=placed,
+                             offload_folder=str(tmp_path / "offload"))
+    assert dict(sharded.hf_device_map) == placed
+    ids = tok(["Question: What is 2 + 2?\nA. 3\nB. 4\nAnswer:", "The capital of France is"],
+              return_tensors="pt", padding=True)
+    with torch.no_grad():
+        a = whole(**ids, output_hidden_states=True).hidden_states
+        b = sharded(**ids, output_hidden_states=True).hidden_states
+    assert len(a) == len(b) == whole.config.num_hidden_layers + 1
+    assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -178,8 +178,9 @@ def test_dag_build_makes_no_request_to_the_hub(tmp_path, counting_hub, config_na
 
 @pytest.mark.parametrize("group, change, message", [
     ("extract", {"gpu": 4, "gpu_model": "a100"},
-     "resources.extract asks for 4 x NVIDIA A100 40GB (40 GB each, gpu_model 'a100'), which give the extraction "
-     "146.9 GB; it needs 150.4 GB: 141.1 GB of weights"),
+     "resources.extract asks for 4 x NVIDIA A100 40GB (gpu_model 'a100', 40 GB each): after 2.7 GB of keys/values "
+     "at extract.token_budget = 8192, and 2.0 GB of activations, a 2 GB reserve and one 1.7 GB block per GPU, they "
+     "leave 134.6 GB for 141.1 GB of weights. Fix: request resources.extract.gpu: 5"),
     ("finetune", {"gpu": 4},
      "finetune.train.deepspeed = 'config/deepspeed/zero3.json' is ZeRO-3 with finetune.launch.num_processes = 8, "
      "but resources.finetune_lora.gpu requests 4 GPU(s)"),

@@ -2,17 +2,17 @@
 is built (from the model's published shape and the device table, ``llmscape.hardware``) and in the job
 (from the weights' headers and the memory of the GPUs the job really got).
 
-What an extraction holds on its GPUs (``footprint``):
+What an extraction holds on each of its GPUs (``footprint``, ``weights_room``):
 
-* the weights, in the dtype of the extraction (bf16: 2 bytes per parameter);
-* the keys and values of every layer for ``extract.token_budget`` tokens (an upper bound of what one
-  forward pass with a cache keeps: layers x 2 x kv_heads x head_dim per token);
+* its share of the weights, in the dtype of the extraction (bf16: 2 bytes per parameter);
+* its share of the keys and values of every layer for ``extract.token_budget`` tokens (an upper bound
+  of what one forward pass with a cache keeps: layers x 2 x kv_heads x head_dim per token);
 * the activations of one decoder block for the same tokens (residual, normed input, q, k, v, attention
-  output, the MLP's gate, up and product: 4 h + 2 kv_heads x head_dim + 3 f values per token); blocks run
-  one after another, so only one block's are alive at a time;
-* per GPU, a reserve of ``RESERVE_GB`` for the CUDA context, cuBLAS workspaces and allocator slack;
-* when the model is sharded, up to one decoder block per extra GPU that cannot be used (accelerate
-  places whole blocks).
+  output, the MLP's gate, up and product: 4 h + 2 kv_heads x head_dim + 3 f values per token): blocks
+  run one after another, but each GPU's allocator keeps what its own blocks used;
+* a reserve of ``RESERVE_GB`` for the CUDA context, cuBLAS workspaces and allocator slack;
+* one decoder block's worth of weights that cannot be used: accelerate places whole blocks, and keeps
+  room for the largest one on the first GPU.
 
 A sharded model runs its layers one GPU after another (accelerate's device map), so the job should hold
 the fewest GPUs that fit: ``gpus_needed``. docs/scale.md gives the choice and its alternatives.
@@ -62,14 +62,22 @@ def footprint(cfg: dict, params: float, dtype_bytes: int, token_budget: int) -> 
     return Footprint(float(params) * dtype_bytes, kv, act, float(block))
 
 
-def usable(n: int, memory_bytes: float, fp: Footprint) -> float:
-    """What ``n`` GPUs of ``memory_bytes`` each can give an extraction."""
-    return n * (memory_bytes - RESERVE_GB * GB) - (n - 1) * fp.block
+def weights_room(fp: Footprint, totals: list[float]) -> float:
+    """Bytes that GPUs of ``totals`` bytes each leave for the weights (module docstring)."""
+    return sum(t - RESERVE_GB * GB - fp.activations - fp.block for t in totals) - fp.kv
 
 
 def gpus_needed(fp: Footprint, memory_bytes: float, most: int = 16) -> int | None:
-    """The fewest GPUs of ``memory_bytes`` that hold ``fp`` (None: not even ``most``)."""
-    return next((n for n in range(1, most + 1) if usable(n, memory_bytes, fp) >= fp.total), None)
+    """The fewest GPUs of ``memory_bytes`` that hold the extraction (None: not even ``most``)."""
+    return next((n for n in range(1, most + 1) if weights_room(fp, [memory_bytes] * n) >= fp.weights), None)
+
+
+def shard_budget(fp: Footprint, totals: list[float]) -> dict[int, int]:
+    """accelerate's ``max_memory`` for a model sharded over GPUs of ``totals`` bytes: each keeps its
+    reserve, one block's activations and its share of the keys/values free of weights (accelerate
+    would otherwise fill the first GPU to the brim: 77 of 80 GB for Llama-3-70B on two)."""
+    free = fp.kv / len(totals) + fp.activations + RESERVE_GB * GB
+    return {i: int(t - free) for i, t in enumerate(totals)}
 
 
 def requested(r: dict) -> tuple[int, str | None]:
@@ -124,16 +132,17 @@ def check_extract(extract: dict, r: dict, model_cfg: dict | None, params: float 
         return f"extract: {what} unknown here; the job checks that the model fits its GPUs before loading it"
     fp = footprint(model_cfg, params, DTYPE_BYTES.get(str(extract.get("dtype", "auto")), 2),
                    int(extract.get("token_budget", 8192)))
-    have, fewest = usable(n, gpu.memory_gb * GB, fp), gpus_needed(fp, gpu.memory_gb * GB)
-    if have < fp.total:
+    room, fewest = weights_room(fp, [gpu.memory_gb * GB] * n), gpus_needed(fp, gpu.memory_gb * GB)
+    if room < fp.weights:
         fix = (f"request resources.extract.gpu: {fewest} (the fewest {gpu.label} that hold it)" if fewest
                else f"{gpu.label} cannot hold it")
-        raise FitError(f"resources.extract asks for {n} x {gpu.label} ({gpu.memory_gb:.0f} GB each, gpu_model "
-                       f"{name!r}), which give the extraction {_gb(have)}; it needs {_gb(fp.total)}: "
-                       f"{_gb(fp.weights)} of weights, {_gb(fp.kv)} of keys/values and {_gb(fp.activations)} of "
-                       f"activations at extract.token_budget = {extract.get('token_budget')} (plus "
-                       f"{RESERVE_GB:.0f} GB per GPU). Fix: {fix}, or 80 GB cards (gpu_model: a100_80gb, h100; a "
-                       "bare 'a100' admits 40 GB cards), or a lower extract.token_budget.")
+        bigger = ", or 80 GB cards (gpu_model: a100_80gb or h100; a bare 'a100' admits 40 GB cards)" \
+            if gpu.memory_gb < 80 else ""
+        raise FitError(f"resources.extract asks for {n} x {gpu.label} (gpu_model {name!r}, {gpu.memory_gb:.0f} GB "
+                       f"each): after {_gb(fp.kv)} of keys/values at extract.token_budget = "
+                       f"{extract.get('token_budget')}, and {_gb(fp.activations)} of activations, a "
+                       f"{RESERVE_GB:.0f} GB reserve and one {_gb(fp.block)} block per GPU, they leave {_gb(room)} "
+                       f"for {_gb(fp.weights)} of weights. Fix: {fix}{bigger}, or a lower extract.token_budget.")
     if device_map and n > fewest:
         return (f"extract: {fewest} x {gpu.label} hold the model; the other {n - fewest} of resources.extract.gpu "
                 f"= {n} would idle (sharded layers run one GPU after another). Consider gpu: {fewest}.")

@@ -308,9 +308,9 @@ def load(path: str | Path, dtype="float32", device: str = "cpu", trust_remote_co
             from accelerate import dispatch_model, infer_auto_device_map
 
             mm = {int(k) if str(k).isdigit() else k: v for k, v in (max_memory or {}).items()} or None
-            model = dispatch_model(model, infer_auto_device_map(model, max_memory=mm,
-                                                                no_split_module_classes=model._no_split_modules),
-                                   offload_dir=offload_folder)
+            placed = device_map if isinstance(device_map, dict) else infer_auto_device_map(
+                model, max_memory=mm, no_split_module_classes=model._no_split_modules)
+            model = dispatch_model(model, placed, offload_dir=offload_folder)
     else:
         import tempfile
 
@@ -334,43 +334,72 @@ def parameter_count(folder: str | Path) -> int:
     return total
 
 
-def plan_gpus(folder: str | Path, totals: list[int], *, dtype_bytes: int, token_budget: int, sharded: bool,
-              max_memory: dict | None = None) -> dict | None:
+def plan_gpus(folder: str | Path, totals: list[int], *, dtype, token_budget: int, device_map: str | None,
+              max_memory: dict | None = None, trust_remote_code: bool = False) -> dict | None:
     """The job's check, before any weight is loaded: do the GPUs it got (``totals``: bytes of each
-    visible GPU; one is used unless ``sharded``) hold the model's weights and an extraction's working
-    memory (llmscape.gpufit)? Raises FitError naming the keys and the fix. Returns the ``max_memory`` a
-    sharded load should use: the configured one, else per GPU its memory less the reserve, one block's
-    activations and its share of the keys/values, so that accelerate's placement leaves room for them."""
+    visible GPU; the first only unless ``device_map``) hold the weights and an extraction's working
+    memory (llmscape.gpufit)? Raises FitError naming the keys and the fix. For a sharded load without a
+    configured ``max_memory`` it returns the device map to load with: placed by accelerate on the model's
+    meta-device copy within per-GPU caps that leave room for keys/values and activations (accelerate
+    alone fills the first GPU), and checked to put nothing on the CPU or disk."""
+    import torch
+
     from . import gpufit
 
     cfg = json.loads((Path(folder) / "config.json").read_text())
-    fp = gpufit.footprint(cfg, parameter_count(folder), dtype_bytes, token_budget)
-    used = totals if sharded else totals[:1]
-    have = sum(t - gpufit.RESERVE_GB * gpufit.GB for t in used) - (len(used) - 1) * fp.block
-    if have < fp.total:
+    nbytes = torch.tensor([], dtype=dtype).element_size()
+    fp = gpufit.footprint(cfg, parameter_count(folder), nbytes, token_budget)
+    used = totals if device_map else totals[:1]
+    room = gpufit.weights_room(fp, used)
+    if room < fp.weights:
         fewest = gpufit.gpus_needed(fp, min(used))
         raise gpufit.FitError(
-            f"{folder}: the extraction needs {fp.total / 1e9:.1f} GB ({fp.weights / 1e9:.1f} GB of weights, "
-            f"{(fp.kv + fp.activations) / 1e9:.1f} GB of keys/values and activations at extract.token_budget = "
-            f"{token_budget}), and the {len(used)} GPU(s) it uses give {have / 1e9:.1f} GB. Fix: "
+            f"{folder}: {fp.weights / 1e9:.1f} GB of weights, and the {len(used)} GPU(s) of this job leave "
+            f"{room / 1e9:.1f} GB for them after {fp.kv / 1e9:.1f} GB of keys/values and {fp.activations / 1e9:.1f} GB "
+            f"of activations per GPU at extract.token_budget = {token_budget}. Fix: "
             + (f"resources.extract.gpu: {fewest} with extract.device_map: auto" if fewest else "larger GPUs")
             + ", or a lower extract.token_budget (nothing was loaded).")
-    if not sharded or max_memory:
-        return max_memory
-    share = fp.kv / len(used) + fp.activations + gpufit.RESERVE_GB * gpufit.GB
-    return {i: int(t - share) for i, t in enumerate(used)}
+    if not device_map or max_memory:
+        return None
+    caps = gpufit.shard_budget(fp, used)
+    placed = meta_device_map(folder, caps, dtype, trust_remote_code, strategy=device_map)
+    off = sorted({str(d) for d in placed.values() if not isinstance(d, int)})
+    if off:
+        raise gpufit.FitError(f"{folder}: within {', '.join(f'{c / 1e9:.1f}' for c in caps.values())} GB of weights "
+                              f"per GPU, accelerate would put part of the model on {off}. Fix: one more GPU "
+                              "(resources.extract.gpu), or a lower extract.token_budget (nothing was loaded).")
+    return placed
 
 
-def fit_on_gpus(folder: str | Path, cfg) -> dict | None:
+def meta_device_map(folder: str | Path, caps: dict, dtype, trust_remote_code: bool = False,
+                    strategy: str = "auto") -> dict:
+    """The device map transformers computes for ``device_map=strategy`` (auto, balanced, balanced_low_0:
+    weights spread evenly; sequential: each GPU filled in turn) within ``caps`` (bytes per device), on a
+    copy of the model with meta-device weights: no weight is read, no memory is taken."""
+    from accelerate import infer_auto_device_map, init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.integrations.accelerate import get_balanced_memory
+
+    cfg = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        meta = AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=trust_remote_code)
+    meta.tie_weights()
+    split = meta._no_split_modules
+    if strategy != "sequential":
+        caps = get_balanced_memory(meta, max_memory=dict(caps), no_split_module_classes=split,
+                                   low_zero=strategy == "balanced_low_0")
+    return dict(infer_auto_device_map(meta, max_memory=caps, no_split_module_classes=split, dtype=dtype))
+
+
+def fit_on_gpus(card: dict, cfg) -> dict | None:
     """``plan_gpus`` for an ExtractConfig on the GPUs torch sees; nothing to check on a CPU."""
     import torch
 
     device = pick_device(cfg.device)
     if not device.startswith("cuda"):
-        return cfg.max_memory
+        return None
     first = torch.device(device).index or 0
     ids = range(torch.cuda.device_count()) if cfg.device_map else [first]
-    totals = [torch.cuda.get_device_properties(i).total_memory for i in ids]
-    nbytes = torch.tensor([], dtype=pick_dtype(cfg.dtype, device)).element_size()
-    return plan_gpus(folder, totals, dtype_bytes=nbytes, token_budget=cfg.token_budget,
-                     sharded=bool(cfg.device_map), max_memory=cfg.max_memory)
+    return plan_gpus(card["path"], [torch.cuda.get_device_properties(i).total_memory for i in ids],
+                     dtype=pick_dtype(cfg.dtype, device), token_budget=cfg.token_budget, device_map=cfg.device_map,
+                     max_memory=cfg.max_memory, trust_remote_code=card.get("trust_remote_code", False))
