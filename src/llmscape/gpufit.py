@@ -15,7 +15,7 @@ What an extraction holds on each of its GPUs (``footprint``, ``weights_room``):
   room for the largest one on the first GPU.
 
 A sharded model runs its layers one GPU after another (accelerate's device map), so the job should hold
-the fewest GPUs that fit: ``gpus_needed``. docs/scale.md gives the choice and its alternatives.
+the fewest GPUs that fit: ``gpus_needed``. docs/slurm.md gives the choice and its alternatives.
 """
 
 from __future__ import annotations
