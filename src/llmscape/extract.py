@@ -261,6 +261,20 @@ def _expand_cache(cache, batch: int):
     return c
 
 
+def letter_rows(head, letters: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Dense copies of the LM head's rows (and bias entries) of the 8 letter tokens: (8, d), (8,) or None.
+    Under DeepSpeed ZeRO-3 the head's weight is an empty slice outside a gather (a fine-tuning job's
+    evaluation), so it is gathered for the copy; a no-op for every other model (see partitioned.py)."""
+    from .partitioned import gathered
+
+    bias = getattr(head, "bias", None)
+    with gathered([head.weight, bias]):
+        idx = torch.as_tensor(letters, device=head.weight.device).reshape(-1)
+        w = head.weight[idx].detach().clone()
+        b = bias[idx].detach().clone() if bias is not None else None
+    return w, b
+
+
 @torch.inference_mode()
 def run_batches(model, tok, token_ids: list[list[int]], group_keys: Sequence | None, *, token_budget: int,
                 max_batch: int, capture: LastTokenCapture | None, skip: np.ndarray | None = None,
@@ -268,10 +282,7 @@ def run_batches(model, tok, token_ids: list[list[int]], group_keys: Sequence | N
     """Run every prompt once; yield per-batch last-token states and letter logits."""
     dec, _, _ = decoder_parts(model)
     device = next(model.parameters()).device
-    head = model.get_output_embeddings()
-    letters = torch.as_tensor(letter_token_ids(tok), device=head.weight.device)
-    w_letters = head.weight[letters.reshape(-1)]                      # (8, d)
-    b_letters = head.bias[letters.reshape(-1)] if getattr(head, "bias", None) is not None else None
+    w_letters, b_letters = letter_rows(model.get_output_embeddings(), letter_token_ids(tok))
     pad = _pad_id(tok)
     for group in plan_groups(token_ids, group_keys):
         todo = [j for j in range(len(group.members)) if skip is None or not skip[group.members[j]]]

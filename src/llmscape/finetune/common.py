@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from ..errors import LlmscapeError
+from ..partitioned import full_numel
 
 # Llama-style projection names; a target ``q`` matches ``q_proj`` (and ``q_proj`` itself).
 DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -145,7 +146,8 @@ def freeze_all(model) -> None:
 
 
 def trainable_count(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """Trainable elements, whole-tensor sizes also for ZeRO-3 partitioned parameters."""
+    return sum(full_numel(p) for p in model.parameters() if p.requires_grad)
 
 
 def replace_module(model, name: str, new) -> None:

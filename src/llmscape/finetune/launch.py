@@ -73,6 +73,17 @@ def launch_command(spec_path: str | Path, num_processes: int, *, threads_per_pro
             "-m", "llmscape.finetune.launch", str(spec_path)]
 
 
+def single_process_group_env(port: int | None = None) -> None:
+    """The environment of a process group of one (rank 0 of 1 on the loopback), where none is set.
+    DeepSpeed needs a process group even for one process (ZeRO-3's ``zero.Init`` builds it while the
+    model loads); without these variables it looks for MPI instead and fails."""
+    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        env["MASTER_PORT"] = str(port or free_port())
+    for k, v in env.items():
+        os.environ.setdefault(k, v)
+
+
 def run_job(spec: dict, num_processes: int = 1, *, threads: int = 1, port: int | None = None) -> dict | None:
     """Train the job of ``spec``; returns its metrics (read back from metrics.json when launched).
 
@@ -82,6 +93,8 @@ def run_job(spec: dict, num_processes: int = 1, *, threads: int = 1, port: int |
 
     n = int(num_processes)
     if n <= 1:
+        if spec["train_cfg"].get("deepspeed"):
+            single_process_group_env(port)
         return train_from_spec(spec)
     out_dir = Path(spec["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,6 @@ the adapter folder too.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 
 from ..io import atomic_dir, write_json
 from ..models import weights_checksum
+from ..partitioned import gathered
 from .common import clean_name
 from .spectral import SpectralLinear
 
@@ -37,14 +37,15 @@ ADAPTER_MARKERS = (".lora_", ".spectral_", ".rot_", "lora_dropout", "lora_magnit
 WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "pytorch_model.bin.index.json")
 
 
-def _gathered(model, accelerator=None):
-    """ZeRO-3 partitions parameters: gather the trainable ones (adapters are small) while merging."""
-    if accelerator is not None and getattr(accelerator.state, "deepspeed_plugin", None) is not None:
-        if accelerator.state.deepspeed_plugin.zero_stage == 3:
-            import deepspeed
+def _trained(p) -> bool:
+    return p.requires_grad or getattr(p, "_llmscape_trained", False)  # trained earlier, frozen now
 
-            return deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad])
-    return contextlib.nullcontext()
+
+def _gathered(model):
+    """ZeRO-3 partitions parameters: gather the trained ones (adapters are small; a fully trained
+    matrix is one matrix) while reading them, so every file gets whole tensors and never an empty
+    partition. Every process calls this (a collective); a no-op without ZeRO-3 (partitioned.py)."""
+    return gathered([p for p in model.parameters() if _trained(p)])
 
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -54,11 +55,13 @@ ADAPTER_FORMAT = "llmscape-adapter/1"
 @torch.no_grad()
 def weight_updates(model, accelerator=None) -> dict[str, dict[str, torch.Tensor]]:
     """Per base tensor name (``...q_proj.weight``), the parts its update is made of (module docstring),
-    as fp32 (the LoRA scaling float64) tensors on the CPU."""
+    as fp32 (the LoRA scaling float64) tensors on the CPU. Under ZeRO-3 every process must call it (the
+    trained tensors are gathered); ``accelerator`` is not needed for that (partitioning is seen on the
+    parameters themselves) and kept for the callers' signature."""
     from peft.tuners.lora import LoraLayer
 
     parts: dict[str, dict[str, torch.Tensor]] = {}
-    with _gathered(model, accelerator):
+    with _gathered(model):
         for name, mod in model.named_modules():
             if isinstance(mod, LoraLayer) and hasattr(mod, "lora_A"):
                 p = parts.setdefault(clean_name(name) + ".weight", {})
@@ -72,8 +75,7 @@ def weight_updates(model, accelerator=None) -> dict[str, dict[str, torch.Tensor]
                     U=mod.spectral_U.float().cpu().clone(), S=mod.spectral_S.float().cpu().clone(),
                     V=mod.spectral_V.float().cpu().clone(), U2=U2, S2=S2, V2=V2)
         for name, p in model.named_parameters():
-            trained = p.requires_grad or getattr(p, "_llmscape_trained", False)  # trained earlier, frozen now
-            if trained and not any(m in name for m in ADAPTER_MARKERS):
+            if _trained(p) and not any(m in name for m in ADAPTER_MARKERS):
                 parts.setdefault(clean_name(name), {})["full"] = p.detach().float().cpu().clone()
     return parts
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..partitioned import gathered
 from .common import replace_module
 
 
@@ -39,7 +40,8 @@ class SpectralLinear(nn.Module):
         self.r = int(r)
         for p in base.parameters():
             p.requires_grad_(False)
-        U, S, V = top_svd(base.weight, self.r)
+        with gathered([base.weight]):  # whole under ZeRO-3 (every process wraps the same layers in order)
+            U, S, V = top_svd(base.weight, self.r)
         self.register_buffer("spectral_U", U)
         self.register_buffer("spectral_S", S)
         self.register_buffer("spectral_V", V)

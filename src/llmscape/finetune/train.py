@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..io import package_versions, write_json
+from ..partitioned import full_numel, is_partitioned
 from . import registry
 from .common import Context, FinetuneError, RunSpec, linear_shapes, trainable_count
 from .data import answer_loss, batch_order, collate, encode, load_rows, split_validation
@@ -129,16 +130,25 @@ def _latest_state(state_root: Path) -> Path | None:
 
 
 def _open_session(run: RunSpec, tc: dict, out_dir: Path):
-    """The accelerator (CPU, one GPU, several processes; DeepSpeed when configured), seeded."""
+    """The accelerator (CPU, one GPU, several processes; DeepSpeed when configured), seeded.
+
+    DeepSpeed without CUDA (the tests: gloo on CPU) needs the backend named: accelerate would otherwise
+    pick none and tell every process it is the only one, while DeepSpeed's own group spans them all."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
 
     cuda = torch.cuda.is_available() and tc["device"] != "cpu"
     mixed = resolve_mixed_precision(tc)
     ds = _deepspeed_plugin(tc["deepspeed"], tc, mixed) if tc["deepspeed"] else None
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if ds is not None and not cuda else []
     acc = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=int(tc["grad_accum"]),
                       log_with="tensorboard", project_dir=str(out_dir / "tb"), deepspeed_plugin=ds,
+                      kwargs_handlers=handlers,
                       cpu=not cuda and ds is None)  # DeepSpeed on CPU needs its (gloo) process group
+    if ds is not None and torch.distributed.is_initialized() and torch.distributed.get_world_size() != acc.num_processes:
+        raise FinetuneError(f"accelerate sees {acc.num_processes} process(es) but DeepSpeed's group has "
+                            f"{torch.distributed.get_world_size()}: each would train on the same share of a batch. "
+                            "Fix: launch through llmscape.finetune.launch (accelerate launch) on CUDA or gloo.")
     set_seed(run.seed)
     return acc, ds, mixed, cuda
 
@@ -178,8 +188,8 @@ def _prepare_model(run: RunSpec, ctx, base_path: Path, tc: dict, cuda: bool, acc
     if session.single_process and (acc.num_processes > 1 or ds is not None):
         raise FinetuneError(f"{run.method}: {session.single_process}")
     session.before_optimizer()
-    for p in model.parameters():  # trainable tensors in fp32 (mixed precision computes in bf16)
-        if p.requires_grad and p.dtype != torch.float32:
+    for p in model.parameters():  # trainable tensors in fp32 (mixed precision computes in bf16); a ZeRO-3
+        if p.requires_grad and p.dtype != torch.float32 and not is_partitioned(p):  # one: DeepSpeed's precision
             p.data = p.data.float()
     groups = registry.param_groups(model, run, float(tc["weight_decay"]))
     session.after_param_groups()
@@ -189,7 +199,7 @@ def _prepare_model(run: RunSpec, ctx, base_path: Path, tc: dict, cuda: bool, acc
     if tc["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    return _Prepared(model, session, groups, expected, n_trainable, sum(p.numel() for p in model.parameters()),
+    return _Prepared(model, session, groups, expected, n_trainable, sum(full_numel(p) for p in model.parameters()),
                      load_dtype)
 
 
@@ -213,15 +223,17 @@ def _resume_point(acc, run: RunSpec, tc: dict, out_dir: Path, work: Path, state_
     return latest
 
 
-def _save_state(acc, state_root: Path, step: int) -> None:
-    """The resume state of ``step``, written under a temporary name and swapped in whole."""
+def _save_state(acc, state_root: Path, step: int, deepspeed: bool = False) -> None:
+    """The resume state of ``step``, written under a temporary name and swapped in whole. Under DeepSpeed
+    its checkpoint leaves the frozen (base) tensors out, as the trimmed state does otherwise: they are
+    reloaded from the base folder on resume, and with them a 70B resume state would be the whole model."""
     if acc.is_main_process:
         state_root.mkdir(parents=True, exist_ok=True)
     tmp = state_root / f".tmp_step_{step:07d}"
     if acc.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp))
+    acc.save_state(str(tmp), **(dict(exclude_frozen_parameters=True) if deepspeed else {}))
     acc.wait_for_everyone()
     if acc.is_main_process:
         (tmp / "COMPLETE").write_text(str(step))
@@ -310,7 +322,8 @@ def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None 
 
     latest = _resume_point(acc, run, tc, out_dir, work, state_root)
     if latest is not None:
-        acc.load_state(str(latest), strict=False)
+        # the saved state has only the trained tensors (frozen ones come from the base folder)
+        acc.load_state(str(latest), **(dict(load_module_strict=False) if ds is not None else dict(strict=False)))
         log.info("resumed from %s (step %d)", latest, state.step)
 
     hparams = dict(method=run.method, lr=run.lr, seed=run.seed, rank=run.rank or 0,
@@ -405,7 +418,7 @@ def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None 
                 state.wall_s += time.time() - session_t0
                 state.train_s += train_t
                 session_t0, train_t = time.time(), 0.0
-                _save_state(acc, state_root, state.step)
+                _save_state(acc, state_root, state.step, ds is not None)
             if stop_now:
                 if acc.is_main_process:  # tells a launching parent that this was a preemption, not a crash
                     (work / "PREEMPTED").write_text(str(state.step))
@@ -431,7 +444,7 @@ def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None 
             accuracy=acc_res, trainable_params=n_trainable, total_params=prep.n_total,
             trainable_share=n_trainable / prep.n_total, expected_trainable=prep.expected,
             param_groups=[dict(name=g["name"], lr=g["lr"], weight_decay=g["weight_decay"],
-                               n=sum(p.numel() for p in g["params"])) for g in groups],
+                               n=sum(full_numel(p) for p in g["params"])) for g in groups],
             steps=state.step, tokens=state.tokens, train_time_s=state.train_s, wall_time_s=state.wall_s,
             total_time_s=time.time() - t_start, tokens_per_s=state.tokens / max(state.train_s, 1e-9),
             peak_memory_mb=_peak_memory_mb(dev), peak_memory_kind="cuda_allocated" if dev.type == "cuda" else "cpu_rss",

@@ -4,6 +4,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...partitioned import gathered
 from ...spectra.esd import stable_rank
 from ..common import DEFAULT_TARGETS, FinetuneError, component, lora_config, lora_count, names_regex, ranked_targets
 from ..method import Session, check_choice, check_int, check_number
@@ -73,7 +74,12 @@ def stable_ranks(names, ctx=None, weights=None) -> dict[str, float]:
     weights = weights or getattr(ctx, "weights", None)
     if weights is None:
         raise FinetuneError(f"{NAME}: no stable ranks: neither the spectra parquet nor the weights are available.")
-    return {n: stable_rank(weights(n)) for n in names}
+    out = {}
+    for n in names:  # a ZeRO-3 partitioned weight is gathered (every process computes the same ranks)
+        w = weights(n)
+        with gathered([w]):
+            out[n] = stable_rank(w)
+    return out
 
 
 def select(names, sranks: dict[str, float], run) -> list[str]:

@@ -1,0 +1,146 @@
+"""DeepSpeed ZeRO-3 with parameters really partitioned, through every path a fine-tuning job takes.
+
+The tiny Llama has an output head of its own (as Llama-3: not tied to the embeddings) and the ZeRO-3
+JSON is config/deepspeed/zero3.json with ``stage3_max_live_parameters: 0`` and
+``stage3_param_persistence_threshold: 0``: every parameter, however small, is an empty slice outside a
+gather, as the big matrices of a 70B model are. Runs are the rule's own calls (``launch.run_job``): one
+process in a subprocess (DeepSpeed's process group and its ``zero.Init`` hook would otherwise stay in
+the test process), two processes through ``accelerate launch`` with gloo on CPU. Each is compared with
+the same job trained without DeepSpeed, in the same tolerances as the multi-process tests of
+test_finetune.py: equal loss curves (1e-5) and equal final weights (1e-6)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune_kit import ROOT, TINY_SHAPES, assert_same_training, job_spec_tiny, run_of
+from llmscape.finetune.launch import run_job
+from llmscape.finetune.merge import read_adapter
+from llmscape.finetune.train import Preempted
+
+pytest.importorskip("deepspeed")
+
+RANK = 4
+# 3 steps, checkpoints at steps 1 and 3, validation at 1, 2, 3 (or none with val_rows 0)
+ZTC = dict(max_steps=3, batch_size=4, eval_every=2, val_rows=4, n_checkpoints=2, max_length=256)
+EVAL = dict(per_subject=2)
+
+ONE_PROCESS = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {src!r})
+    from llmscape.finetune.launch import run_job
+    from llmscape.finetune.train import Preempted
+    try:
+        run_job(json.loads(open({spec!r}).read()), 1)
+    except Preempted as e:
+        print("PREEMPTED", e)
+        sys.exit(143)
+""")
+
+
+@pytest.fixture(scope="module")
+def zero3_json(tmp_path_factory):
+    """The shipped ZeRO-3 JSON with nothing kept whole: no live-parameter budget, no persistent ones."""
+    cfg = json.loads((ROOT / "config/deepspeed/zero3.json").read_text())
+    assert cfg["zero_optimization"]["stage"] == 3
+    cfg["zero_optimization"].update(stage3_max_live_parameters=0, stage3_param_persistence_threshold=0)
+    p = tmp_path_factory.mktemp("ds") / "zero3_partitioned.json"
+    p.write_text(json.dumps(cfg))
+    return p
+
+
+def spec_of(tiny, data_dir, out, **tc):
+    run = run_of("lora", rank=RANK, lr=5e-3, dropout=0.0)  # no dropout: 2 processes = 1 on the global batch
+    spec = job_spec_tiny(run, tiny, data_dir, out, **{**ZTC, **tc})
+    spec["eval_cfg"] = dict(EVAL)
+    return spec
+
+
+def one_process(spec: dict, tmp: Path) -> dict:
+    """``run_job(spec, 1)`` in a fresh interpreter, as the rule's job runs it; Preempted passes through."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    (tmp / "job.py").write_text(ONE_PROCESS.format(src=str(ROOT / "src"), spec=str(tmp / "spec.json")))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    res = subprocess.run([sys.executable, str(tmp / "job.py")], env=env, capture_output=True, text=True, timeout=600)
+    if res.returncode == 143 and "PREEMPTED" in res.stdout:
+        raise Preempted(res.stdout)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return json.loads((Path(spec["out_dir"]) / "metrics.json").read_text())
+
+
+def assert_whole_adapters(folder: Path):
+    """Every saved LoRA tensor has its full shape (an empty ZeRO-3 slice would be (0,)) and B moved."""
+    parts = read_adapter(folder)
+    assert len(parts) == 7 * 2  # every projection of both layers
+    for name, p in parts.items():
+        out, inp = TINY_SHAPES[name.rsplit(".", 2)[-2]]
+        assert tuple(p["lora_A.0"].shape) == (RANK, inp) and tuple(p["lora_B.0"].shape) == (out, RANK), name
+        assert p["lora_B.0"].abs().sum() > 0, name
+
+
+def test_one_process_zero3_runs_the_whole_job(tiny_untied_dir, data_dir, zero3_json, tmp_path):
+    """Steps, validation at every checkpoint, adapter checkpoints, final evaluation (the LM head's letter
+    rows), final adapter: all with partitioned parameters, and equal to the same job without DeepSpeed."""
+    plain = run_job(spec_of(tiny_untied_dir, data_dir, tmp_path / "plain"), 1)
+    z3 = one_process(spec_of(tiny_untied_dir, data_dir, tmp_path / "z3", deepspeed=str(zero3_json)), tmp_path / "job")
+    assert z3["engine"] == "DeepSpeedEngine" and z3["deepspeed"].endswith("zero3_partitioned.json")
+    assert_same_training(tiny_untied_dir, plain, tmp_path / "plain", z3, tmp_path / "z3")
+    # validation and the final evaluation computed on the whole weights (equal to the plain run's)
+    assert [v["step"] for v in z3["val_loss"]] == [1, 2, 3]
+    assert all(abs(a["loss"] - b["loss"]) < 1e-5 for a, b in zip(plain["val_loss"], z3["val_loss"]))
+    assert z3["accuracy"] == plain["accuracy"] and z3["accuracy"]["n"] == 4
+    # sizes counted whole, not as the empty slices
+    assert z3["total_params"] == plain["total_params"] > 6_000_000
+    assert z3["trainable_params"] == plain["trainable_params"] == z3["param_groups"][0]["n"]
+    assert z3["checkpoints"] == [1, 3]
+    for s in z3["checkpoints"]:
+        assert_whole_adapters(tmp_path / "z3" / "checkpoints" / f"step_{s}")
+        a, b = (read_adapter(tmp_path / d / "checkpoints" / f"step_{s}") for d in ("plain", "z3"))
+        assert all(torch.allclose(a[n][k], b[n][k], atol=1e-6) for n in a for k in a[n])
+    assert_whole_adapters(tmp_path / "z3" / "weights")
+
+
+def test_two_processes_zero3_equal_one_process(tiny_untied_dir, data_dir, zero3_json, tmp_path):
+    """Two processes (gloo), each half of every global batch, ZeRO-3 across them: every gather (forward
+    passes, the head's letter rows, the adapters) is entered by both, and the job ends with the weights
+    of one process on the whole batch. No validation here, so the final evaluation meets the head
+    released, as a job with ``val_rows: 0`` does."""
+    plain = run_job(spec_of(tiny_untied_dir, data_dir, tmp_path / "plain", val_rows=0), 1)
+    two = run_job(spec_of(tiny_untied_dir, data_dir, tmp_path / "two", val_rows=0, batch_size=2,
+                          deepspeed=str(zero3_json)), 2, threads=2)
+    assert two["world_size"] == 2 and two["engine"] == "DeepSpeedEngine"
+    assert two["tokens"] == plain["tokens"]
+    assert_same_training(tiny_untied_dir, plain, tmp_path / "plain", two, tmp_path / "two")
+    assert two["accuracy"] == plain["accuracy"]
+    assert_whole_adapters(tmp_path / "two" / "weights")
+
+
+def test_zero3_run_stopped_after_a_saved_state_resumes_to_the_same_weights(tiny_untied_dir, data_dir, zero3_json,
+                                                                           tmp_path):
+    """A ZeRO-3 job stopped after step 2 (its DeepSpeed state saved: partitioned optimiser slices and
+    the trained tensors, not the frozen base) resumes at step 3 and ends where the uninterrupted job (here: without DeepSpeed) ends. Merged
+    copies as checkpoints: the merge reads the gathered adapters."""
+    tc = dict(val_rows=0, checkpoint_format="merged")
+    plain = run_job(spec_of(tiny_untied_dir, data_dir, tmp_path / "plain", **tc), 1)
+    spec = spec_of(tiny_untied_dir, data_dir, tmp_path / "cut", deepspeed=str(zero3_json), **tc)
+    with pytest.raises(Preempted):
+        one_process(spec | dict(stop_after=2), tmp_path / "job1")
+    saved = list((tmp_path / "cut" / ".work" / "state").glob("step_*"))
+    assert [p.name for p in saved] == ["step_0000002"]
+    # only what training changes: not the frozen base tensors (a whole model per state at 70B)
+    state_bytes = sum(f.stat().st_size for f in saved[0].rglob("*") if f.is_file())
+    assert state_bytes < (Path(tiny_untied_dir) / "model.safetensors").stat().st_size / 20
+    resumed = one_process(spec, tmp_path / "job2")
+    assert [x["step"] for x in resumed["train_loss"]] == [1, 2, 3]
+    assert_same_training(tiny_untied_dir, plain, tmp_path / "plain", resumed, tmp_path / "cut")
+    assert resumed["checkpoints"] == [1, 3]
+    assert (tmp_path / "cut" / "checkpoints" / "step_1" / "model.safetensors").exists()
