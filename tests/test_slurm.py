@@ -230,8 +230,9 @@ def test_llama3_dryrun_without_gpu_or_slurm(tmp_path, config_name):
     class Res(dict):
         __getattr__ = dict.__getitem__
 
-    def effective(group, r):  # per-method groups (finetune_<method>) inherit from finetune, as res() does
-        return {**cfg["resources"].get("finetune", {}), **r} if group.startswith("finetune_") else r
+    def effective(group, r):  # finetune_<method> and extract_<k>shot inherit from their rule's group, as res() does
+        parent = group.split("_")[0] if group.startswith(("finetune_", "extract_")) else None
+        return {**cfg["resources"].get(parent, {}), **r} if parent else r
 
     groups_with_gpu = {g: effective(g, r) for g, r in cfg["resources"].items() if effective(g, r).get("gpu")}
     gpu_jobs = [j for j in jobs if j["resources"].get("gpu") or "gpu" in str(j["resources"].get("gres", ""))]
@@ -245,7 +246,9 @@ def test_llama3_dryrun_without_gpu_or_slurm(tmp_path, config_name):
         declared = {k: r.get(k) for k in ("mem_mb", "runtime", "cpus_per_task", "gpu", "gpu_model")}
         assert declared in [{k: g.get(k) for k in declared} for g in groups_with_gpu.values()], j
         if j["rule"] == "extract":
-            assert declared == {k: cfg["resources"]["extract"].get(k) for k in declared}
+            group = f"extract_{j['wildcards']['shots']}shot"
+            expect = effective(group, cfg["resources"].get(group, {}))
+            assert declared == {k: expect.get(k) for k in declared}
         job = SimpleNamespace(resources=Res(r), threads=r["cpus_per_task"], name=j["rule"])
         call = get_submit_command(job, {"run_uuid": "x", "slurm_logfile": "l", "comment_str": "c",
                                         "account": " -A proj123", "partition": " -p gpu-a100",

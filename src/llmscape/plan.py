@@ -5,9 +5,11 @@ an empty folder (so every job of the DAG is listed, with the resources each woul
 
 * **requested hours**: per rule, the jobs' requested runtime (first attempt) x GPUs, and x CPUs. These
   are upper bounds: a job that finishes early frees its allocation.
-* **expected hours** where a scale rehearsal of this model measured the rate on a GPU
-  (``bench/results/scale_<model>_cuda.json``, from ``bench/scale.py --device cuda``): extraction from
-  the prompts' token counts over the measured tokens/s; otherwise "no rehearsal", never a guess.
+* **expected hours**: per rule, from the work of every job (llmscape.cost: prompt tokens of the configured
+  protocol x FLOPs per token, training steps x tokens, matrix shapes, the geometry's n^2 d) over a device
+  table (llmscape.hardware) x an efficiency measured by a GPU rehearsal of the model where one exists
+  (``bench/results/scale_<model>_<gpu>.json``) and assumed, and labelled so, otherwise; GPUs held count.
+  Each assumption is printed under the table, with the runtime each resources group should request.
 * **disk**: what the results will hold when the DAG is done (nothing is deleted on the way, so this is
   also the peak): the extractions (layers x questions x hidden x bytes), the neighbour lists, the model
   copies (the downloaded base, merged fine-tuning runs and checkpoints, intervention variants), from
@@ -29,6 +31,8 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import cost
 from .errors import LlmscapeError
 
 BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -90,6 +94,8 @@ class Shape:
     source: str
     dtype_bytes: int  # of the weights as stored (merged copies are written in the same dtype)
     lora_per_rank: int  # LoRA parameters per unit of rank on q, k, v, o, gate, up, down of every block
+    embedding_params: float = 0.0  # input embeddings + an untied LM head
+    matrices: tuple = ()  # (rows, columns) of q, k, v, o, gate, up, down of one block
 
 
 def model_shape(model: str, resources: Path, known: Path) -> Shape | None:
@@ -112,7 +118,9 @@ def model_shape(model: str, resources: Path, known: Path) -> Shape | None:
             params = V * h * (1 if d.get("tie_word_embeddings") else 2) + L * block + h
             per_rank = L * (2 * (h + heads * hd) + 2 * (h + kv * hd) + 3 * (h + f))
             dtype = d.get("torch_dtype") or d.get("dtype") or "bfloat16"
-            return Shape(model, L, h, float(params), str(c), BYTES.get(dtype, 2), per_rank)
+            mats = ((heads * hd, h), (kv * hd, h), (kv * hd, h), (h, heads * hd), (f, h), (f, h), (h, f))
+            emb = V * h * (1 if d.get("tie_word_embeddings") else 2)
+            return Shape(model, L, h, float(params), str(c), BYTES.get(dtype, 2), per_rank, float(emb), mats)
     return None
 
 
@@ -157,12 +165,14 @@ def plan(configfiles: list[str | Path], root: Path, config: dict) -> dict:
     if shape is not None and Path(shape.source).is_relative_to(root):
         shape.source = str(Path(shape.source).relative_to(root))
     disk = _disk(jobs, config, shape, n_q)
-    expected = _expected(jobs, config, shape, n_q, root)
+    expected = _expected(jobs, config, shape, n_q, root, rules)
     return dict(configfiles=[str(c) for c in configfiles], model=config["model"], questions=n_q,
                 shape=None if shape is None else shape.__dict__, rules=sorted(rules.values(), key=lambda r: -r["gpu_hours"] - r["cpu_hours"] / 100),
                 totals=dict(jobs=sum(r["jobs"] for r in rules.values()),
                             gpu_hours=sum(r["gpu_hours"] for r in rules.values()),
-                            cpu_hours=sum(r["cpu_hours"] for r in rules.values())),
+                            cpu_hours=sum(r["cpu_hours"] for r in rules.values()),
+                            exp_gpu_hours=sum(r.get("exp_gpu_hours", 0.0) for r in rules.values()),
+                            exp_cpu_hours=sum(r.get("exp_cpu_hours", 0.0) for r in rules.values())),
                 disk=disk, expected=expected)
 
 
@@ -201,53 +211,83 @@ def _disk(jobs, config, shape: Shape | None, n_q: int | None) -> dict:
     return out
 
 
-def _expected(jobs, config, shape, n_q, root: Path) -> dict:
-    """Expected GPU hours of the extraction from a GPU rehearsal of this model, if one was measured."""
-    if shape is None:
-        return dict(note="no model shape: nothing to compare with a rehearsal")
+SAFETY = 2.0  # requested runtime = SAFETY x the longest expected job of a rule (retries double it again)
+STEP_MIN = 5  # runtimes are suggested in steps of this many minutes
+
+
+def _expected(jobs, config, shape, n_q, root: Path, rules: dict) -> dict:
+    """Expected GPU and CPU hours per rule from the work of every job (llmscape.cost), and the notes
+    (assumptions, sources) behind them; fills ``exp_*`` keys of ``rules``."""
+    if shape is None or n_q is None:
+        return dict(notes=["expected hours: not modelled (the model's shape or the number of questions is unknown)"])
+    res_dir = Path(config.get("resources_dir", root / "resources"))
+    tokens = cost.prompt_tokens(config, res_dir, config["extract"]["shots"])
     name = Path(shape.source).parent.name  # the rehearsal's name for this model (bench/configs/<name>)
-    f = root / "bench/results" / f"scale_{name}_cuda.json"
-    if not f.exists():
-        return dict(note=f"no GPU rehearsal of {name} yet (bench/scale.py --device cuda --model {name} writes "
-                         f"{f.relative_to(root)}): the hours above are the requested upper bounds")
-    r = json.loads(f.read_text())
-    ex = r.get("extraction", {})
-    if "measured" not in ex or n_q is None:
-        return dict(note=f"{f.name} has no extraction measurement")
-    shared = config["extract"].get("prefix_sharing", True) and config["extract"].get("shot_order") == "fixed"
-    mode = "prefix_shared" if shared else "no_sharing"
-    rate = ex["measured"]["runs"][mode]["tokens_per_s"]
-    depth = r["model_built"]["layers_full"] / r["model_built"]["layers_built"]
-    per_q = {k: ex["extrapolated"]["tokens"][f"{k}shot_{mode}"] / ex["extrapolated"]["questions"] for k in (0, 5)}
-    hours = 0.0
+    by_gpu: dict = {}
+    longest: dict[str, float] = {}  # expected seconds of the longest job per resources group
+    notes = list(tokens["notes"])
+    geo = cost.geometry_calibration(root)
+    notes.append(geo[2] if geo else "geometry: no CPU measurement of the geometry (bench/scale.py): not modelled")
     for j in jobs:
-        if j["rule"] == "extract":
-            k = int(j["wildcards"]["shots"])
-            tokens = n_q * (per_q[0] + (per_q[5] - per_q[0]) * k / 5)  # linear in the shots between 0 and 5
-            hours += tokens / (rate / depth) / 3600
-    return dict(extract_gpu_hours=hours, source=str(f.relative_to(root)), gpu=r["device"]["name"],
-                rule=f"prompt tokens ({mode}, linear in shots between the rehearsal's 0- and 5-shot counts) / "
-                     f"tokens per second measured on {r['device']['name']}" + (
-                         f", scaled by depth x{depth:g}" if depth != 1 else ""))
+        r = rules.get(j["rule"])
+        if r is None or r["local"]:
+            continue
+        gm = str(j["resources"].get("gpu_model") or "a100")
+        if gm not in by_gpu:
+            ex = config["extract"]
+            by_gpu[gm] = cost.rates(root, name, gm, bool(ex.get("prefix_sharing", True)), ex.get("shot_order", "fixed"))
+        held = [n for n in by_gpu[gm].notes if _gpus(j) or n.startswith("CPU")]  # a CPU job: no GPU notes
+        notes += [n for n in held if n not in notes]
+        ctx = cost.Context(config, shape, by_gpu[gm], tokens, n_q, geo)
+        job = dict(j, gpus=_gpus(j), cpus=int(j["resources"].get("cpus_per_task", 1) or 1))
+        sec = cost.job_seconds(ctx, job)
+        if sec is None:
+            r["exp_missing"] = r.get("exp_missing", 0) + 1
+            continue
+        r["exp_gpu_hours"] = r.get("exp_gpu_hours", 0.0) + sec / 3600 * job["gpus"]
+        r["exp_cpu_hours"] = r.get("exp_cpu_hours", 0.0) + sec / 3600 * job["cpus"]
+        r["exp_max_min"] = max(r.get("exp_max_min", 0.0), sec / 60)
+        group = f"extract_{j['wildcards']['shots']}shot" if j["rule"] == "extract" else j["rule"]
+        longest[group] = max(longest.get(group, 0.0), sec)
+    suggested = {g: cost.ceil_minutes(SAFETY * s, STEP_MIN) for g, s in longest.items()}
+    for r in rules.values():
+        if "exp_max_min" in r and not r.get("exp_missing"):
+            r["suggested_runtime_min"] = cost.ceil_minutes(SAFETY * r["exp_max_min"] * 60, STEP_MIN)
+    notes.append(f"per job: {cost.START_S:.0f} s start-up and the weights read at {cost.READ_GBS:g} GB/s (assumed); "
+                 f"suggested runtime = {SAFETY:g} x the longest expected job, in {STEP_MIN} min steps")
+    return dict(notes=notes, suggested_runtime_min=suggested,
+                suggested_mem_mb=dict(extract=cost.extract_host_mb(shape, n_q, config),
+                                      finetune=cost.finetune_host_mb(shape, config)))
 
 
 def format_plan(p: dict) -> str:
     lines = [f"Plan for {', '.join(p['configfiles'])}: model {p['model']}, "
              f"{p['questions'] if p['questions'] is not None else 'an unknown number of'} analysis questions", "",
-             "| rule | jobs | GPUs per job | requested runtime per job | GPU hours (requested) | CPU hours (requested) |",
-             "|---|---|---|---|---|---|"]
+             "| rule | jobs | GPUs per job | requested runtime per job | GPU hours (requested) | CPU hours (requested) "
+             "| expected GPU h | expected CPU h | longest job (expected) | suggested runtime |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in p["rules"]:
         if r["local"]:
-            lines.append(f"| {r['rule']} (in the head process) | {r['jobs']} | - | - | - | - |")
+            lines.append(f"| {r['rule']} (in the head process) | {r['jobs']} | - | - | - | - | - | - | - | - |")
             continue
+        if "exp_max_min" in r and not r.get("exp_missing"):
+            exp = (f"{r['exp_gpu_hours']:.1f} | {r['exp_cpu_hours']:.1f} | {r['exp_max_min']:.0f} min | "
+                   f"{r['suggested_runtime_min']} min")
+        else:
+            exp = "not modelled | not modelled | - | -"
         lines.append(f"| {r['rule']} | {r['jobs']} | {r['gpus_per_job']} | {r['runtime_min']} min | "
-                     f"{r['gpu_hours']:.1f} | {r['cpu_hours']:.1f} |")
+                     f"{r['gpu_hours']:.1f} | {r['cpu_hours']:.1f} | {exp} |")
     t = p["totals"]
-    lines.append(f"| all | {t['jobs']} | | | {t['gpu_hours']:.1f} | {t['cpu_hours']:.1f} |")
+    lines.append(f"| all | {t['jobs']} | | | {t['gpu_hours']:.1f} | {t['cpu_hours']:.1f} | "
+                 f"{t['exp_gpu_hours']:.1f} | {t['exp_cpu_hours']:.1f} | | |")
     lines.append("")
-    e = p["expected"]
-    lines.append("Expected: " + (f"extraction {e['extract_gpu_hours']:.1f} GPU hours ({e['rule']}; {e['source']})"
-                                 if "extract_gpu_hours" in e else e["note"]))
+    lines += [f"Assumption: {n}." for n in p["expected"]["notes"]]
+    sug = p["expected"].get("suggested_runtime_min")
+    if sug:
+        lines.append("Suggested runtime (resources.<group>.runtime, minutes): "
+                     + ", ".join(f"{g} {m}" for g, m in sorted(sug.items())) + "; host memory (mem_mb, "
+                     f"{cost.MEM_SAFETY:g} x weights + buffers): "
+                     + ", ".join(f"{g} {m}" for g, m in p["expected"]["suggested_mem_mb"].items()) + ".")
     d = p["disk"]
     if "note" in d:
         lines.append(f"Disk: {d['note']}")

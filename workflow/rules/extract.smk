@@ -18,7 +18,12 @@ rule extract:
         "../../envs/extract.yaml"
     threads: threads_of("extract")
     resources:
-        **res("extract"),
+        # resources.extract_<k>shot over resources.extract: a 0-shot job is a fraction of a 5-shot one
+        **{
+            **res("extract"),
+            "runtime": lambda wc, attempt: res(f"extract_{wc.shots}shot", parent="extract")["runtime"](wc, attempt),
+            "mem_mb": lambda wc, attempt: res(f"extract_{wc.shots}shot", parent="extract")["mem_mb"](wc, attempt),
+        },
     params:
         extract=EXTRACT_PARAMS,
         seed=config["data"]["seed"],

@@ -51,7 +51,7 @@ rule spectra_run:
         "../../envs/spectra.yaml"
     threads: threads_of("spectra")
     resources:
-        **res("spectra"),
+        **res("spectra_run", parent="spectra"),  # resources.spectra_run over resources.spectra: 1 + N variants
     params:
         spectra=SPECTRA_JOB,
     script:
