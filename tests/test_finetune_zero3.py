@@ -23,7 +23,7 @@ import torch
 
 from finetune_kit import ROOT, TINY_SHAPES, assert_same_training, job_spec_tiny, run_of
 from llmscape.finetune.launch import run_job
-from llmscape.finetune.merge import read_adapter
+from llmscape.finetune.merge import load_weights, read_adapter
 from llmscape.finetune.train import Preempted
 
 pytest.importorskip("deepspeed")
@@ -57,8 +57,10 @@ def zero3_json(tmp_path_factory):
     return p
 
 
-def spec_of(tiny, data_dir, out, **tc):
-    run = run_of("lora", rank=RANK, lr=5e-3, dropout=0.0)  # no dropout: 2 processes = 1 on the global batch
+LORA = run_of("lora", rank=RANK, lr=5e-3, dropout=0.0)  # no dropout: 2 processes = 1 on the global batch
+
+
+def spec_of(tiny, data_dir, out, run=LORA, **tc):
     spec = job_spec_tiny(run, tiny, data_dir, out, **{**ZTC, **tc})
     spec["eval_cfg"] = dict(EVAL)
     return spec
@@ -85,6 +87,17 @@ def assert_whole_adapters(folder: Path):
         out, inp = TINY_SHAPES[name.rsplit(".", 2)[-2]]
         assert tuple(p["lora_A.0"].shape) == (RANK, inp) and tuple(p["lora_B.0"].shape) == (out, RANK), name
         assert p["lora_B.0"].abs().sum() > 0, name
+
+
+def assert_same_weights(tiny, met_a, dir_a, met_b, dir_b, moved: str, atol: float = 1e-6):
+    """Equal loss curves (1e-5) and final weights (``atol``), and ``moved`` did train."""
+    from safetensors.torch import load_file
+
+    a, b = ([x["loss"] for x in m["train_loss"]] for m in (met_a, met_b))
+    assert all(abs(x - y) < 1e-5 for x, y in zip(a, b)) and len(a) == len(b), (a, b)
+    wa, wb = (load_weights(Path(d) / "weights", tiny) for d in (dir_a, dir_b))
+    assert not torch.equal(wa[moved], load_file(Path(tiny) / "model.safetensors")[moved])
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[n], wb[n], atol=atol) for n in wa)
 
 
 def test_one_process_zero3_runs_the_whole_job(tiny_untied_dir, data_dir, zero3_json, tmp_path):
@@ -126,12 +139,17 @@ def test_two_processes_zero3_equal_one_process(tiny_untied_dir, data_dir, zero3_
 
 def test_zero3_run_stopped_after_a_saved_state_resumes_to_the_same_weights(tiny_untied_dir, data_dir, zero3_json,
                                                                            tmp_path):
-    """A ZeRO-3 job stopped after step 2 (its DeepSpeed state saved: partitioned optimiser slices and
-    the trained tensors, not the frozen base) resumes at step 3 and ends where the uninterrupted job (here: without DeepSpeed) ends. Merged
-    copies as checkpoints: the merge reads the gathered adapters."""
+    """Full fine-tuning of the query and value matrices (attn-qv, mode full; values at twice the
+    learning rate): the trained tensors are themselves partitioned base matrices. A ZeRO-3 job stopped
+    after step 2 (its DeepSpeed state saved: the trained slices and their optimiser slices, not the
+    frozen base) resumes at step 3 and ends where the uninterrupted job without DeepSpeed ends. Merged
+    copies as checkpoints: the merge reads the gathered matrices. Weights within 1e-5 (1e-3 of the
+    learning rate): Adam's m / (sqrt(v) + eps) turns the last-bit differences of a gradient near eps
+    (DeepSpeed sums in its own flat buffers) into visible ones; measured 1.5e-6 here."""
+    run = run_of("attn-qv", lr=5e-3, ratio=2.0, mode="full")
     tc = dict(val_rows=0, checkpoint_format="merged")
-    plain = run_job(spec_of(tiny_untied_dir, data_dir, tmp_path / "plain", **tc), 1)
-    spec = spec_of(tiny_untied_dir, data_dir, tmp_path / "cut", deepspeed=str(zero3_json), **tc)
+    plain = run_job(spec_of(tiny_untied_dir, data_dir, tmp_path / "plain", run, **tc), 1)
+    spec = spec_of(tiny_untied_dir, data_dir, tmp_path / "cut", run, deepspeed=str(zero3_json), **tc)
     with pytest.raises(Preempted):
         one_process(spec | dict(stop_after=2), tmp_path / "job1")
     saved = list((tmp_path / "cut" / ".work" / "state").glob("step_*"))
@@ -141,6 +159,23 @@ def test_zero3_run_stopped_after_a_saved_state_resumes_to_the_same_weights(tiny_
     assert state_bytes < (Path(tiny_untied_dir) / "model.safetensors").stat().st_size / 20
     resumed = one_process(spec, tmp_path / "job2")
     assert [x["step"] for x in resumed["train_loss"]] == [1, 2, 3]
-    assert_same_training(tiny_untied_dir, plain, tmp_path / "plain", resumed, tmp_path / "cut")
+    assert resumed["param_groups"] == plain["param_groups"]  # query at lr, value at 2 lr, sizes whole
+    assert_same_weights(tiny_untied_dir, plain, tmp_path / "plain", resumed, tmp_path / "cut",
+                        "model.layers.1.self_attn.v_proj.weight", atol=1e-5)
     assert resumed["checkpoints"] == [1, 3]
     assert (tmp_path / "cut" / "checkpoints" / "step_1" / "model.safetensors").exists()
+
+
+def test_spectral_adapter_takes_its_svd_of_the_whole_partitioned_matrix(tiny_untied_dir, data_dir, zero3_json,
+                                                                         tmp_path):
+    """Spectral^R wraps each targeted matrix with its top-r SVD, taken when the method is applied: under
+    ZeRO-3 the matrix is a partitioned slice then, so it is gathered for the SVD. Two steps equal the
+    job without DeepSpeed (an SVD of a slice would fail, or give other factors and other weights)."""
+    run = run_of("spectral-r", rank=RANK, lr=5e-2)
+    tc = dict(max_steps=2, n_checkpoints=0, val_rows=0)
+    plain = run_job(spec_of(tiny_untied_dir, data_dir, tmp_path / "plain", run, **tc), 1)
+    z3 = one_process(spec_of(tiny_untied_dir, data_dir, tmp_path / "z3", run, deepspeed=str(zero3_json), **tc),
+                     tmp_path / "job")
+    assert z3["trainable_params"] == plain["trainable_params"] and z3["engine"] == "DeepSpeedEngine"
+    assert_same_weights(tiny_untied_dir, plain, tmp_path / "plain", z3, tmp_path / "z3",
+                        "model.layers.1.mlp.down_proj.weight")

@@ -29,6 +29,12 @@ def full_numel(param) -> int:
     return int(getattr(param, "ds_numel", param.numel()))
 
 
+def full_ndim(param) -> int:
+    """The number of dimensions of the whole tensor (a ZeRO-3 slice is 1-D whatever the matrix is)."""
+    shape = getattr(param, "ds_shape", None)
+    return len(shape) if shape is not None else param.ndim
+
+
 @contextlib.contextmanager
 def gathered(params: Iterable, modifier_rank: int | None = None) -> Iterator[None]:
     """Inside this block the ZeRO-3 partitioned ones among ``params`` are whole on every process (they

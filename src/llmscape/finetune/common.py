@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from ..errors import LlmscapeError
-from ..partitioned import full_numel
+from ..partitioned import full_ndim, full_numel
 
 # Llama-style projection names; a target ``q`` matches ``q_proj`` (and ``q_proj`` itself).
 DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -134,7 +134,7 @@ def default_param_groups(model, lr: float, weight_decay: float = 0.0) -> list[di
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
+            (no_decay if full_ndim(p) < 2 else decay).append(p)  # a ZeRO-3 slice is 1-D: the whole's ndim
     groups = [dict(params=decay, lr=lr, weight_decay=weight_decay, name="matrices"),
               dict(params=no_decay, lr=lr, weight_decay=0.0, name="vectors")]
     return [g for g in groups if g["params"]]

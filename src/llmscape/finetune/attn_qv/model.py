@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...partitioned import full_ndim
 from ..common import (FinetuneError, check_rank, component, freeze_all, lora_config, lora_count, names_regex,
                       select_targets)
 from ..method import check_choice, check_number
@@ -84,7 +85,7 @@ def param_groups(model, run, weight_decay: float = 0.0) -> list[dict]:
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        one_d = p.ndim < 2
+        one_d = full_ndim(p) < 2  # the whole tensor's (a ZeRO-3 partitioned matrix is a 1-D slice)
         role = run.opt("one_d") if one_d else _role(n, run)
         if role == "other":
             raise FinetuneError(f"{NAME}: trainable parameter {n} is neither a query nor a value parameter "
