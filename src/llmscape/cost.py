@@ -414,6 +414,8 @@ def geometry_calibration(root: Path) -> tuple | None:
 def job_seconds(ctx: Context, job: dict) -> float | None:
     """Expected seconds of one dry-run job, or None for a rule the model does not cover."""
     rule, wc = job["rule"], job["wildcards"]
+    if rule in ("extract", "finetune") and not job["gpus"]:
+        return None  # forward and backward passes on CPU cores: no rate to divide by
     if rule == "extract":
         return extract_seconds(ctx, int(wc["shots"]))
     if rule == "finetune":
