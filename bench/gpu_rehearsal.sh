@@ -78,7 +78,7 @@ environment() {
             # the same type, for this interpreter only (the repository's code is not touched)
             cat >"$site/sitecustomize.py" <<'PYEOF'
 import numpy
-if not hasattr(numpy, "float_") and numpy.__version__ >= "2":
+if not hasattr(numpy, "float_") and int(numpy.__version__.split(".")[0]) >= 2:
     numpy.float_ = numpy.float64
 PYEOF
         else

@@ -264,14 +264,14 @@ def token_counts(a, tok, full, pool, specs) -> dict:
     its minutes on them), else counted here and written there."""
     key = counts_key(a, specs)
     f = Path(a.counts) if a.counts else None
-    if f and f.exists():
-        cached = json.loads(f.read_text())
-        if cached.get("key") == key:
-            return dict(cached["counts"], source=f"read from {f.name} (counted on {cached['counted_on']})")
+    entries = json.loads(f.read_text()) if f and f.exists() else []
+    for e in entries:
+        if e.get("key") == key:
+            return dict(e["counts"], source=f"read from {f.name} (counted on {e['counted_on']})")
     rows = full if not a.count_subjects else full[full.subject.isin(a.count_subjects)]
     counts = dict(questions=len(rows), **count_full_test(tok, rows, pool, specs))
-    if f:
-        write_json(f, dict(key=key, counts=counts, counted_on=time.strftime("%Y-%m-%d")))
+    if f:  # one entry per key: the quick and the full settings side by side
+        write_json(f, entries + [dict(key=key, counts=counts, counted_on=time.strftime("%Y-%m-%d"))])
     return dict(counts, source="counted in this run")
 
 
@@ -633,7 +633,7 @@ def run_parts(a, result: dict, out: Path, stem: str) -> None:
     print(f"wrote {out / stem}.json and .png")
 
 
-def write_json(dest: Path, obj: dict) -> None:
+def write_json(dest: Path, obj) -> None:
     tmp = dest.with_name(dest.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
     tmp.replace(dest)
