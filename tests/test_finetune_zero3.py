@@ -124,17 +124,22 @@ def test_one_process_zero3_runs_the_whole_job(tiny_untied_dir, data_dir, zero3_j
 
 def test_two_processes_zero3_equal_one_process(tiny_untied_dir, data_dir, zero3_json, tmp_path):
     """Two processes (gloo), each half of every global batch, ZeRO-3 across them: every gather (forward
-    passes, the head's letter rows, the adapters) is entered by both, and the job ends with the weights
-    of one process on the whole batch. No validation here, so the final evaluation meets the head
-    released, as a job with ``val_rows: 0`` does."""
+    passes, the head's letter rows, the adapters) is entered by both. Stopped after step 2 (each saves
+    its slices) and resumed, the job ends with the weights of one process on the whole batch. No
+    validation here, so the final evaluation meets the head released, as a job with ``val_rows: 0``."""
     plain = run_job(spec_of(tiny_untied_dir, data_dir, tmp_path / "plain", val_rows=0), 1)
-    two = run_job(spec_of(tiny_untied_dir, data_dir, tmp_path / "two", val_rows=0, batch_size=2,
-                          deepspeed=str(zero3_json)), 2, threads=2)
+    spec = spec_of(tiny_untied_dir, data_dir, tmp_path / "two", val_rows=0, batch_size=2, deepspeed=str(zero3_json))
+    with pytest.raises(Preempted):
+        run_job(spec | dict(stop_after=2), 2, threads=2)
+    assert (tmp_path / "two" / ".work" / "state" / "step_0000002" / "COMPLETE").exists()
+    two = run_job(spec, 2, threads=2)
     assert two["world_size"] == 2 and two["engine"] == "DeepSpeedEngine"
-    assert two["tokens"] == plain["tokens"]
+    assert [x["step"] for x in two["train_loss"]] == [1, 2, 3]
+    assert two["tokens"] == plain["tokens"]  # every example of each global batch seen once
     assert_same_training(tiny_untied_dir, plain, tmp_path / "plain", two, tmp_path / "two")
     assert two["accuracy"] == plain["accuracy"]
     assert_whole_adapters(tmp_path / "two" / "weights")
+    assert_whole_adapters(tmp_path / "two" / "checkpoints" / "step_1")  # written by the first attempt
 
 
 def test_zero3_run_stopped_after_a_saved_state_resumes_to_the_same_weights(tiny_untied_dir, data_dir, zero3_json,
