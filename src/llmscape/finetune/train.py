@@ -145,9 +145,10 @@ def _open_session(run: RunSpec, tc: dict, out_dir: Path):
                       log_with="tensorboard", project_dir=str(out_dir / "tb"), deepspeed_plugin=ds,
                       kwargs_handlers=handlers,
                       cpu=not cuda and ds is None)  # DeepSpeed on CPU needs its (gloo) process group
-    if ds is not None and torch.distributed.is_initialized() and torch.distributed.get_world_size() != acc.num_processes:
+    world = torch.distributed.get_world_size() if ds is not None and torch.distributed.is_initialized() else None
+    if world is not None and world != acc.num_processes:
         raise FinetuneError(f"accelerate sees {acc.num_processes} process(es) but DeepSpeed's group has "
-                            f"{torch.distributed.get_world_size()}: each would train on the same share of a batch. "
+                            f"{world}: each would train on the same share of a batch. "
                             "Fix: launch through llmscape.finetune.launch (accelerate launch) on CUDA or gloo.")
     set_seed(run.seed)
     return acc, ds, mixed, cuda
