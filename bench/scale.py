@@ -470,8 +470,9 @@ def fit_depth(points: dict[int, float], full_layers: int) -> dict:
     (l1, t1), (l2, t2) = sorted(points.items())[:2]
     block = (t2 - t1) / (l2 - l1)
     head = t1 - l1 * block
+    # a negative term means the two timings are within their noise (a loaded CPU, two short steps)
     return dict(head_s_per_token=head, block_s_per_token=block, full_s_per_token=head + full_layers * block,
-                head_share_at_measured=head / t1)
+                head_share_at_measured=head / t1, valid=bool(head >= 0 and block > 0))
 
 
 def part_training(name: str, depths: list[int], full_layers: int, device: str, a) -> dict:

@@ -62,8 +62,8 @@ def test_scale_rehearsal_runs_every_stage_at_llama3_8b_shapes(tmp_path, base_car
         by = tr["measured"][label]["by_depth"]
         assert {L: v["trainable_params"] for L, v in by.items()} == {"1": per_block, "2": 2 * per_block}
     ext = tr["extrapolated"]
-    assert "32 blocks" in ext["rule"] and ext["ratio_tokens_per_s"] > 0
-    assert set(ext["fit"]) == {"llmscape_lora", "plain_peft"}
+    assert "32 blocks" in ext["rule"] and set(ext["fit"]) == {"llmscape_lora", "plain_peft"}
+    assert all(isinstance(f["valid"], bool) for f in ext["fit"].values())  # two short steps on CPU: noisy
 
 
 def test_depth_fit_separates_the_head_from_the_blocks():
@@ -73,6 +73,7 @@ def test_depth_fit_separates_the_head_from_the_blocks():
     fit = scale.fit_depth({1: 5.0, 2: 7.0}, 32)
     assert fit["head_s_per_token"] == pytest.approx(3.0) and fit["block_s_per_token"] == pytest.approx(2.0)
     assert fit["full_s_per_token"] == pytest.approx(67.0) and fit["head_share_at_measured"] == pytest.approx(0.6)
+    assert fit["valid"] and not scale.fit_depth({1: 5.0, 2: 4.0}, 32)["valid"]  # faster with more blocks: noise
 
 
 def test_gpu_rehearsal_script_parses_and_refuses_without_its_assets(tmp_path):
