@@ -102,9 +102,12 @@ def assert_same_weights(tiny, met_a, dir_a, met_b, dir_b, moved: str, atol: floa
 
 def test_one_process_zero3_runs_the_whole_job(tiny_untied_dir, data_dir, zero3_json, tmp_path):
     """Steps, validation at every checkpoint, adapter checkpoints, final evaluation (the LM head's letter
-    rows), final adapter: all with partitioned parameters, and equal to the same job without DeepSpeed."""
-    plain = run_job(spec_of(tiny_untied_dir, data_dir, tmp_path / "plain"), 1)
-    z3 = one_process(spec_of(tiny_untied_dir, data_dir, tmp_path / "z3", deepspeed=str(zero3_json)), tmp_path / "job")
+    rows), final adapter: all with partitioned parameters, and equal to the same job without DeepSpeed.
+    With gradient checkpointing, as the 70B config trains (the backward pass gathers again)."""
+    tc = dict(gradient_checkpointing=True)
+    plain = run_job(spec_of(tiny_untied_dir, data_dir, tmp_path / "plain", **tc), 1)
+    z3 = one_process(spec_of(tiny_untied_dir, data_dir, tmp_path / "z3", deepspeed=str(zero3_json), **tc),
+                     tmp_path / "job")
     assert z3["engine"] == "DeepSpeedEngine" and z3["deepspeed"].endswith("zero3_partitioned.json")
     assert_same_training(tiny_untied_dir, plain, tmp_path / "plain", z3, tmp_path / "z3")
     # validation and the final evaluation computed on the whole weights (equal to the plain run's)
