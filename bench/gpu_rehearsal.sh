@@ -17,7 +17,8 @@
 #
 # Environment: OUT (results folder; default bench/results), REHEARSAL_DEVICE (cuda|cpu; default: cuda when
 # torch sees one), REHEARSAL_PARTS (default "extraction training spectra geometry"), REHEARSAL_SECONDS
-# (the whole run's budget; default 560 on a GPU, 3600 on CPU).
+# (the whole run's budget; default 560 on a GPU, 3600 on CPU), REHEARSAL_MERGE_FROM (an earlier call's JSON,
+# carried in the working tree: this call's parts are added to it; $OUT starts empty on the device).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 ASSETS=$ROOT/bench/assets
@@ -119,7 +120,11 @@ part() {
         --out "$OUT"
     rc=$?
     echo "[rehearsal] $name: rc=$rc, $(($(date +%s) - t0)) s"
-    [ $rc -eq 124 ] || [ $rc -eq 137 ] && note "$name" "killed at its limit of ${limit} s (bench/gpu_rehearsal.sh)"
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+        note "$name" "killed at its limit of ${limit} s (bench/gpu_rehearsal.sh)"
+    elif [ $rc -ne 0 ]; then  # a crash Python could not record (a failure inside a part is recorded by it)
+        note "$name" "the process exited with status $rc (see rehearsal.log)"
+    fi
     return 0
 }
 
@@ -129,7 +134,7 @@ import json, sys
 from pathlib import Path
 f, part, msg = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 r = json.loads(f.read_text()) if f.exists() else {}
-r[part] = dict(error=msg)
+r[part] = {**r.get(part, {}), "error": msg}  # what the part wrote before it was stopped stays
 f.write_text(json.dumps(r, indent=2) + "\n")
 PYEOF
 }
@@ -140,6 +145,8 @@ run() {
         exit 1
     }
     local start=$(date +%s)
+    # no hub to ask (everything is local); JAX (imported by dadapy) kept off the GPU that torch measures
+    export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 JAX_PLATFORMS=cpu XLA_PYTHON_CLIENT_PREALLOCATE=false
     environment
     DEV=${REHEARSAL_DEVICE:-$("$PY" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")}
     if [ "$DEV" = cuda ]; then
@@ -157,6 +164,11 @@ run() {
         budget=${REHEARSAL_SECONDS:-3600}
     fi
     DEADLINE=$((start + budget))
+    # $OUT starts empty on the device machine: a second call merges into the first call's JSON, carried
+    # in the working tree (e.g. copied to bench/results/) and named here
+    if [ -n "${REHEARSAL_MERGE_FROM:-}" ] && [ ! "$REHEARSAL_MERGE_FROM" -ef "$OUT/$STEM.json" ]; then
+        cp "$REHEARSAL_MERGE_FROM" "$OUT/$STEM.json" && echo "[rehearsal] merging into $REHEARSAL_MERGE_FROM's parts"
+    fi
     for p in ${REHEARSAL_PARTS:-extraction training spectra geometry}; do
         local limit
         limit=$(tr ' ' '\n' <<<"$LIMITS" | sed -n "s/^$p://p")
