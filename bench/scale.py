@@ -497,9 +497,10 @@ def part_training(name: str, depths: list[int], full_layers: int, device: str, a
     if top != full_layers:
         fits = {label: fit_depth({L: 1 / v["tokens_per_s"] for L, v in r.items()}, full_layers)
                 for label, r in runs.items()}
-        rate = {label: 1 / f["full_s_per_token"] for label, f in fits.items()}
+        ok = all(f["valid"] for f in fits.values())  # no rate from a fit with a negative term
+        rate = {label: 1 / f["full_s_per_token"] if ok else None for label, f in fits.items()}
         res["extrapolated"] = dict(
-            tokens_per_s=rate, ratio_tokens_per_s=rate["llmscape_lora"] / rate["plain_peft"], fit=fits,
+            tokens_per_s=rate, ratio_tokens_per_s=rate["llmscape_lora"] / rate["plain_peft"] if ok else None, fit=fits,
             rule=(f"seconds per token fitted as head + layers x block through the measured depths {sorted(depths)} "
                   f"and evaluated at {full_layers} blocks: at {top} blocks the LM head and embeddings (which llmscape's "
                   "answer-token loss mostly skips) weigh as much as the blocks, so the measured ratio overstates "
