@@ -31,8 +31,9 @@ def _ft_model_shapes():
 
     src = local_config_dir(config["model"], RES_DIR, KNOWN_CONFIGS)
     if src is None:
-        print("finetune: no config.json of the model on this machine yet; rank checks run at job start",
-              file=sys.stderr)
+        print(
+            "finetune: no config.json of the model on this machine yet; rank checks run at job start", file=sys.stderr
+        )
         return None
     return meta_shapes(src, config["trust_remote_code"])
 
