@@ -4,11 +4,13 @@ published: batch of one, the full prompt, the full model (logits over the whole 
            position) and forward hooks that keep every position of every input-norm output, from
            which the last token is taken afterwards (Doimo et al.'s extract_activations);
 llmscape:  llmscape.extract (length-sorted token-budget batches, last position only, letter logits
-           only, the subject's shared prefix run once and its KV cache reused).
+           only, each subject's prefix tree: every shared prefix run once and its KV cache reused).
+Tokens are the ones each method feeds its decoder (padding apart), counted by a forward pre-hook.
 
 Each method runs in its own process (peak RSS is per process), on the same questions and the same
 fp32 weights; the parent compares the states. Usage:
-    python bench/bench_extract.py [--shots 5] [--per-subject 30] [--subjects a b] [--threads 2]
+    python bench/bench_extract.py [--shots 5] [--shot-order fixed|permuted] [--per-subject 30] [--subjects a b]
+                                  [--threads 2]
 Writes bench/results/extract.json and bench/results/extract.png.
 """
 from __future__ import annotations
@@ -29,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 
-def worker(method: str, data_dir: str, card: str, shots: int, out: str, threads: int, budget: int) -> None:
+def worker(method: str, data_dir: str, card: str, shots: int, out: str, threads: int, budget: int,
+           order: str) -> None:
     import torch
 
     from llmscape import data, extract as E, models, prompts as P
@@ -39,31 +42,36 @@ def worker(method: str, data_dir: str, card: str, shots: int, out: str, threads:
     rows = rows.sort_values("question_id").reset_index(drop=True)
     card = json.loads(Path(card).read_text())
     tok, model = models.load(card["path"], dtype="float32", device="cpu")
+    fed = [0]
+
+    def count(module, args, kwargs):  # the tokens of this forward pass, padding apart
+        ids, mask = kwargs.get("input_ids", args[0] if args else None), kwargs.get("attention_mask")
+        fed[0] += int(mask[:, -ids.shape[1]:].sum()) if mask is not None else int(ids.numel())
+
+    counter = model.model.register_forward_pre_hook(count, with_kwargs=True)
     t0 = time.perf_counter()
     if method == "llmscape":
-        cfg = E.ExtractConfig(shots=shots, token_budget=budget)
-        E.extract(card, rows, pool, cfg, out + ".h5")
+        cfg = E.ExtractConfig(shots=shots, shot_order=order, token_budget=budget)
+        E.extract(card, rows, pool, cfg, out + ".h5", model=model, tok=tok)
         states = E.read_states(out + ".h5")["hidden"]
-        ids = E.tokenize(tok, P.build_prompts(rows, pool, shots, "fixed"))  # what it ran: prefixes once, suffixes
-        groups = E.plan_groups(ids, rows.subject.tolist() if cfg.shares_prefix else None)
-        tokens = sum(len(g.prefix) + sum(map(len, g.suffixes)) for g in groups)
     else:
         _, layers, norm = E.decoder_parts(model)
         store: dict[int, torch.Tensor] = {}
         hooks = [m.register_forward_hook(lambda mod, a, o, i=i: store.__setitem__(i, o.detach().clone()))
                  for i, m in enumerate([b.input_layernorm for b in layers] + [norm])]
-        texts = P.build_prompts(rows, pool, shots, "fixed")
-        per_q, tokens = [], 0
+        texts = P.build_prompts(rows, pool, shots, order)
+        per_q = []
         with torch.no_grad():
             for t in texts:
                 ids = tok(t, return_tensors="pt")
-                tokens += int(ids["input_ids"].shape[1])
                 model(**ids, output_hidden_states=True)  # full logits, all hidden states, all positions
                 per_q.append(torch.stack([store[i][0, -1] for i in range(len(hooks))]))
         for h in hooks:
             h.remove()
         states = torch.stack(per_q, dim=1).numpy()
     seconds = time.perf_counter() - t0
+    counter.remove()
+    tokens = fed[0]
     np.save(out + ".npy", states)
     Path(out + ".json").write_text(json.dumps(dict(
         seconds=seconds, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, tokens=tokens)))
@@ -72,16 +80,17 @@ def worker(method: str, data_dir: str, card: str, shots: int, out: str, threads:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shots", type=int, default=5)
+    ap.add_argument("--shot-order", default="fixed", choices=["fixed", "permuted"])
     ap.add_argument("--per-subject", type=int, default=30)
     ap.add_argument("--subjects", nargs="+", default=["high_school_biology", "world_religions"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--token-budget", type=int, default=8192)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    ap.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=8, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        m, d, c, s, o, t, b = a.worker
-        return worker(m, d, c, int(s), o, int(t), int(b))
+        m, d, c, s, o, t, b, order = a.worker
+        return worker(m, d, c, int(s), o, int(t), int(b), order)
 
     from llmscape import data, models
 
@@ -95,14 +104,14 @@ def main() -> None:
     for method in ("published", "llmscape"):
         stem = str(tmp / method)
         subprocess.run([sys.executable, __file__, "--worker", method, str(tmp / "data"), str(tmp / "card.json"),
-                        str(a.shots), stem, str(a.threads), str(a.token_budget)], check=True)
+                        str(a.shots), stem, str(a.threads), str(a.token_budget), a.shot_order], check=True)
         res[method] = json.loads(Path(stem + ".json").read_text())
         res[method]["states"] = np.load(stem + ".npy")
     a_, b_ = res["published"].pop("states"), res["llmscape"].pop("states")
     dev = float(np.abs(a_ - b_).max())
     rel = float((np.abs(a_ - b_).max(axis=-1) / np.maximum(np.abs(a_).max(axis=-1), 1e-12)).max())
     summary = dict(
-        model="smollm2-135m", shots=a.shots, questions=int(a_.shape[1]), subjects=a.subjects, threads=a.threads,
+        model="smollm2-135m", shots=a.shots, shot_order=a.shot_order, questions=int(a_.shape[1]), subjects=a.subjects, threads=a.threads,
         machine=f"{os.cpu_count()} cores", published=res["published"], llmscape=res["llmscape"],
         speedup=res["published"]["seconds"] / res["llmscape"]["seconds"],
         token_ratio=res["published"]["tokens"] / max(res["llmscape"]["tokens"] or 1, 1),

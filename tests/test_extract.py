@@ -175,3 +175,122 @@ def test_bad_inputs_fail_early_with_the_fix(tmp_path, base_card, rows_pool):
             E.extract(base_card, rows, pool, E.ExtractConfig(shots=0), target)
     finally:
         ro.chmod(0o700)
+
+
+def _paths(tree):
+    """(prompt, its segments from the root) for every leaf of a prefix tree."""
+    out, stack = [], [(tree, [])]
+    while stack:
+        node, segs = stack.pop()
+        segs = segs + [node.segment]
+        if node.prompt is not None:
+            out.append((node.prompt, segs))
+        stack.extend((c, segs) for c in node.children)
+    return out
+
+
+def test_prefix_tree_shape_and_token_counts():
+    a, b, c, d = [1, 2, 3, 4, 5], [1, 2, 3, 6, 7], [1, 2, 3, 6, 8], [1, 9]
+    ids = [a, b, c, d, [1, 2, 3], [1, 2, 3], [1, 2], [1, 2, 3]]  # duplicates; a prompt inside another
+    keys = ["s"] * 4 + ["dup"] * 2 + ["pre", "pre"]
+    trees = E.group_trees(ids, keys, min_shared=1)
+    for t in trees:  # every prompt is its path's segments joined, and keeps a token of its own
+        for i, segs in _paths(t):
+            assert sum(segs, []) == ids[i] and len(segs[-1]) >= 1
+    s = trees[0].children[0]  # [1], then [9] | [2, 3] -> ([4, 5] | [6] -> ([7] | [8]))
+    assert s.segment == [1] and sorted(len(k.children) for k in s.children) == [0, 2]
+    assert [E.tree_tokens(t) for t in trees] == [1 + 1 + 2 + 2 + 1 + 1 + 1, 2 + 1 + 1, 1 + 1 + 2]
+    assert E.held_tokens(trees[0]) == 1 + 2 + 1  # path [1] + [2, 3] + [6]
+    # a shared segment below the top shorter than min_shared is handed down: [6] runs once per child
+    assert E.tree_tokens(E.group_trees(ids[:4], keys[:4], min_shared=2)[0]) == 10
+    counts = E.count_prompt_tokens(ids, keys, min_shared=1)
+    assert counts["plain"] == sum(map(len, ids)) == 28 and counts["shared"] == 9 + 4 + 4
+    assert E.count_prompt_tokens(ids, None)["shared"] == 28  # no keys, no sharing
+
+
+class _FedTokens:
+    """Counts the tokens the decoder is really given (its attention mask's new columns) and whether
+    any batch was padded, through a forward pre-hook on the decoder."""
+
+    def __init__(self, dec):
+        self.tokens, self.padded = 0, False
+        self.handle = dec.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+        new = mask[:, -ids.shape[1]:] if mask is not None else torch.ones_like(ids)
+        self.tokens += int(new.sum())
+        self.padded |= bool((new == 0).any())
+
+
+@pytest.mark.parametrize("order", ["fixed", "permuted"])
+def test_prefix_tree_states_equal_unshared_for_0_to_5_shots(rows_pool, loaded_model, order):
+    """The tree (token-budget batches that mix segment lengths, so padded) against every prompt run
+    whole without a cache; and the tokens fed to the decoder are the ones count_prompt_tokens predicts."""
+    from llmscape import prompts as P
+
+    rows, pool = rows_pool
+    rows = rows.groupby("subject").head(3).sort_values("question_id").reset_index(drop=True)
+    tok, model = loaded_model
+    cap = E.LastTokenCapture(model, "norm")
+    try:
+        for shots in range(6):
+            ids = E.tokenize(tok, P.build_prompts(rows, pool, shots, order))
+            out = {}
+            for keys in (rows.subject.tolist(), None):
+                fed = _FedTokens(model.model)
+                st = np.zeros((31, len(ids), 576), np.float32)
+                lg = np.zeros((len(ids), 2, 4), np.float32)
+                for res in E.run_batches(model, tok, ids, keys, token_budget=1500, max_batch=8, capture=cap):
+                    st[:, res.positions], lg[res.positions] = res.states.numpy(), res.letter_logits
+                fed.handle.remove()
+                out[keys is None] = st, lg, fed
+            (st, lg, fed), (st0, lg0, fed0) = out[False], out[True]
+            counts = E.count_prompt_tokens(ids, rows.subject.tolist())
+            assert E.count_config_tokens(tok, rows, pool, shots, order) == dict(counts, questions=len(rows))
+            assert fed.tokens == counts["shared"] < fed0.tokens == counts["plain"], shots
+            assert fed.padded, shots  # some batch mixed lengths
+            assert np.abs(st - st0).max() / np.abs(st0).max() < 1e-4, shots  # fp32 tolerance
+            np.testing.assert_allclose(lg, lg0, rtol=1e-4, atol=1e-4)
+    finally:
+        cap.remove()
+
+
+def test_permuted_5_shot_states_match_a_plain_forward_pass(tmp_path, base_card, rows_pool, loaded_model):
+    """The paper's protocol through extract(): every layer and the letter logits of every question
+    against the model's own forward pass over the whole prompt (batch of one, no cache)."""
+    from llmscape import prompts as P
+
+    rows, pool = rows_pool
+    tok, model = loaded_model
+    _, st = _run(base_card, rows_pool, loaded_model, tmp_path / "p.h5", shots=5, shot_order="permuted")
+    assert st["attrs"]["prefix_sharing"] and st["attrs"]["shot_order"] == "permuted"
+    rows = rows.sort_values("question_id").reset_index(drop=True)
+    texts = P.build_prompts(rows, pool, 5, "permuted")
+    assert len({t[:400] for t in texts}) > 1  # the shots really are in different orders
+    letters = E.letter_token_ids(tok)
+    with h5py.File(tmp_path / "p.h5") as f:
+        logits = f["letter_logits"][:]
+    with torch.no_grad():
+        for i, text in enumerate(texts):
+            out = model(**tok(text, return_tensors="pt"), output_hidden_states=True)
+            hs = out.hidden_states
+            ref = [model.model.layers[j].input_layernorm(hs[j])[0, -1] for j in range(30)] + [hs[30][0, -1]]
+            np.testing.assert_allclose(st["hidden"][:, i], torch.stack(ref).numpy(), rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(logits[i], out.logits[0, -1, letters].numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_an_interrupted_permuted_extraction_resumes(tmp_path, base_card, rows_pool, loaded_model):
+    rows, pool = rows_pool
+    tok, model = loaded_model
+    cfg = E.ExtractConfig(shots=2, shot_order="permuted", token_budget=300, max_batch=2)
+    path = tmp_path / "r.h5"
+    with pytest.raises(KeyboardInterrupt):
+        E.extract(base_card, rows, pool, cfg, path, model=model, tok=tok, stop_after_batches=3)
+    with h5py.File(tmp_path / "r.h5.partial") as f:
+        assert 3 <= int(f["done"][:].sum()) < len(rows)
+    E.extract(base_card, rows, pool, cfg, path, model=model, tok=tok)
+    _, full = _run(base_card, rows_pool, loaded_model, tmp_path / "full.h5", shots=2, shot_order="permuted")
+    resumed = E.read_states(path)
+    np.testing.assert_allclose(resumed["hidden"], full["hidden"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(resumed["pred"], full["pred"])

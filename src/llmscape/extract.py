@@ -9,10 +9,14 @@ What is kept, per question, at the last prompt token (the ``:`` of ``Answer:``):
 
 Speed: prompts are tokenised once, sorted by length and batched by a token
 budget; forward hooks keep only the last position of each row; the decoder is run without the LM head.
-With ``fixed`` shot order every question of a subject starts with the same header and shots: the
-longest common *token* prefix of the subject's prompts is run once and its key/value cache is reused
-for every batch of that subject (the prefix is found on token ids, so BPE merges across the
-prefix/question boundary cannot make it inexact).
+Prefix sharing (``prefix_sharing: true``): a subject's prompts form a prefix tree on their *token ids*
+(:func:`build_tree`; on ids, so BPE merges across shot/question boundaries cannot make it inexact).
+With ``fixed`` shots it is the header and shots, shared by every question; with ``permuted`` shots the
+header is shared by all, the first shot by the questions that start with it, and so on. Each shared
+segment runs once, attending to its path's cache; the prompts' own ends run in token-budget batches
+attending to their node's path, whose keys/values are expanded to the batch as views (no copy per row).
+The tree is walked depth first, so only the caches of the current path (and of the inner nodes of
+one batch per level) are alive: :func:`count_prompt_tokens` gives the tokens run and that peak.
 
 HDF5 layout (``results/reps/{model}/{variant}/{shots}shot.h5``):
   hidden         (n_layers, n_questions, d)  float16|float32, chunked (1, <=256, d) with fletcher32 checksums
@@ -33,7 +37,6 @@ last completed batch: rows are marked done after each batch, and a rerun with th
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -47,6 +50,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import torch
+from transformers.cache_utils import Cache, DynamicLayer
 
 from . import prompts as P
 from .data import LETTERS
@@ -97,7 +101,7 @@ class ExtractConfig:
 
     @property
     def shares_prefix(self) -> bool:
-        return self.prefix_sharing and self.shot_order == "fixed"
+        return self.prefix_sharing  # a prefix tree: fixed and permuted shots alike
 
 
 # --------------------------------------------------------------------------- model plumbing
@@ -204,30 +208,142 @@ def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
 
 def plan_groups(token_ids: list[list[int]], keys: Sequence | None) -> list[Group]:
     """Group prompts (by subject when ``keys`` is given) and split off their common token prefix,
-    always leaving at least one token per prompt to run."""
+    always leaving at least one token per prompt to run (the top of each group's prefix tree)."""
     if keys is None:
         return [Group([], list(range(len(token_ids))), [list(t) for t in token_ids])]
-    groups: dict = {}
-    for i, k in enumerate(keys):
-        groups.setdefault(k, []).append(i)
     out = []
-    for members in groups.values():
+    for members in _members_by_key(keys, len(token_ids)):
         seqs = [token_ids[i] for i in members]
         n = min(common_prefix_len(seqs), min(len(s) for s in seqs) - 1)
         out.append(Group(list(seqs[0][:n]), members, [list(s[n:]) for s in seqs]))
     return out
 
 
-def plan_batches(group: Group, token_budget: int, max_batch: int) -> list[list[int]]:
-    """Indices into ``group.members``, length-sorted (longest first), each batch within the budget:
-    rows x longest new-token count <= token_budget; the KV cache of the shared prefix counts at 1/8."""
-    order = sorted(range(len(group.members)), key=lambda j: -len(group.suffixes[j]))
+def _members_by_key(keys: Sequence, n: int) -> list[list[int]]:
+    if len(keys) != n:
+        raise ExtractError(f"{len(keys)} group keys for {n} prompts; give one key (the subject) per prompt")
+    groups: dict = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    return list(groups.values())
+
+
+MIN_SHARED = 16  # tokens: a shared segment shorter than this (below a group's top) is run once per child
+
+
+@dataclass
+class Node:
+    """A node of a group's prefix tree. ``segment``: the token ids it adds to its parent's path. A leaf
+    (``prompt`` set) ends that prompt and always holds at least its last token; an inner node (with
+    ``children``) is run once and its keys/values serve every prompt below it."""
+    segment: list[int]
+    prompt: int | None = None
+    children: list["Node"] = field(default_factory=list)
+
+
+def build_tree(token_ids: Sequence[Sequence[int]], members: Sequence[int], min_shared: int = MIN_SHARED) -> Node:
+    """Prefix tree of the prompts ``members`` (positions into ``token_ids``) under an empty root: a radix
+    tree on token ids, so BPE merges across shot/question boundaries cannot make it inexact. Inner
+    segments shorter than ``min_shared`` tokens (a shared "Which of the following") are handed down to
+    each child instead: a separate, smaller batch would cost more than the few tokens it saves."""
+    root = Node([])
+    root.children = _children(token_ids, list(members), 0, min_shared)
+    return root
+
+
+def _children(token_ids, members: list[int], start: int, min_shared: int) -> list[Node]:
+    parts: dict[int, list[int]] = {}
+    for i in members:
+        parts.setdefault(token_ids[i][start], []).append(i)
+    out = []
+    for part in parts.values():
+        rest = [token_ids[i][start:] for i in part]
+        n = min(common_prefix_len(rest), min(map(len, rest)) - 1) if len(part) > 1 else 0
+        if n == 0:  # one prompt, or one that ends where the others go on: leaves
+            out.extend(Node(list(r), prompt=i) for i, r in zip(part, rest))
+            continue
+        kids = _children(token_ids, part, start + n, min_shared)
+        if n < min_shared and start > 0:
+            for k in kids:
+                k.segment = list(rest[0][:n]) + k.segment
+            out.extend(kids)
+        else:
+            out.append(Node(list(rest[0][:n]), children=kids))
+    return out
+
+
+def group_trees(token_ids: Sequence[Sequence[int]], keys: Sequence | None, skip: np.ndarray | None = None,
+                min_shared: int = MIN_SHARED) -> list[Node]:
+    """One prefix tree per group (``keys``: one per prompt, the subject) of the prompts not in ``skip``;
+    ``keys=None``: no sharing, one root whose children are all the prompts whole."""
+    todo = [i for i in range(len(token_ids)) if skip is None or not skip[i]]
+    if keys is None:
+        return [Node([], children=[Node(list(token_ids[i]), prompt=i) for i in todo])] if todo else []
+    out = []
+    for members in _members_by_key(keys, len(token_ids)):
+        members = [i for i in members if skip is None or not skip[i]]
+        if members:
+            out.append(build_tree(token_ids, members, min_shared))
+    return out
+
+
+def tree_tokens(node: Node) -> int:
+    """Tokens a forward pass over the tree computes: every segment once."""
+    return len(node.segment) + sum(tree_tokens(c) for c in node.children)
+
+
+def held_tokens(node: Node, token_budget: int = 8192, max_batch: int = 64, held: int = 0, path_len: int = 0) -> int:
+    """Peak number of cached tokens alive while :func:`run_batches` walks the tree: the segments of the
+    current path plus, at each level, those of the inner nodes of the batch being walked into (so at
+    most one batch's tokens per level). Times 2 x layers x kv_heads x head_dim x bytes per value (128
+    KiB per token for Llama-3-8B in bf16), this is the memory the caches hold."""
+    peak = held
+    lengths = [len(c.segment) for c in node.children]
+    for batch in plan_batches(lengths, path_len, token_budget, max_batch):
+        inner = [node.children[j] for j in batch if node.children[j].children]
+        total = held + sum(len(c.segment) for c in inner)
+        peak = max(peak, total)
+        for c in inner:
+            peak = max(peak, held_tokens(c, token_budget, max_batch, total, path_len + len(c.segment)))
+            total -= len(c.segment)
+    return peak
+
+
+def count_prompt_tokens(token_ids: Sequence[Sequence[int]], group_keys: Sequence | None, *, token_budget: int = 8192,
+                        max_batch: int = 64, min_shared: int = MIN_SHARED) -> dict:
+    """Prompt tokens a forward pass computes: ``plain``, every prompt whole; ``shared``, with the prefix
+    trees of :func:`run_batches` (``group_keys``: one key per prompt, its subject; None = no sharing),
+    each distinct inner segment once plus every prompt's own leaf. ``held_max``: the largest number of
+    cached tokens alive at once (:func:`held_tokens`) with ``token_budget`` and ``max_batch`` of the
+    ``extract`` config, for memory estimates."""
+    trees = group_trees(token_ids, group_keys, min_shared=min_shared)
+    held = max((held_tokens(t, token_budget, max_batch) for t in trees), default=0)
+    return dict(plain=int(sum(map(len, token_ids))), shared=int(sum(map(tree_tokens, trees))), held_max=int(held))
+
+
+def count_config_tokens(tok, rows: pd.DataFrame, pool: pd.DataFrame, shots: int, shot_order: str = "fixed",
+                        shot_seed: int = 42, prefix_sharing: bool = True, token_budget: int = 8192,
+                        max_batch: int = 64) -> dict:
+    """:func:`count_prompt_tokens` of the prompts an extraction builds: ``tok`` a Hugging Face tokenizer,
+    ``rows`` the questions (columns subject, question_id, question, choices, answer), ``pool`` the
+    few-shot pool, the rest as in the ``extract`` config. Returns dict(plain, shared, held_max, questions);
+    ``shared`` equals ``plain`` without sharing."""
+    rows = rows.sort_values("question_id").reset_index(drop=True)
+    ids = tokenize(tok, P.build_prompts(rows, pool, shots, shot_order, shot_seed))
+    out = count_prompt_tokens(ids, rows.subject.tolist() if prefix_sharing else None, token_budget=token_budget,
+                              max_batch=max_batch)
+    return dict(out, questions=len(rows))
+
+
+def plan_batches(lengths: Sequence[int], path_len: int, token_budget: int, max_batch: int) -> list[list[int]]:
+    """Indices into ``lengths`` (the segments to run under one tree node), longest first, each batch
+    within the budget: rows x longest new-token count <= token_budget; the cached path counts at 1/8."""
+    order = sorted(range(len(lengths)), key=lambda j: -lengths[j])
     batches, cur, cur_max = [], [], 0
-    plen = len(group.prefix)
     for j in order:
-        L = len(group.suffixes[j])
+        L = lengths[j]
         new_max = max(cur_max, L)
-        cost = (len(cur) + 1) * (new_max + plen // 8)
+        cost = (len(cur) + 1) * (new_max + path_len // 8)
         if cur and (cost > token_budget or len(cur) >= max_batch):
             batches.append(cur)
             cur, new_max = [], L
@@ -245,7 +361,7 @@ class BatchResult:
     positions: np.ndarray          # (B,) positions into the prompt list
     states: torch.Tensor | None    # (n_layers, B, d) float32 on CPU, or None without capture
     letter_logits: np.ndarray      # (B, 2, 4)
-    n_new_tokens: int
+    n_new_tokens: int              # tokens run since the previous result (inner tree segments included)
 
 
 def _pad_id(tok) -> int:
@@ -255,10 +371,32 @@ def _pad_id(tok) -> int:
     return 0
 
 
-def _expand_cache(cache, batch: int):
-    c = copy.deepcopy(cache)
-    c.batch_repeat_interleave(batch)
-    return c
+class _PathLayer(DynamicLayer):
+    """One block's cache for a batch run under a tree node. Attention sees the keys/values of the node's
+    path (batch 1 each, expanded to the batch as views: never copied per row, never written) followed
+    by the batch's own. Of these, only the rows of inner nodes are kept (``keep``: row -> segment
+    length), as their children's path; the rest is freed with the block's attention."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], keep: dict[int, int]):
+        super().__init__()
+        self.path = (keys, values)
+        self.length = sum(k.shape[-2] for k in keys)
+        self.keep = keep
+        self.new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.new = {r: (key_states[r: r + 1, :, :n].clone(), value_states[r: r + 1, :, :n].clone())
+                    for r, n in self.keep.items()}
+        b = key_states.shape[0]
+        keys = torch.cat([k.expand(b, -1, -1, -1) for k in self.path[0]] + [key_states], dim=-2)
+        values = torch.cat([v.expand(b, -1, -1, -1) for v in self.path[1]] + [value_states], dim=-2)
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
 
 
 def letter_rows(head, letters: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -275,58 +413,96 @@ def letter_rows(head, letters: np.ndarray) -> tuple[torch.Tensor, torch.Tensor |
     return w, b
 
 
+@dataclass
+class _Walk:
+    """What a depth-first walk over prefix trees needs: the decoder, the batching limits, the letter rows."""
+    dec: object
+    n_blocks: int
+    device: object
+    pad: int
+    token_budget: int
+    max_batch: int
+    capture: LastTokenCapture | None
+    w_letters: torch.Tensor
+    b_letters: torch.Tensor | None
+    pending: int = 0  # tokens run since the last result
+
+    def node(self, node: Node, path: list) -> Iterator[BatchResult]:
+        """Run ``node``'s children under its path (a list of per-node caches: per block (keys, values)) in
+        batches, yielding the leaves' results; after each batch, walk into the inner children it ran, one
+        after the other: a cache lives until its subtree is done, and one batch's per level (held_tokens)."""
+        kids = node.children
+        path_len = sum(p[0][0].shape[-2] for p in path)
+        for batch in plan_batches([len(k.segment) for k in kids], path_len, self.token_budget, self.max_batch):
+            res, caches = self.forward([kids[j] for j in batch], path, path_len)
+            if res is not None:
+                yield res
+            for r in sorted(caches):
+                yield from self.node(kids[batch[r]], path + [caches.pop(r)])
+
+    def forward(self, nodes: list[Node], path: list, path_len: int) -> tuple[BatchResult | None, dict]:
+        seqs = [n.segment for n in nodes]
+        B, S = len(seqs), max(len(s) for s in seqs)
+        ids = torch.full((B, S), self.pad, dtype=torch.long)
+        mask = torch.zeros((B, path_len + S), dtype=torch.long)
+        mask[:, :path_len] = 1
+        for r, s in enumerate(seqs):
+            ids[r, : len(s)] = torch.tensor(s)
+            mask[r, path_len: path_len + len(s)] = 1
+        last = torch.tensor([len(s) - 1 for s in seqs])
+        leaves = [r for r, n in enumerate(nodes) if n.prompt is not None]
+        kwargs = dict(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                      position_ids=(path_len + torch.arange(S)).unsqueeze(0).expand(B, S).to(self.device))
+        layers, keep = [], {r: len(s) for r, (s, n) in enumerate(zip(seqs, nodes)) if n.children}
+        if path or keep:
+            layers = [_PathLayer([p[i][0] for p in path], [p[i][1] for p in path], keep) for i in range(self.n_blocks)]
+            kwargs.update(past_key_values=Cache(layers=layers), use_cache=True)
+        else:
+            kwargs.update(use_cache=False)
+        if self.capture is not None:
+            self.capture.index = last if leaves else None
+        h = self.dec(**kwargs).last_hidden_state  # on the last block's device when the model is sharded
+        self.pending += sum(map(len, seqs))
+        caches = {r: [layer.new[r] for layer in layers] for r in keep}
+        if not leaves:
+            return None, caches
+        return self.result(h, last, leaves, nodes), caches
+
+    def result(self, h, last, leaves: list[int], nodes: list[Node]) -> BatchResult:
+        rows = torch.tensor(leaves)
+        h_last = h[rows.to(h.device), last[rows].to(h.device)].to(self.w_letters.device)
+        logits = h_last.float() @ self.w_letters.float().T
+        if self.b_letters is not None:
+            logits = logits + self.b_letters.float()
+        states = None
+        if self.capture is not None:
+            states = self.capture.take().cpu()[:, rows]
+            self.capture.index = None
+        res = BatchResult(np.array([nodes[r].prompt for r in leaves]), states,
+                          logits.reshape(len(leaves), 2, 4).cpu().numpy(), self.pending)
+        self.pending = 0
+        return res
+
+
 @torch.inference_mode()
 def run_batches(model, tok, token_ids: list[list[int]], group_keys: Sequence | None, *, token_budget: int,
                 max_batch: int, capture: LastTokenCapture | None, skip: np.ndarray | None = None,
                 progress: Callable[[int, int], None] | None = None) -> Iterator[BatchResult]:
-    """Run every prompt once; yield per-batch last-token states and letter logits."""
-    dec, _, _ = decoder_parts(model)
-    device = next(model.parameters()).device
+    """Run every prompt not in ``skip`` once; yield per-batch last-token states and letter logits.
+
+    ``group_keys`` (one per prompt, the subject) groups prompts into prefix trees (:func:`build_tree`):
+    each tree is walked depth first, every inner segment runs once with its path's cache, and a
+    node's children (leaves and inner nodes alike) run in token-budget batches attending to that path.
+    ``group_keys=None`` runs every prompt whole, without any cache."""
+    dec, blocks, _ = decoder_parts(model)
     w_letters, b_letters = letter_rows(model.get_output_embeddings(), letter_token_ids(tok))
-    pad = _pad_id(tok)
-    for group in plan_groups(token_ids, group_keys):
-        todo = [j for j in range(len(group.members)) if skip is None or not skip[group.members[j]]]
-        if not todo:
-            continue
-        sub = Group(group.prefix, [group.members[j] for j in todo], [group.suffixes[j] for j in todo])
-        prefix_cache = None
-        plen = len(sub.prefix)
-        if plen:
-            if capture is not None:
-                capture.index = None
-            out = dec(input_ids=torch.tensor([sub.prefix], device=device), use_cache=True)
-            prefix_cache = out.past_key_values
-        for batch in plan_batches(sub, token_budget, max_batch):
-            seqs = [sub.suffixes[j] for j in batch]
-            B, S = len(seqs), max(len(s) for s in seqs)
-            ids = torch.full((B, S), pad, dtype=torch.long)
-            mask = torch.zeros((B, plen + S), dtype=torch.long)
-            mask[:, :plen] = 1
-            for r, s in enumerate(seqs):
-                ids[r, : len(s)] = torch.tensor(s)
-                mask[r, plen: plen + len(s)] = 1
-            last = torch.tensor([len(s) - 1 for s in seqs])
-            kwargs = dict(input_ids=ids.to(device), attention_mask=mask.to(device),
-                          position_ids=(plen + torch.arange(S)).unsqueeze(0).expand(B, S).to(device))
-            if prefix_cache is not None:
-                kwargs.update(past_key_values=_expand_cache(prefix_cache, B), use_cache=True)
-            else:
-                kwargs.update(use_cache=False)
-            if capture is not None:
-                capture.index = last
-            out = dec(**kwargs)
-            h = out.last_hidden_state  # on the last block's device when the model is sharded
-            h_last = h[torch.arange(B, device=h.device), last.to(h.device)].to(w_letters.device)
-            logits = h_last.float() @ w_letters.float().T
-            if b_letters is not None:
-                logits = logits + b_letters.float()
-            states = capture.take().cpu() if capture is not None else None
-            if capture is not None:
-                capture.index = None
-            positions = np.array([sub.members[j] for j in batch])
-            yield BatchResult(positions, states, logits.reshape(B, 2, 4).cpu().numpy(), int(sum(map(len, seqs))))
+    walk = _Walk(dec, len(blocks), next(model.parameters()).device, _pad_id(tok), token_budget, max_batch, capture,
+                 w_letters, b_letters)
+    for tree in group_trees(token_ids, group_keys, skip):
+        for res in walk.node(tree, []):
+            yield res
             if progress:
-                progress(B, int(sum(map(len, seqs))))
+                progress(len(res.positions), res.n_new_tokens)
 
 
 def tokenize(tok, texts: Sequence[str]) -> list[list[int]]:
@@ -336,6 +512,9 @@ def tokenize(tok, texts: Sequence[str]) -> list[list[int]]:
 # --------------------------------------------------------------------------- the rule
 
 def fingerprint(checksum: str, question_ids: np.ndarray, cfg: ExtractConfig, seed: int) -> str:
+    """What a partial file's rows depend on. ``prefix_sharing`` is in it (switching it starts over), the
+    prefix tree is not: it changes no state beyond fp32 rounding (the tests hold it to a plain forward
+    pass), so a file begun with common-prefix-only sharing, or none, may be finished with the tree."""
     h = hashlib.sha256()
     h.update(checksum.encode())
     h.update(np.ascontiguousarray(question_ids, dtype=np.int64).tobytes())

@@ -53,15 +53,22 @@ def shot_block(question: str, choices: Sequence[str], answer: int) -> str:
 def shot_rows(pool: pd.DataFrame, subject: str, k: int, order: str, seed: int, question_id: int) -> pd.DataFrame:
     if order not in SHOT_ORDERS:
         raise PromptError(f"shot order {order!r} is not one of {SHOT_ORDERS}")
-    rows = pool[pool.subject == subject].sort_values("shot_rank")
+    return _pick_shots(pool[pool.subject == subject].sort_values("shot_rank"), subject, k, order, seed, question_id)
+
+
+def _pick_shots(rows: pd.DataFrame, subject: str, k: int, order: str, seed: int, question_id: int) -> pd.DataFrame:
+    """The k shots of one question from its subject's pool rows, already in ``shot_rank`` order."""
     if k > len(rows):
         raise PromptError(f"{k} shots asked for subject {subject!r}, but its few-shot pool holds {len(rows)}. "
                           f"Fix: use at most {len(rows)} shots (extract.shots) or a larger data.pool_size.")
-    rows = rows.iloc[:k]
+    return rows.iloc[shot_positions(k, order, seed, question_id)]
+
+
+def shot_positions(k: int, order: str, seed: int, question_id: int) -> list[int]:
+    """Pool ranks of a question's k shots, in prompt order."""
     if order == "permuted" and k > 1:
-        perm = np.random.default_rng([int(seed), int(question_id)]).permutation(k)
-        rows = rows.iloc[perm]
-    return rows
+        return [int(i) for i in np.random.default_rng([int(seed), int(question_id)]).permutation(k)]
+    return list(range(k))
 
 
 def prefix(subject: str, shots: pd.DataFrame) -> str:
@@ -75,8 +82,18 @@ def build_prompt(row, pool: pd.DataFrame, k: int, order: str = "fixed", seed: in
 
 
 def build_prompts(rows: pd.DataFrame, pool: pd.DataFrame, k: int, order: str = "fixed", seed: int = 42) -> list[str]:
+    """:func:`build_prompt` of every row; the pool is split by subject once (the whole test set's
+    prompts are built for token counts, not only for extraction)."""
     check_shots(pool, rows.subject.unique(), k)
-    return [build_prompt(r, pool, k, order, seed) for r in rows.itertuples()]
+    if order not in SHOT_ORDERS:
+        raise PromptError(f"shot order {order!r} is not one of {SHOT_ORDERS}")
+    blocks = {s: [shot_block(r.question, r.choices, r.answer) for r in g.sort_values("shot_rank").itertuples()]
+              for s, g in pool.groupby("subject", sort=False)}
+    out = []
+    for r in rows.itertuples():
+        shots = "".join(blocks[r.subject][i] for i in shot_positions(k, order, seed, r.question_id))
+        out.append(header(r.subject) + shots + question_block(r.question, r.choices))
+    return out
 
 
 def check_shots(pool: pd.DataFrame, subjects, k: int) -> None:
