@@ -237,6 +237,7 @@ def prompt_tokens(config: dict, resources: Path, shots) -> dict:
         return dict(notes=[f"tokens: {tok_note}: extraction and training not modelled"])
     key = json.dumps([getattr(tok, "name_or_path", ""), len(tok), config["data"],
                       sorted(int(s) for s in shots), ex.get("shot_order"), ex.get("shot_seed"),
+                      ex.get("token_budget"), ex.get("max_batch"),
                       prompts.template_hash(), Path(extract.__file__).read_text()], sort_keys=True, default=str)
     f = resources / "cache" / "plan" / f"tokens-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if f.exists():
@@ -266,7 +267,8 @@ def count_tokens(config: dict, resources: Path, shots, tok) -> dict:
     counts = {}
     for k in sorted(set(int(s) for s in shots) | {0}):
         c = count_config_tokens(tok, rows, pool, k, ex.get("shot_order", "fixed"), int(ex.get("shot_seed", 42)),
-                                prefix_sharing=True)
+                                prefix_sharing=True, token_budget=int(ex.get("token_budget", 8192)),
+                                max_batch=int(ex.get("max_batch", 64)))  # held_max at the job's batching
         counts[k] = dict(plain=c["plain"], tree=c["shared"], held_max=c["held_max"])
     counts[0]["lengths"] = [len(i) for i in tokenize(tok, build_prompts(rows, pool, 0))]
     return dict(counts=counts, questions=len(rows), data=data_note)
