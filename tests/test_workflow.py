@@ -121,6 +121,11 @@ def test_second_run_has_nothing_to_do(ci_run):
      "geometry.resolution_study.sizes = [8, 30] asks for [30] questions per subject, but the smallest subject of "
      "the analysis subset has 24 (data.per_subject = 24). Fix: sizes of at most 24, or raise data.per_subject."),
     ("geometry:\n  resolution_study: {shots: 5}\n", "geometry.resolution_study.shots = 5 is not extracted"),
+    ("geometry:\n  n_boot: 1\n", "geometry.n_boot = 1: an interval is the spread of at least 2 subsamples"),
+    ("geometry:\n  id_scale: 3\n", "geometry.id_scale = 3: Gride's scales are (n1, 2 n1) for n1 = 1, 2, 4, 8"),
+    # a misspelt resources group, which the rules would ignore
+    ("resources:\n  extarct: {mem_mb: 9000}\n", "resources.extarct = {'mem_mb': 9000}: no rule reads a resources "
+                                                 "group of this name, so it would be ignored. Fix: did you mean"),
     # data and model: found before any job, with the fix
     ("data:\n  subjects: []\n", "data.subjects = []: an empty list selects no subject. Fix: null"),
     ("data:\n  subjects: [anatomyy, world_religions]\n", "'anatomyy' (did you mean 'anatomy'?)"),

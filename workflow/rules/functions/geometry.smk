@@ -1,4 +1,5 @@
 # Functions and settings of the geometry rules (workflow/rules/geometry.smk): targets, inputs, checks.
+from llmscape.configcheck import check_geometry_scales, check_intervals
 from llmscape.data import analysis_subject_sizes
 from llmscape.geometry import GeometryParams
 
@@ -12,6 +13,8 @@ def _check_geometry_config():
     """Errors and warnings a researcher should see at DAG build, before any job runs."""
     params = GeometryParams.from_config(GEOMETRY_PARAMS)  # (the schema has checked every value)
     sizes = analysis_subject_sizes(config["data"])
+    check_geometry_scales(config["geometry"], sizes)  # what would fail every layer or give only NaN
+    check_intervals(config["geometry"], sizes)
     need = params.resolution_size()
     if STUDY["enabled"]:
         if STUDY["variant"] not in model_variants():
