@@ -55,7 +55,7 @@ rule spectra_run:
     params:
         spectra=SPECTRA_JOB,
     script:
-        "../../scripts/spectra.py"
+        "../../scripts/spectra_run.py"
 
 
 rule adaptive_ranks:
