@@ -117,8 +117,8 @@ def test_second_run_has_nothing_to_do(ci_run):
     ("geometry:\n  confidence: 1.5\n", "geometry.confidence = 1.5: 1.5 is greater than or equal to the maximum "
                                        "of 1. Fix: use a value < 1"),
     ("geometry:\n  boot_fraction: 0\n", "geometry.boot_fraction = 0: 0 is less than or equal to the minimum of 0"),
-    ("geometry:\n  resolution_study: {sizes: [8, 30]}\n",
-     "geometry.resolution_study.sizes = [8, 30] asks for [30] questions per subject, but the smallest subject of "
+    ("geometry:\n  resolution_study: {sizes: [10, 30]}\n",  # 10 x 4 subjects: enough points for the scales
+     "geometry.resolution_study.sizes = [10, 30] asks for [30] questions per subject, but the smallest subject of "
      "the analysis subset has 24 (data.per_subject = 24). Fix: sizes of at most 24, or raise data.per_subject."),
     ("geometry:\n  resolution_study: {shots: 5}\n", "geometry.resolution_study.shots = 5 is not extracted"),
     ("geometry:\n  n_boot: 1\n", "geometry.n_boot = 1: an interval is the spread of at least 2 subsamples"),
