@@ -38,34 +38,29 @@ def tok():
     return AutoTokenizer.from_pretrained(SMOL)
 
 
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory, tok):
+def save_tiny_llama(d: Path, tok, tied: bool) -> Path:
+    """The tiny Llama (seed 0) with the embedded tokenizer, saved into ``d``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    d = tmp_path_factory.mktemp("tiny")
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=H, intermediate_size=I, num_hidden_layers=L,
-                      num_attention_heads=NH, num_key_value_heads=NKV, tie_word_embeddings=True,
+                      num_attention_heads=NH, num_key_value_heads=NKV, tie_word_embeddings=tied,
                       max_position_embeddings=1024)
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tok):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny"), tok, tied=True)
 
 
 @pytest.fixture(scope="session")
 def tiny_untied_dir(tmp_path_factory, tok):
     """The tiny Llama with an output head of its own (not tied to the embeddings), as Llama-3 has: under
     ZeRO-3 the head is then a partitioned parameter that no forward pass of the decoder gathers."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    d = tmp_path_factory.mktemp("tiny_untied")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=H, intermediate_size=I, num_hidden_layers=L,
-                      num_attention_heads=NH, num_key_value_heads=NKV, tie_word_embeddings=False,
-                      max_position_embeddings=1024)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_untied"), tok, tied=False)
 
 
 def load(path):
