@@ -52,7 +52,7 @@ import pandas as pd
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from . import prompts as P
+from . import owner, prompts as P
 from .data import LETTERS
 from .io import ensure_writable, package_versions, write_json
 from .errors import LlmscapeError
@@ -523,16 +523,28 @@ def fingerprint(checksum: str, question_ids: np.ndarray, cfg: ExtractConfig, see
     return h.hexdigest()[:24]
 
 
-def _open_partial(path: Path, fp: str, n_layers: int, n: int, d: int, store_dtype: str) -> h5py.File:
+def _open_partial(path: Path, fp: str, n_layers: int, n: int, d: int, store_dtype: str) -> h5py.File | None:
+    """The partial file, owned by this job (llmscape.owner: a second job for the same output waits for
+    a live owner and names it); resumed when its rows were computed with the same settings (a dead
+    owner's too), else begun anew. None when the job waited for found the output finished."""
+    claim = owner.claim(path)
+    if claim.waited and not path.exists() and _finished_with(path.with_name(path.name[: -len(".partial")]), fp):
+        claim.release()
+        return None
     if path.exists():
         try:
             f = h5py.File(path, "r+")
             if f.attrs.get("fingerprint") == fp and "done" in f and f["hidden"].shape == (n_layers, n, d):
                 log.info("resuming %s: %d of %d questions already done", path, int(f["done"][:].sum()), n)
+                claim.watch()
                 return f
             f.close()
             log.warning("%s was written with other settings; starting over", path)
         except OSError as e:
+            if "lock" in str(e).lower():  # held by a process that left no owner record: never deleted
+                claim.release()
+                raise ExtractError(f"{path} is locked by another process ({e}). Fix: end the process that "
+                                   f"writes it (fuser -v {path}), then rerun; its finished rows are kept.") from None
             log.warning("%s is unreadable (%s); starting over", path, e)
         path.unlink()
     f = h5py.File(path, "w")
@@ -542,7 +554,26 @@ def _open_partial(path: Path, fp: str, n_layers: int, n: int, d: int, store_dtyp
     f.create_dataset("letter_logits", shape=(n, 2, 4), dtype="float32", chunks=(min(n, 4096), 2, 4), fletcher32=True)
     f.create_dataset("n_tokens", shape=(n,), dtype="int32")
     f.create_dataset("done", shape=(n,), dtype=bool, data=np.zeros(n, bool))
+    claim.watch()
     return f
+
+
+def _finished_with(out_h5: Path, fp: str) -> bool:
+    """Whether ``out_h5`` is a complete extraction with fingerprint ``fp`` (written by the job waited for)."""
+    try:
+        with h5py.File(out_h5, "r") as f:
+            return bool(f.attrs.get("complete", False)) and f.attrs.get("fingerprint") == fp
+    except OSError:
+        return False
+
+
+def _written_meanwhile(out_h5: Path, out_json: str | Path | None) -> dict:
+    """The accuracy table of an output another job finished while this one waited for it."""
+    log.info("%s was finished by the job this one waited for; nothing left to compute", out_h5)
+    if out_json is not None and Path(out_json).exists():
+        return json.loads(Path(out_json).read_text())
+    with h5py.File(out_h5, "r") as f:
+        return accuracy_table(f["subject"].asstr()[:], f["answer"][:], f["pred"][:], f["pred_nospace"][:])
 
 
 def extract(card: dict, rows: pd.DataFrame, pool: pd.DataFrame, cfg: ExtractConfig, out_h5: str | Path,
@@ -575,6 +606,9 @@ def extract(card: dict, rows: pd.DataFrame, pool: pd.DataFrame, cfg: ExtractConf
     token_ids = tokenize(tok, texts)
     partial = out_h5.with_name(out_h5.name + ".partial")
     f = _open_partial(partial, fp, capture.n_layers, n, d, cfg.store_dtype)
+    if f is None:  # another job wrote this very output while this one waited for it
+        capture.remove()
+        return _written_meanwhile(out_h5, out_json)
     done = f["done"][:]
     t0, n_tok, n_batches = time.time(), 0, 0
     from tqdm import tqdm
