@@ -29,6 +29,7 @@ The package, one job a module:
 ``resolution`` the resolution rule and the resolution study
 ``pipeline``  every layer of one extraction (graphs pipelined with metrics), overlaps between extractions
 ``plots``     the per-variant figures and the resolution study's figure
+``paired``    paired differences (same questions, same subsamples) and the paired accuracy test
 
 Output tables (column names are a contract with the join stage; keep them stable)
 --------------------------------------------------------------------------------
@@ -72,7 +73,14 @@ Output tables (column names are a contract with the join stage; keep them stable
 int32: each question's K nearest neighbours as row indices into question_id (K = overlap_k, or about
 twice that with subsamples, so that each subsample's overlap_k nearest members can be read); -1 for rows
 dropped as duplicates and for layers without a neighbour graph (non-finite, constant, too few points).
-The pair overlaps and their intervals are computed from these files.
+The pair overlaps and their intervals are computed from these files. ``draws_digest`` (a string): sha256
+of the question ids each subsample kept, which the paired differences check (``paired``).
+
+Paired differences (:mod:`paired`), per model: ``paired_differences.parquet``, one row per (comparison,
+pair, layer, metric): model, variant, shots, comparison ("layer", "shots", "variant"), ref_variant,
+ref_shots, layer, layer_name, ref_layer, metric, value, ref_value, diff (value - ref_value), diff_lo,
+diff_hi, n_boot, boot_fraction, confidence, verdict; ``paired_accuracy.csv``: accuracy against the
+reference on the same questions (exact McNemar, paired bootstrap interval).
 
 ``resolution/{variant}_{shots}shot.parquet`` (:mod:`resolution`): one row per (layer, questions per
 subject, subsample), columns ``resolution.STUDY_COLUMNS``.

@@ -20,6 +20,7 @@ from .metrics import (compute_layer_graph, compute_layer_metrics, fill_intervals
 from .params import (BOOT_COLUMNS, GRIDE_COLUMNS, OVERLAP_COLUMNS, RESOLVED, STATUS_OK, TABLE_COLUMNS, GeometryError,
                      GeometryParams)
 from .resample import boot_graph_k, draw_members, return_member_knn
+from .paired import return_draws_digest
 
 log = logging.getLogger("llmscape.geometry")
 
@@ -123,7 +124,9 @@ def compute_geometry(h5_path: str | Path, params: GeometryParams, *, model: str 
     gride_df = pd.DataFrame(grides, columns=GRIDE_COLUMNS)
     knn = dict(question_id=meta["question_id"], subject=meta["subject"], layer=np.asarray(layers, dtype=np.int64),
                layer_name=np.asarray([meta["layer_name"][l] for l in layers], dtype=str),
-               knn=np.stack(knns).astype(np.int32))
+               knn=np.stack(knns).astype(np.int32),
+               # which questions each subsample kept: paired differences check it (paired.py)
+               draws_digest=np.asarray(return_draws_digest(meta["question_id"], draws)))
     boot_df = pd.DataFrame([b for layer_boot in boots for b in layer_boot], columns=BOOT_COLUMNS)
     return ExtractionGeometry(table, gride_df, knn, boot_df)
 

@@ -10,7 +10,7 @@ Modules
                bootstrap CIs (fixed seed); deltas against the base model across variants; stable-rank
                interventions; eigenvalue-ratio trajectories during fine-tuning against the generalisation gap.
 ``plots``      correlation heatmap, ID / alpha overlays, ARI panels, accuracy against trainable parameters,
-               intervention and checkpoint figures (matplotlib, Agg).
+               intervention and checkpoint figures, paired-difference bands of the geometry (matplotlib, Agg).
 
 Layer matching (``join.layer_match``)
 -------------------------------------

@@ -187,3 +187,49 @@ def trajectory_plot(traj: pd.DataFrame, dest, module: str = "all") -> Path:
     a2.set_ylabel(f"eig_ratio ({module}, mean)")
     fig.tight_layout()
     return _save(fig, dest)
+
+
+#: titles of the paired-difference figures, per comparison (llmscape.geometry.paired)
+PAIRED_TITLES = {
+    "shots": "k-shot minus 0-shot, same variant",
+    "variant": "variant minus base, same shots",
+    "layer": "layer l + 1 minus layer l, same extraction",
+}
+
+
+def difference_bands(diffs: pd.DataFrame, dest, *, comparison: str, metrics=None, title: str = "") -> Path:
+    """Paired differences per layer (value minus reference, same questions, same subsamples), one panel
+    per metric, one line per pair with its interval as a band around 0; filled markers where the
+    interval excludes 0, open ones where no difference is detected."""
+    d = diffs[diffs["comparison"] == comparison] if len(diffs) else diffs
+    if d.empty:
+        return _empty(dest, f"no {PAIRED_TITLES.get(comparison, comparison)} comparison in this run")
+    metrics = list(metrics or dict.fromkeys(d["metric"]))
+    ncol = min(len(metrics), 5)
+    nrow = math.ceil(len(metrics) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol, 2.7 * nrow), squeeze=False)
+    pairs = list(d.groupby(["variant", "shots", "ref_variant", "ref_shots"], sort=True))
+    for ax, metric in zip(axes.flat, metrics):
+        for i, (_, g) in enumerate(pairs):
+            g = g[g["metric"] == metric].sort_values("layer")
+            x, y = g["layer"].to_numpy(), g["diff"].to_numpy(dtype=float)
+            lo, hi = g["diff_lo"].to_numpy(dtype=float), g["diff_hi"].to_numpy(dtype=float)
+            sig = (lo > 0) | (hi < 0)
+            col = f"C{i % 10}"
+            ax.fill_between(x, lo, hi, color=col, alpha=0.18, linewidth=0)
+            label = f"{g['variant'].iloc[0]} {g['shots'].iloc[0]}-shot" if len(g) else None
+            ax.plot(x, y, color=col, lw=1, label=label)
+            ax.scatter(x[sig], y[sig], s=10, color=col)
+            ax.scatter(x[~sig], y[~sig], s=10, facecolors="none", edgecolors=col, linewidths=0.7)
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.set_title(metric, fontsize=8)
+        ax.set_xlabel("layer", fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    conf = float(d["confidence"].dropna().iloc[0]) if d["confidence"].notna().any() else math.nan
+    fig.suptitle(f"{title}{': ' if title else ''}{PAIRED_TITLES.get(comparison, comparison)}; bands: paired "
+                 f"{100 * conf:.0f}% intervals from the same subsamples; filled: the interval excludes 0", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, dest)
