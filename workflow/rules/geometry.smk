@@ -111,3 +111,58 @@ rule geometry_resolution:
         draws=STUDY["draws"],
     script:
         "../../scripts/geometry_resolution.py"
+
+
+# Paired differences per model: every geometry metric of each comparison (k-shot vs 0-shot, variant vs
+# base, layer l + 1 vs l), computed draw by draw on the same subsamples, and the accuracy of the same
+# comparisons on the same questions (exact McNemar, paired bootstrap). Small tables: runs on the head node.
+localrules:
+    geometry_paired,
+
+
+rule geometry_paired:
+    input:
+        unpack(geometry_paired_inputs),
+    output:
+        table="results/geometry/{model}/paired_differences.parquet",
+        summary=report(
+            "results/geometry/{model}/paired_summary.csv",
+            caption="../report/geometry_paired_summary.rst",
+            category="Geometry",
+            subcategory="Paired differences",
+        ),
+        accuracy=report(
+            "results/geometry/{model}/paired_accuracy.csv",
+            caption="../report/geometry_paired_accuracy.rst",
+            category="Geometry",
+            subcategory="Paired differences",
+        ),
+        shots=report(
+            "results/figures/geometry/{model}/paired_shots.png",
+            caption="../report/geometry_paired_bands.rst",
+            category="Geometry",
+            subcategory="Paired differences",
+        ),
+        variant=report(
+            "results/figures/geometry/{model}/paired_variant.png",
+            caption="../report/geometry_paired_bands.rst",
+            category="Geometry",
+            subcategory="Paired differences",
+        ),
+        layer=report(
+            "results/figures/geometry/{model}/paired_layer.png",
+            caption="../report/geometry_paired_bands.rst",
+            category="Geometry",
+            subcategory="Paired differences",
+        ),
+    log:
+        "logs/geometry_paired/{model}.log",
+    conda:
+        "../../envs/geometry.yaml"
+    params:
+        extractions=lambda wc: [[v, k] for v, k in paired_extractions()],
+        comparisons=lambda wc: [list(c) for c in paired_comparisons()],
+        confidence=GEOMETRY_PARAMS.get("confidence", 0.95),
+        seed=GEOMETRY_PARAMS.get("seed", 0),
+    script:
+        "../../scripts/geometry_paired.py"

@@ -15,9 +15,11 @@ REPORT_ENTRIES = (
     "heatmap.png", "id_alpha.png", "ari.png", "accuracy_trainable.png", "interventions.png", "trajectories.png",
     "variants.csv", "correlations_top.csv", "delta_correlations.csv", "intervention_effects.csv",
     "trajectory_correlations.csv", "config.html",
+    # the geometry's paired differences (rule geometry_paired), shown beside the join's entries
+    "paired_summary.csv", "paired_accuracy.csv", "paired_shots.png", "paired_variant.png", "paired_layer.png",
 )
 #: rules whose runtimes the report's statistics must list
-REPORT_RULES = ("join_tables", "correlate", "plot_join")
+REPORT_RULES = ("join_tables", "correlate", "plot_join", "geometry_paired")
 
 
 def write_csv(df, dest) -> Path:

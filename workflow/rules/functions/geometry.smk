@@ -76,6 +76,37 @@ def geometry_overlap_inputs(wildcards):
     ]
 
 
+def paired_extractions():
+    """Every extraction of the model: (variant, shots)."""
+    return [(v, int(k)) for v in geometry_variants() for k in shots_of(v)]
+
+
+def paired_comparisons():
+    """Every paired comparison between extractions: (variant, shots, comparison, ref_variant, ref_shots)."""
+    return [(v, k, c, rv, int(rk)) for v, k in paired_extractions() for c, rv, rk in geometry_references(MODEL, v, k)]
+
+
+def geometry_paired_inputs(wildcards):
+    """The layer tables, subsample values and neighbour-list records of every extraction, and the
+    extractions themselves (for the answers), in the order of paired_extractions()."""
+    stems = [f"results/geometry/{wildcards.model}/{v}/{k}shot" for v, k in paired_extractions()]
+    return dict(
+        tables=[f"{s}.parquet" for s in stems],
+        boots=[f"{s}_boot.parquet" for s in stems],
+        knns=[f"{s}_knn.npz" for s in stems],
+        h5=[f"results/reps/{wildcards.model}/{v}/{k}shot.h5" for v, k in paired_extractions()],
+    )
+
+
+def paired_targets():
+    stem = f"results/geometry/{MODEL}"
+    return [
+        f"{stem}/paired_differences.parquet",
+        f"{stem}/paired_accuracy.csv",
+        f"results/figures/geometry/{MODEL}/paired_layer.png",
+    ]
+
+
 def resolution_targets():
     if not STUDY["enabled"]:
         return []
@@ -99,4 +130,4 @@ def geometry_targets():
             variant=variant,
             fig=["ari", "id", "clusters"],
         )
-    return out + resolution_targets()
+    return out + resolution_targets() + paired_targets()
