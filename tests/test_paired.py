@@ -105,6 +105,22 @@ def test_each_layer_is_compared_with_the_one_before_on_the_same_draws(base):
     assert d.loc["log_density_mean", "verdict"] == paired.LOWER
 
 
+def test_a_full_sample_difference_that_the_draws_do_not_share_is_not_claimed():
+    # a cluster count one higher in the full sample while every subsample gives both sides the same count:
+    # the interval is [1, 1], but no draw agrees, so no difference is claimed
+    same = np.zeros(20)
+    lo, hi, used = paired.difference_interval(1.0, same, 0.8, 0.95, "n_clusters")
+    assert (lo, hi, used) == (1.0, 1.0, 20)
+    assert paired.return_draws_agree(1.0, same) == 0.0
+    assert paired.return_verdict(1.0, lo, hi, paired.return_draws_agree(1.0, same)) == paired.NO_DIFFERENCE
+    mostly = np.r_[np.ones(15), np.zeros(5)]
+    lo, hi, _ = paired.difference_interval(1.0, mostly, 0.8, 0.95, "n_clusters")
+    assert paired.return_draws_agree(1.0, mostly) == 0.75
+    assert paired.return_verdict(1.0, lo, hi, 0.75) == (paired.HIGHER if lo > 0 else paired.NO_DIFFERENCE)
+    # a difference of two values in [0, 1] is clipped to [-1, 1]
+    assert paired.difference_interval(0.9, [0.0, 0.5, 1.0], 0.8, 0.95, "overlap_subjects")[1] == 1.0
+
+
 def test_extractions_of_other_questions_or_subsamples_are_refused(base, tmp_path):
     other = geometry_files(tmp_path, "other", np.stack([X, 2 * X]), question_id=np.arange(Y.size) + 1000)
     with pytest.raises(paired.PairingError, match="hold different questions") as e:

@@ -79,8 +79,9 @@ of the question ids each subsample kept, which the paired differences check (``p
 Paired differences (:mod:`paired`), per model: ``paired_differences.parquet``, one row per (comparison,
 pair, layer, metric): model, variant, shots, comparison ("layer", "shots", "variant"), ref_variant,
 ref_shots, layer, layer_name, ref_layer, metric, value, ref_value, diff (value - ref_value), diff_lo,
-diff_hi, n_boot, boot_fraction, confidence, verdict; ``paired_accuracy.csv``: accuracy against the
-reference on the same questions (exact McNemar, paired bootstrap interval).
+diff_hi, n_boot, draws_agree (share of draws with the sign of diff), boot_fraction, confidence,
+verdict; ``paired_accuracy.csv``: accuracy against the reference on the same questions (exact McNemar,
+paired bootstrap interval).
 
 ``resolution/{variant}_{shots}shot.parquet`` (:mod:`resolution`): one row per (layer, questions per
 subject, subsample), columns ``resolution.STUDY_COLUMNS``.

@@ -19,8 +19,10 @@ data: Shao and Wu 1989, Ann. Statist. 17: 1176-1197):
     c = sqrt(f / (1 - f))
 
 Only the stored per-subsample values and the full-sample values are used, never the marginal
-intervals' ends. A difference is claimed ("higher" / "lower") only where its interval excludes 0;
-otherwise the verdict is "no difference detected". The intervals are pointwise, one per layer and
+intervals' ends. A difference is claimed ("higher" / "lower") only where its interval excludes 0
+and most draws differ in the same direction as the full sample (``draws_agree`` > 1/2: a guard for
+discrete metrics, where a cluster count can differ in the full sample while the draws agree, which
+would give a zero-width interval away from 0); otherwise the verdict is "no difference detected". The intervals are pointwise, one per layer and
 metric: over 30 layers, one or two intervals may exclude 0 by chance at 95%.
 
 Comparisons (``comparison``): ``shots`` (k-shot against 0-shot of the same variant), ``variant``
@@ -52,8 +54,8 @@ from .params import INTERVAL_METRICS, GeometryError
 #: the metrics whose paired differences are computed: every metric with a subsample interval
 PAIRED_METRICS = INTERVAL_METRICS
 DIFF_COLUMNS = ["model", "variant", "shots", "comparison", "ref_variant", "ref_shots", "layer", "layer_name",
-                "ref_layer", "metric", "value", "ref_value", "diff", "diff_lo", "diff_hi", "n_boot", "boot_fraction",
-                "confidence", "verdict"]
+                "ref_layer", "metric", "value", "ref_value", "diff", "diff_lo", "diff_hi", "n_boot", "draws_agree",
+                "boot_fraction", "confidence", "verdict"]
 SUMMARY_COLUMNS = ["model", "variant", "shots", "comparison", "ref_variant", "ref_shots", "metric", "n_layers",
                    "n_higher", "n_lower", "n_no_difference", "layers_higher", "layers_lower", "diff_min", "diff_max"]
 ACCURACY_COLUMNS = ["model", "variant", "shots", "comparison", "ref_variant", "ref_shots", "scoring", "n_questions",
@@ -153,11 +155,23 @@ def difference_interval(diff: float, draw_diffs, fraction: float, confidence: fl
     return float(max(lo, -span)), float(min(hi, span)), int(v.size)
 
 
-def return_verdict(diff: float, lo: float, hi: float) -> str:
-    """"higher" / "lower" where the interval excludes 0, "no difference detected" where it holds 0,
-    "undetermined" without an interval."""
+def return_draws_agree(diff: float, draw_diffs) -> float:
+    """Share of the paired draws whose difference has the sign of the full-sample one (NaN when the
+    full-sample difference is 0 or not finite, or no draw is)."""
+    v = np.asarray(draw_diffs, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0 or not math.isfinite(diff) or diff == 0:
+        return math.nan
+    return float(np.mean(np.sign(v) == np.sign(diff)))
+
+
+def return_verdict(diff: float, lo: float, hi: float, agree: float = 1.0) -> str:
+    """"higher" / "lower" where the interval excludes 0 and most draws agree in sign, "no difference
+    detected" otherwise, "undetermined" without an interval."""
     if not (math.isfinite(diff) and math.isfinite(lo) and math.isfinite(hi)):
         return UNDETERMINED
+    if not agree > 0.5:
+        return NO_DIFFERENCE
     return HIGHER if lo > 0 else LOWER if hi < 0 else NO_DIFFERENCE
 
 
@@ -176,10 +190,12 @@ def _metric_rows(key: dict, this: pd.Series, ref: pd.Series, draws_this, draws_r
     rows = []
     for m in PAIRED_METRICS:
         diff = float(this[m]) - float(ref[m])
-        lo, hi, used = difference_interval(diff, both[m] - both[f"{m}_ref"], fraction, confidence, m)
+        draw_diffs = both[m] - both[f"{m}_ref"]
+        lo, hi, used = difference_interval(diff, draw_diffs, fraction, confidence, m)
+        agree = return_draws_agree(diff, draw_diffs)
         rows.append(dict(key, metric=m, value=float(this[m]), ref_value=float(ref[m]), diff=diff, diff_lo=lo,
-                         diff_hi=hi, n_boot=used, boot_fraction=fraction, confidence=confidence,
-                         verdict=return_verdict(diff, lo, hi)))
+                         diff_hi=hi, n_boot=used, draws_agree=agree, boot_fraction=fraction, confidence=confidence,
+                         verdict=return_verdict(diff, lo, hi, agree)))
     return rows
 
 
