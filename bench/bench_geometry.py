@@ -41,12 +41,15 @@ def synthetic_h5(path: Path, n: int = 9181, d: int = 4096, layers: int = 2, seed
     """57 'subjects' as Gaussian clusters on a 40-d subspace plus isotropic noise, in d dimensions."""
     import h5py
 
+    from llmscape.integrity import seal
+
     rng = np.random.default_rng(seed)
     subject = np.sort(rng.integers(0, 57, n))
     answer = rng.integers(0, 4, n).astype(np.int8)
     basis = np.linalg.qr(rng.standard_normal((d, 40)))[0].astype(np.float32)
     with h5py.File(path, "w") as f:
-        h = f.create_dataset("hidden", shape=(layers, n, d), dtype="float32", chunks=(1, min(n, 256), d))
+        h = f.create_dataset("hidden", shape=(layers, n, d), dtype="float32", chunks=(1, min(n, 256), d),
+                              fletcher32=True)
         for layer in range(layers):
             centres = rng.standard_normal((57, 40)).astype(np.float32) * (3.0 - layer)
             Z = centres[subject] + rng.standard_normal((n, 40)).astype(np.float32)
@@ -59,6 +62,7 @@ def synthetic_h5(path: Path, n: int = 9181, d: int = 4096, layers: int = 2, seed
         f.create_dataset("layer_name", data=np.array([f"l{i}" for i in range(layers)], dtype=object),
                          dtype=h5py.string_dtype())
         f.attrs.update(model="synthetic", variant="base", shots=0, complete=True)
+        seal(f)  # every dataset's checksum, as extract() writes them (readers check them)
     return path
 
 

@@ -14,6 +14,7 @@ from dadapy import Data
 from sklearn.metrics import adjusted_rand_score
 
 from llmscape import geometry as G
+from llmscape.integrity import seal
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,6 +47,7 @@ def write_h5(path, hidden, subject, answer, question_id=None, shots=0, variant="
         f.create_dataset("layer_name", data=np.asarray([f"l{i}" for i in range(hidden.shape[0])], dtype=object),
                          dtype=h5py.string_dtype())
         f.attrs.update(model="toy", variant=variant, shots=shots, site="norm", complete=True)
+        seal(f)  # every dataset's checksum, as extract() writes them
     return path
 
 
@@ -334,7 +336,7 @@ def test_damaged_extractions_stop_with_the_file_and_the_fix(tmp_path):
     X, y = blobs(n_per=40, n_blobs=3, dim=8, sep=20.0, seed=16)
     hidden = np.stack([X, X + 1]).astype(np.float32)
     good = write_h5(tmp_path / "good.h5", hidden, np.array(["a", "b", "c"])[y], random_letters(len(y)))
-    fix = "Fix: rebuild it with snakemake --cores 1 --forcerun extract"
+    fix = "Fix: rebuild exactly this file with `snakemake --cores 1 --force "
 
     flipped = tmp_path / "flipped.h5"
     flipped.write_bytes(good.read_bytes())

@@ -56,6 +56,7 @@ from . import owner, prompts as P
 from .data import LETTERS
 from .io import ensure_writable, package_versions, write_json
 from .errors import LlmscapeError
+from .integrity import seal, verify
 
 log = logging.getLogger("llmscape.extract")
 
@@ -652,12 +653,14 @@ def extract(card: dict, rows: pd.DataFrame, pool: pd.DataFrame, cfg: ExtractConf
         f.create_dataset(name, data=arr.astype(object) if dt is not None else arr, dtype=dt)
     del f["done"]
     versions = package_versions()
-    f.attrs.update(dict(model=card.get("model", ""), variant=card.get("variant", ""), model_path=str(card["path"]),
+    f.attrs.update(dict(model=card.get("model", ""), label=card.get("label") or card.get("model", ""),
+                        variant=card.get("variant", ""), model_path=str(card["path"]),
                         adapter=str(card.get("adapter") or ""),
                         checksum=card["checksum"], site=cfg.site, shots=cfg.shots, shot_order=cfg.shot_order,
                         shot_seed=cfg.shot_seed, dtype=str(dtype).replace("torch.", ""), store_dtype=cfg.store_dtype,
                         template_hash=P.template_hash(), seed=seed, prefix_sharing=bool(cfg.shares_prefix),
                         versions=json.dumps(versions)))
+    seal(f)  # a checksum on every dataset but hidden (which has fletcher32 per chunk), checked on read
     f.attrs["complete"] = True  # written last: a file without it was cut short
     f.close()
     acc = accuracy_table(rows.subject.to_numpy(), answer, pred, pred_ns)
@@ -695,10 +698,20 @@ def letter_accuracy(model, tok, rows: pd.DataFrame, pool: pd.DataFrame, shots: i
 
 
 def read_states(path: str | Path, layer: int | None = None) -> dict:
-    """Convenience reader: metadata plus all layers or one layer of ``hidden``."""
+    """Convenience reader: metadata plus all layers or one layer of ``hidden``, of a complete extraction
+    whose datasets match their checksums (llmscape.integrity; refused naming the rebuild command)."""
+    from .integrity import rebuild_hint
+
     with h5py.File(path, "r") as f:
+        if not f.attrs.get("complete", False):
+            raise ExtractError(f"{path} has no completion mark: its extraction was cut short. {rebuild_hint(path)}")
+        verify(f, path, ExtractError)
         out = {k: f[k][:] for k in ("question_id", "answer", "pred") if k in f}
         out["subject"] = f["subject"].asstr()[:]
         out["attrs"] = dict(f.attrs)
-        out["hidden"] = f["hidden"][layer] if layer is not None else f["hidden"][:]
+        try:  # hidden's chunks are checked against their fletcher32 checksums as they are read
+            out["hidden"] = f["hidden"][layer] if layer is not None else f["hidden"][:]
+        except OSError as e:
+            raise ExtractError(f"{path}: hidden cannot be read intact ({e}): the file is damaged. "
+                               f"{rebuild_hint(path)}") from None
     return out

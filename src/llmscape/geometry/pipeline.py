@@ -44,7 +44,7 @@ def compute_geometry(h5_path: str | Path, params: GeometryParams, *, model: str 
     import pandas as pd
     import torch
 
-    meta = read_labels(h5_path)
+    meta = read_labels(h5_path, model=model, variant=variant, shots=shots)  # the path's names, checked
     n_layers = meta["shape"][0]
     if shots is None:
         shots = int(meta["attrs"].get("shots", -1))

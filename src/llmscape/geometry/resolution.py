@@ -85,7 +85,7 @@ def compute_resolution_study(h5_path: str | Path, params: GeometryParams, sizes,
     import h5py
     import pandas as pd
 
-    meta = read_labels(h5_path)
+    meta = read_labels(h5_path, model=model, variant=variant, shots=shots)  # the path's names, checked
     n_layers, n = meta["shape"][0], meta["shape"][1]
     sub, let = meta["subject"], meta["answer"]
     smallest, _ = return_class_sizes(sub)
