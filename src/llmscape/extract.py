@@ -577,6 +577,62 @@ def _written_meanwhile(out_h5: Path, out_json: str | Path | None) -> dict:
         return accuracy_table(f["subject"].asstr()[:], f["answer"][:], f["pred"][:], f["pred_nospace"][:])
 
 
+def model_context(model, tok=None) -> int | None:
+    """Positions the model was trained for (its config's max_position_embeddings or an older name of
+    it), else the tokenizer's model_max_length when that is a real limit; None when neither says."""
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tok, "model_max_length", None)
+    return int(value) if isinstance(value, int) and 0 < value < 10**7 else None
+
+
+def check_context(token_ids: Sequence[Sequence[int]], rows: pd.DataFrame, shots: int, context: int | None) -> None:
+    """Refuse prompts longer than the model's context before the first batch: positions past it were
+    never trained, so their states would be stored as if they meant something."""
+    if context is None or not token_ids:
+        return
+    lengths = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))
+    over = lengths > context
+    if not over.any():
+        return
+    i = int(lengths.argmax())
+    raise ExtractError(f"{int(over.sum())} of {len(lengths)} prompts at {shots} shots are longer than the model's "
+                       f"context of {context} tokens; the longest, question {int(rows.question_id.iloc[i])} "
+                       f"({rows.subject.iloc[i]}), has {int(lengths[i])} tokens. States past the context would be "
+                       f"stored as if meaningful. Fix: fewer shots (extract.shots, extract.variant_shots), or a "
+                       f"model with a context of at least {int(lengths[i])} tokens.")
+
+
+def check_finite(states: np.ndarray, logits: np.ndarray, computed: torch.Tensor, names: Sequence[str], cfg: ExtractConfig,
+                 qids: np.ndarray, card: dict) -> None:
+    """Stop an extraction whose batch holds NaN or inf, before it is written: ``states`` (layers, rows,
+    d) as stored, ``logits`` the letter logits, ``computed`` the states before the cast to store_dtype.
+    The message names the layers and the likely cause; the file is left without its completion mark."""
+    bad = np.flatnonzero(~np.isfinite(states).reshape(len(states), -1).all(axis=1))
+    bad_logits = not np.isfinite(logits).all()
+    if not len(bad) and not bad_logits:
+        return
+    rows = np.flatnonzero(~np.isfinite(states).all(axis=(0, 2)) | ~np.isfinite(logits).reshape(len(qids), -1).all(1))
+    where = (f"layers {', '.join(f'{int(l)} ({names[l]})' for l in bad[:6])}{' ...' if len(bad) > 6 else ''} "
+             f"({len(bad)} of {len(states)})" if len(bad) else "no stored layer")
+    what = f"non-finite values (NaN or inf) in {where}{' and in the letter logits' if bad_logits else ''}"
+    ids = f"questions {qids[rows[:5]].tolist()}{' ...' if len(rows) > 5 else ''}"
+    if len(bad) and not bad_logits and bool(torch.isfinite(computed).all()):
+        cause = (f"the states are finite but exceed what extract.store_dtype = {cfg.store_dtype} holds "
+                 f"(|x| up to {float(computed.abs().max()):.4g}). Fix: extract.store_dtype: float32")
+    else:
+        cause = (f"likely damaged weights (a few flipped bytes pass the quick header check). Fix: rerun with "
+                 f"LLMSCAPE_VERIFY_WEIGHTS=1 (full weight verification against the card's checksum) and, if it "
+                 f"fails, download or convert the model again (its folder: {card.get('path')})"
+                 + ("; with extract.dtype float16 an overflow is possible too: use bfloat16 or float32"
+                    if cfg.dtype == "float16" else ""))
+    raise ExtractError(f"{what}, {ids}: nothing of this batch is stored and the file is not marked complete. "
+                       f"Cause: {cause}.")
+
+
 def extract(card: dict, rows: pd.DataFrame, pool: pd.DataFrame, cfg: ExtractConfig, out_h5: str | Path,
             out_json: str | Path | None = None, *, seed: int = 42, threads: int | None = None,
             model=None, tok=None, stop_after_batches: int | None = None) -> dict:
@@ -605,6 +661,7 @@ def extract(card: dict, rows: pd.DataFrame, pool: pd.DataFrame, cfg: ExtractConf
     qids = rows.question_id.to_numpy(np.int64)
     fp = fingerprint(card["checksum"], qids, cfg, seed)
     token_ids = tokenize(tok, texts)
+    check_context(token_ids, rows, cfg.shots, model_context(model, tok))  # before any file or batch
     partial = out_h5.with_name(out_h5.name + ".partial")
     f = _open_partial(partial, fp, capture.n_layers, n, d, cfg.store_dtype)
     if f is None:  # another job wrote this very output while this one waited for it
@@ -621,7 +678,10 @@ def extract(card: dict, rows: pd.DataFrame, pool: pd.DataFrame, cfg: ExtractConf
                                token_budget=cfg.token_budget, max_batch=cfg.max_batch, capture=capture, skip=done):
             order = np.argsort(res.positions)
             pos = res.positions[order]
-            f["hidden"][:, pos, :] = res.states[:, order, :].numpy().astype(cfg.store_dtype)
+            with np.errstate(over="ignore"):  # an overflow of store_dtype is reported by check_finite
+                states = res.states[:, order, :].numpy().astype(cfg.store_dtype)
+            check_finite(states, res.letter_logits[order], res.states, capture.names, cfg, qids[pos], card)
+            f["hidden"][:, pos, :] = states
             f["letter_logits"][pos] = res.letter_logits[order]
             f["n_tokens"][pos] = [len(token_ids[i]) for i in pos]
             done[pos] = True
@@ -633,6 +693,9 @@ def extract(card: dict, rows: pd.DataFrame, pool: pd.DataFrame, cfg: ExtractConf
             bar.set_postfix(tok_s=f"{n_tok / max(time.time() - t0, 1e-9):.0f}")
             if stop_after_batches is not None and n_batches >= stop_after_batches:
                 raise KeyboardInterrupt(f"stopped after {n_batches} batches (test hook)")
+    except BaseException:
+        f.close()  # the rows done so far stay, unmarked as complete, for a resume
+        raise
     finally:
         bar.close()
         capture.remove()
