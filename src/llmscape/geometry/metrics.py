@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .adp import checked_adp
 from .graph import compute_neighbour_graph, cpu_threads, return_unique_rows, worker_pool
 from .params import INTERVAL_METRICS, RESOLUTION_FACTOR, RESOLVED, STATUS_OK, GeometryParams
 from .resample import boot_graph_k, keep_freed_memory, return_interval, return_subgraph
@@ -161,7 +162,7 @@ def compute_layer_graph(X: np.ndarray, subjects: np.ndarray, letters: np.ndarray
                subject_size_min=s_min, subject_size_median=s_med, letter_size_min=l_min,
                letter_size_median=l_med, resolution_size=p.resolution_size(),
                resolution=return_resolution(s_min, l_min, p), n_boot=0, boot_fraction=p.boot_fraction,
-               n_dropped_nonfinite=0,
+               n_dropped_nonfinite=0, n_adp_repaired=0,
                confidence=p.confidence)
     save_k = p.overlap_k if not draws else max(p.overlap_k, boot_graph_k(p.overlap_k, p.boot_fraction, n))
     knn = np.full((n, save_k), -1, dtype=np.int32)
@@ -271,7 +272,7 @@ def _graph_metrics(dist: np.ndarray, ind: np.ndarray, maxk: int, graph_k: int, s
     data.set_id(out["id_gride"])
     log_den, _ = data.compute_density_kNN(k=p.density_k)
     out["log_density_mean"] = float(np.mean(log_den))
-    assignment = np.array(data.compute_clustering_ADP(Z=p.z, halo=False), copy=True)
+    assignment, out["n_adp_repaired"] = checked_adp(data, p.z)  # checked; a faulty one recomputed
     out["n_clusters"] = int(data.N_clusters)
     out["ari_subjects"] = return_ari(subjects, assignment)
     out["ari_letters"] = return_ari(letters, assignment)
@@ -319,7 +320,8 @@ def _one_draw(state: dict, p: GeometryParams, j: int) -> tuple[str, dict]:
         values, err = _draw_metrics(state, members, p), ""
     except Exception as e:  # one bad subsample costs one draw, never the layer
         values, err = _nan_row(), f"{type(e).__name__}: {e}"
-    return err, dict(draw=j, n_points=int(members.size), **{k: values[k] for k in INTERVAL_METRICS if k in values})
+    return err, dict(draw=j, n_points=int(members.size), n_adp_repaired=values.get("n_adp_repaired", 0),
+                     **{k: values[k] for k in INTERVAL_METRICS if k in values})
 
 
 def fill_intervals(row: dict, boot: list[dict], params: GeometryParams, metrics) -> None:
@@ -365,6 +367,7 @@ def compute_layer_metrics(state: dict, params: GeometryParams) -> LayerResult:
         done = list(worker_pool(cpu_threads(), "boot").map(partial(_one_draw, state, p),
                                                              range(len(state["draws"]))))
         boot = [b for _, b in done]
+        row["n_adp_repaired"] += sum(b.pop("n_adp_repaired") for b in boot)  # the subsamples' ADP repairs too
         errors = [e for e, _ in done if e]
         if errors:
             log.warning("%s: %d of %d subsamples failed (the first: %s); the intervals use the others", name,

@@ -74,7 +74,7 @@ INTERVAL_METRICS = ("id_2nn", "id_gride", "log_density_mean", "n_clusters", "cor
 TABLE_COLUMNS = ["model", "variant", "shots", "layer", "layer_name", "status", "n_questions", "n_points",
                  "n_duplicates", "n_dropped_nonfinite", "maxk", "id_2nn", "id_gride", "id_gride_err", "id_scale_n1",
                  "density_k",
-                 "log_density_mean", "z", "n_clusters", "core_fraction", "ari_subjects", "ari_letters",
+                 "log_density_mean", "z", "n_clusters", "n_adp_repaired", "core_fraction", "ari_subjects", "ari_letters",
                  "label_fraction", "overlap_subjects", "overlap_letters", "overlap_k", "overlap_next_layer",
                  "seconds_graph", "seconds_metrics", "seconds_boot", "device",
                  # resolution: the classes of the points analysed against the neighbourhood scales
