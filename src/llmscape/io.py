@@ -1,5 +1,6 @@
 """Atomic output helpers: every output is written under a temporary name and renamed when complete,
-so a killed job never leaves a half-written file behind."""
+so a killed job never leaves a half-written file behind; and readers of the pipeline's own tables and
+arrays that name a damaged file and the command that rebuilds it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -16,6 +18,10 @@ from .errors import LlmscapeError
 
 class OutputError(LlmscapeError, RuntimeError):
     pass
+
+
+class DamagedFileError(LlmscapeError, ValueError):
+    """A file the pipeline wrote cannot be read back (truncated, overwritten): named with its rebuild."""
 
 
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
@@ -36,6 +42,37 @@ def ensure_writable(path: str | os.PathLike) -> Path:
     return path
 
 
+_ERRNO_IN_TEXT = re.compile(r"errno = (\d+)")  # how HDF5 reports a failed write (h5py raises it as text)
+_FILE_IN_TEXT = re.compile(r"(?:filename|name) = '([^']+)'")
+
+
+def no_room(exc: BaseException, outputs=()) -> str | None:
+    """One line for an error that says the disk is full or a folder is not writable, naming the folder
+    and the fix; None for any other error. Read from an OSError's errno or, as h5py reports HDF5's
+    failed writes, from "errno = N" in the text of the error or of one it was raised while handling.
+    ``outputs``: the job's output files, whose folder is named when the error names no file."""
+    seen = exc
+    while seen is not None:
+        text = str(seen)
+        match = _ERRNO_IN_TEXT.search(text)
+        code = seen.errno if isinstance(seen, OSError) and seen.errno else int(match.group(1)) if match else None
+        if code in _NO_ROOM:
+            found = _FILE_IN_TEXT.search(text)
+            name = getattr(seen, "filename", None) or (found.group(1) if found else None)
+            folder = Path(name).parent if name else Path(list(outputs)[0]).parent if outputs else Path.cwd()
+            return _room_line(code, folder.resolve())
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _room_line(code: int, folder: Path) -> str:
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return (f"{os.strerror(code)} in {folder}. Fix: free space there (`df -h {folder}` shows what is left) or run "
+                "the workflow where there is room; then rerun (an extraction resumes its .partial file).")
+    return (f"{os.strerror(code)}: {folder} cannot be written. Fix: make it writable (`ls -ld {folder}`), or run the "
+            "workflow from a writable folder.")
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; rename it to ``dest`` only if the block succeeds."""
@@ -46,12 +83,10 @@ def atomic_path(dest: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     try:
         yield tmp
         os.replace(tmp, dest)
-    except OSError as e:
-        if e.errno in _NO_ROOM:  # one line naming the folder, whichever library was writing
-            raise OutputError(f"cannot write {dest}: {os.strerror(e.errno)} in {dest.parent}. Fix: "
-                              + ("free space there or point the results elsewhere (run from another folder)."
-                                 if e.errno in (errno.ENOSPC, errno.EDQUOT) else
-                                 "make the folder writable or run the workflow from a writable folder.")) from None
+    except Exception as e:
+        line = no_room(e, [dest])  # one line naming the folder, whichever library was writing
+        if line:
+            raise OutputError(f"cannot write {dest}: {line}") from None
         raise
     finally:
         if tmp.exists():
@@ -93,6 +128,55 @@ def write_npy(dest: str | os.PathLike, arr: np.ndarray) -> None:
     with atomic_path(dest) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, arr)
+
+
+def rebuild_hint(path: str | os.PathLike) -> str:
+    """The command that rebuilds exactly ``path`` (the job that writes it, not its whole rule)."""
+    return (f"Fix: rebuild it with `snakemake --cores 1 --force {path}` (with your run's --configfile and "
+            "--profile), then rerun the workflow: the jobs that read it follow.")
+
+
+def _damaged(path, kind: str, e: BaseException) -> DamagedFileError:
+    why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return DamagedFileError(f"{path} cannot be read as {kind} ({why}): it is truncated or damaged. "
+                            f"{rebuild_hint(path)}")
+
+
+def read_parquet(path: str | os.PathLike, **kw):
+    """pandas.read_parquet, with a damaged file named (pyarrow's own error does not say which file)."""
+    import pandas as pd
+    from pyarrow.lib import ArrowException
+
+    try:
+        return pd.read_parquet(path, **kw)
+    except FileNotFoundError:
+        raise
+    except (ArrowException, OSError, ValueError, EOFError) as e:
+        raise _damaged(path, "a parquet table", e) from None
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every array of an .npz archive, read in full here (so a damaged member fails here, named)."""
+    import zipfile
+    import zlib
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError, KeyError) as e:
+        raise _damaged(path, "an .npz archive", e) from None
+
+
+def read_npy(path: str | os.PathLike) -> np.ndarray:
+    """One .npy array (an index file), with a damaged file named."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError) as e:
+        raise _damaged(path, "an .npy array", e) from None
 
 
 def _json_default(o: Any):
