@@ -46,6 +46,8 @@ Output tables (column names are a contract with the join stage; keep them stable
     id_scale_n1     n1 of the headline scale (16)
     density_k, log_density_mean   kNN density parameters and the mean log density
     z, n_clusters   ADP merging parameter and number of clusters (halo off)
+    n_adp_repaired  ADP assignments (the layer's and its subsamples') that failed the check of
+                    geometry.adp and were recomputed with DADApy's pure-Python ADP (0 normally)
     core_fraction   fraction of points outside the halo (ADP with halo on)
     ari_subjects, ari_letters     ARI of the ADP assignment (halo off) with subject / answer letter
     label_fraction, overlap_subjects, overlap_letters   class-balanced label overlap
