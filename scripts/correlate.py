@@ -7,16 +7,14 @@ log = rulekit.start(snakemake, "join")  # noqa: F821
 
 import json  # noqa: E402
 
-import pandas as pd  # noqa: E402
-
-from llmscape.io import write_json, write_parquet  # noqa: E402
+from llmscape.io import read_parquet, write_json, write_parquet  # noqa: E402
 from llmscape.join import correlate  # noqa: E402
 from llmscape.join.columns import spec_col  # noqa: E402
 from llmscape.join.report import write_csv as to_csv  # noqa: E402
 
 smk = snakemake  # noqa: F821
 cfg = smk.params.join
-joined = pd.read_parquet(smk.input.joined)
+joined = read_parquet(smk.input.joined)
 spectral = [spec_col(m, mod, s) for m in cfg["spectral_metrics"] for mod in cfg["modules"] for s in cfg["stats"]]
 missing = [c for c in spectral if c not in joined.columns]
 if missing:
@@ -44,8 +42,8 @@ write_parquet(smk.output.interventions, iv)
 to_csv(correlate.intervention_effects(iv, geometry), smk.output.intervention_effects)
 
 runs = {r: json.loads(open(p).read()) for r, p in zip(smk.params.runs, smk.input.finetune)}
-ckpts = {(r, int(s)): pd.read_parquet(p) for (r, s), p in zip(smk.params.checkpoints, smk.input.checkpoints)}
-base_spectra = pd.read_parquet(smk.input.base_spectra) if ckpts else None
+ckpts = {(r, int(s)): read_parquet(p) for (r, s), p in zip(smk.params.checkpoints, smk.input.checkpoints)}
+base_spectra = read_parquet(smk.input.base_spectra) if ckpts else None
 traj = correlate.trajectories(ckpts, runs, modules=cfg["modules"], window=int(cfg["gap_window"]),
                               base_spectra=base_spectra)
 write_parquet(smk.output.trajectories, traj)

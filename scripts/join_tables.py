@@ -8,15 +8,15 @@ import json  # noqa: E402
 
 import pandas as pd  # noqa: E402
 
-from llmscape.io import write_parquet  # noqa: E402
+from llmscape.io import read_parquet, write_parquet  # noqa: E402
 from llmscape.join import tables  # noqa: E402
 from llmscape.join.report import write_csv  # noqa: E402
 
 smk = snakemake  # noqa: F821
 variants, shots = list(smk.params.variants), [int(k) for k in smk.params.shots]
 pairs = [(v, int(k)) for v, k in smk.params.pairs]  # the order of the geometry and accuracy inputs
-geometry = pd.concat([pd.read_parquet(p) for p in smk.input.geometry], ignore_index=True)
-spectra = pd.concat([pd.read_parquet(p) for p in smk.input.spectra], ignore_index=True)
+geometry = pd.concat([read_parquet(p) for p in smk.input.geometry], ignore_index=True)
+spectra = pd.concat([read_parquet(p) for p in smk.input.spectra], ignore_index=True)
 accuracy = tables.read_accuracy(dict(zip(pairs, smk.input.accuracy)))
 finetune = {r: json.loads(open(p).read()) for r, p in zip(smk.params.runs, smk.input.finetune)}
 interventions = {v: json.loads(open(p).read()) for v, p in zip(smk.params.interventions, smk.input.interventions)}

@@ -6,10 +6,12 @@ log = rulekit.start(snakemake, "plot_geometry")  # noqa: F821
 
 import pandas as pd  # noqa: E402
 
+from llmscape.io import read_parquet  # noqa: E402
+
 from llmscape.geometry import plots as geometry_plots  # noqa: E402
 
 smk = snakemake  # noqa: F821
-table = pd.concat([pd.read_parquet(p) for p in smk.input.tables], ignore_index=True)
+table = pd.concat([read_parquet(p) for p in smk.input.tables], ignore_index=True)
 title = f"{smk.wildcards.model} / {smk.wildcards.variant}"
 geometry_plots.plot_ari(table, smk.output.ari, title=title)
 geometry_plots.plot_id(table, smk.output.id, title=title)

