@@ -4,7 +4,7 @@ PY ?= python3
 RUN = $$(test -x .venv/bin/python && echo .venv/bin/python || echo $(PY))
 CORES ?= 2
 CONFIG ?= config/config.yaml
-.PHONY: setup run test report bench plan cluster-dryrun
+.PHONY: setup run test report bench plan cluster-dryrun image image-test
 
 setup:            ## install the pinned stack into the current Python (idempotent)
 	PY=$(PY) bash scripts/setup.sh
@@ -24,3 +24,9 @@ report:           ## rebuild report.html from existing results
 
 bench: setup      ## the speed/memory benchmarks (ratios against the published way, same run)
 	$(RUN) bench/bench_extract.py
+
+image:            ## the container image, podman (docs/install.md): make image [IMAGE_BASE=debootstrap] [PIP_CERT=ca.pem]
+	bash scripts/image-build.sh
+
+image-test: setup ## build the image from HEAD, run the CI DAG with it and locally, compare the results (~1 h)
+	PY="$(RUN)" bash scripts/image-test.sh

@@ -80,7 +80,7 @@ def test_a_missing_package_is_seen_by_the_environment_check(tmp_path):
 def test_container_recipe_installs_the_set_up_pins():
     recipe = (ROOT / "Containerfile").read_text()
     setup = (ROOT / "scripts" / "setup.sh").read_text()
-    assert re.search(r"^FROM \S*python:3\.11", recipe, re.M)
+    assert re.search(r"^ARG BASE=\S*python:3\.11", recipe, re.M) and re.search(r"^FROM \$\{BASE\}$", recipe, re.M)
     torch = re.search(r"torch==[\d.]+", setup).group(0)
     assert torch in recipe and torch == f"torch=={ec.constraints()['torch']}"
     install = re.search(r'pip install [^\n]*-c constraints\.txt "\.\[([\w,]+)\]"', recipe)
