@@ -18,6 +18,7 @@ from llmscape import geometry as G
 from llmscape.geometry import paired
 from llmscape.io import write_parquet
 from llmscape.join import plots
+from llmscape.integrity import seal
 from test_geometry import write_h5
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,9 +44,10 @@ def geometry_files(folder: Path, name: str, hidden: np.ndarray, *, params=P, que
                    digest: bool = True) -> paired.Extraction:
     """Run the geometry on a synthetic extraction and read it back as the paired rule does."""
     folder.mkdir(parents=True, exist_ok=True)
-    h5 = write_h5(folder / f"{name}.h5", hidden, SUBJECTS, ANSWERS, question_id=question_id)
+    h5 = write_h5(folder / f"{name}.h5", hidden, SUBJECTS, ANSWERS, question_id=question_id, variant=name)
     with h5py.File(h5, "a") as f:  # the second scoring of a real extraction
         f.create_dataset("pred_nospace", data=f["pred"][:])
+        seal(f)  # its checksum too, as extract() writes it
     r = G.compute_geometry(h5, params, model="toy", variant=name, shots=0)
     stem = folder / name
     knn = r.knn if digest else {k: v for k, v in r.knn.items() if k != "draws_digest"}
@@ -88,9 +90,9 @@ def test_a_known_shift_is_detected_where_the_marginal_intervals_overlap(base, sc
         assert row["diff_hi"] < 0 and row["verdict"] == paired.LOWER
         # the marginal intervals overlap: only the pairing separates the two
         a, b = base.table.loc[layer], scaled.table.loc[layer]
-        assert a["log_density_mean_lo"] < b["log_density_mean_hi"] and b["log_density_mean_lo"] < a["log_density_mean_hi"]
-        width = row["diff_hi"] - row["diff_lo"]
-        assert 0 < width < 0.25 * (a["log_density_mean_hi"] - a["log_density_mean_lo"])
+        lo, hi = "log_density_mean_lo", "log_density_mean_hi"
+        assert a[lo] < b[hi] and b[lo] < a[hi]
+        assert 0 < row["diff_hi"] - row["diff_lo"] < 0.25 * (a[hi] - a[lo])
         for m in ("id_gride", "id_2nn", "ari_subjects", "overlap_subjects"):
             assert d.loc[(layer, m), "verdict"] == paired.NO_DIFFERENCE, m
 
