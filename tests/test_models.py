@@ -141,3 +141,33 @@ def test_a_device_map_planned_on_meta_weights_loads_the_same_model(tmp_path, bas
         b = sharded(**ids, output_hidden_states=True).hidden_states
     assert len(a) == len(b) == whole.config.num_hidden_layers + 1
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_the_weight_check_that_ran_is_logged_and_covers_adapters(tmp_path, monkeypatch, caplog):
+    """Every job that reads weights reads its card through read_card, whose log says which check ran:
+    quick (headers) or full (LLMSCAPE_VERIFY_WEIGHTS=1: the checksum). The full one covers an adapter
+    variant too: a changed adapter on an intact base is refused."""
+    import json as _json
+    import logging
+
+    from llmscape import adapters
+
+    d = _tiny_folder(tmp_path)
+    a = adapters.write_adapter({"a.weight": {"full": torch.ones(8, 8)}}, tmp_path / "adapter")
+    card = tmp_path / "model.json"
+    card.write_text(_json.dumps(dict(path=str(d), adapter=str(a), model="m", variant="ft",
+                                     checksum=adapters.variant_checksum(d, a))))
+    assert adapters.variant_checksum(d, a) == adapters.variant_checksum(d, a, models.weights_checksum(d))
+    assert adapters.variant_checksum(d, a) != models.weights_checksum(d)
+    caplog.set_level(logging.INFO, logger="llmscape.models")
+    models.read_card(card)
+    assert "weight check of" in caplog.text and ": quick (" in caplog.text and ": full (" not in caplog.text
+    monkeypatch.setenv("LLMSCAPE_VERIFY_WEIGHTS", "1")
+    caplog.clear()
+    models.read_card(card)
+    assert ": full (checksum of every tensor, base and adapter," in caplog.text
+    adapters.write_adapter({"a.weight": {"full": torch.ones(8, 8) * 2}}, a)  # the adapter changed since
+    with pytest.raises(models.ModelError, match="is not the card's"):
+        models.read_card(card)
+    monkeypatch.delenv("LLMSCAPE_VERIFY_WEIGHTS")
+    models.read_card(card)  # the quick check cannot see it: only the full one reads the bytes

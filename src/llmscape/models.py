@@ -13,7 +13,6 @@ a normal HF safetensors model, its checksum and where it came from. Later stages
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,18 +20,14 @@ import re
 from pathlib import Path
 
 from . import assets
+from .adapters import apply_adapter, variant_checksum
+from .devices import pick_device, pick_dtype
 from .io import atomic_dir, write_json
-from .devices import pick_device, pick_dtype  # noqa: F401  (the stages' one device helper)
-from .errors import LlmscapeError
+from .weightfiles import ModelError, check_weight_files, read_safetensors_header, weight_files, weights_checksum
 
 log = logging.getLogger("llmscape.models")
 
 EMBEDDED = {"smollm2-135m": assets.SMOLLM2_135M}
-WEIGHT_PATTERNS = ("*.safetensors",)
-
-
-class ModelError(LlmscapeError, ValueError):
-    pass
 
 
 def model_label(model: str, label: str | None = None) -> str:
@@ -46,76 +41,6 @@ def model_label(model: str, label: str | None = None) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise ModelError(f"model label {name!r} is not path-safe. Fix: set model_label to letters, digits, '.', '_', '-'.")
     return name
-
-
-def read_safetensors_header(file: str | Path) -> tuple[dict, int]:
-    """(header, bytes before the data) of a safetensors file; a corrupt or truncated header is a
-    ModelError naming the file, not a JSONDecodeError, OverflowError or MemoryError."""
-    import struct
-
-    file = Path(file)
-    size = file.stat().st_size
-    try:
-        with open(file, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > size - 8 or n > 100 << 20:
-                raise ValueError(f"header length {n} does not fit the file's {size} bytes")
-            header = json.loads(fh.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
-    except (struct.error, ValueError, UnicodeDecodeError) as e:
-        raise ModelError(f"{file}: corrupt safetensors header ({type(e).__name__}: {e}). Fix: rewrite or re-download "
-                         "it (snakemake --forcerun prepare_model for a base model, or the rule that wrote the "
-                         "variant).") from None
-    return header, 8 + n
-
-
-def check_weight_files(folder: str | Path) -> int:
-    """The cheap integrity check every stage makes when it reads a model card: each safetensors header
-    parses and every tensor's data lies within its file (a truncated file fails). Reads the headers only
-    (milliseconds, whatever the model size); the full checksum over every tensor's bytes is
-    :func:`weights_checksum` (LLMSCAPE_VERIFY_WEIGHTS=1 makes read_card compute it too). Returns the
-    number of tensors."""
-    files = sorted(p for pat in WEIGHT_PATTERNS for p in Path(folder).glob(pat))
-    count = 0
-    for f in files:
-        header, base = read_safetensors_header(f)
-        end = max((info["data_offsets"][1] for k, info in header.items() if k != "__metadata__"), default=0)
-        if base + end > f.stat().st_size:
-            raise ModelError(f"{f} is truncated: its tensors need {base + end} bytes, the file has "
-                             f"{f.stat().st_size}. Fix: rewrite or re-download it (snakemake --forcerun "
-                             "prepare_model for a base model, or the rule that wrote the variant).")
-        count += len(header) - ("__metadata__" in header)
-    return count
-
-
-def weights_checksum(folder: Path) -> str:
-    """sha256 over the tensors (name, dtype, shape, bytes, in name order) of every safetensors file,
-    streamed. Hashing tensors rather than file bytes makes it independent of the header's key order,
-    which safetensors does not keep stable between processes for metadata."""
-    files = sorted(p for pat in WEIGHT_PATTERNS for p in Path(folder).glob(pat))
-    if not files:
-        raise ModelError(f"{folder} holds no *.safetensors weights. Fix: save the model with "
-                         "save_pretrained(safe_serialization=True).")
-    entries = []
-    for f in files:
-        header, base = read_safetensors_header(f)
-        header.pop("__metadata__", None)
-        entries += [(name, f, base, info) for name, info in header.items()]
-    h = hashlib.sha256()
-    for name, f, base, info in sorted(entries, key=lambda e: e[0]):
-        h.update(f"{name}|{info['dtype']}|{info['shape']}".encode())
-        start, end = info["data_offsets"]
-        with open(f, "rb") as fh:
-            fh.seek(base + start)
-            left = end - start
-            while left > 0:
-                block = fh.read(min(left, 1 << 24))
-                if not block:
-                    raise ModelError(f"{f} is truncated (tensor {name}). Fix: rewrite or re-download it.")
-                h.update(block)
-                left -= len(block)
-    return h.hexdigest()
 
 
 def convert_gguf(gguf: Path, dest: Path) -> Path:
@@ -235,6 +160,9 @@ def prepare(model: str, card: str | Path, resources: str | Path = "resources", t
 
 
 def read_card(card: str | Path) -> dict:
+    """A model card, after the weight check every job that reads weights makes, and logs: the quick one
+    (headers parse, no file truncated: milliseconds) or, with ``LLMSCAPE_VERIFY_WEIGHTS=1``, the full one
+    (the checksum over every tensor, of the base folder and the adapter, equals the card's)."""
     info = json.loads(Path(card).read_text())
     if not (Path(info["path"]) / "config.json").exists():
         raise ModelError(f"model card {card} points at {info['path']}, which holds no model anymore. "
@@ -242,47 +170,20 @@ def read_card(card: str | Path) -> dict:
     if info.get("adapter") and not (Path(info["adapter"]) / "adapter.safetensors").exists():
         raise ModelError(f"model card {card} points at the adapter {info['adapter']}, which is gone. "
                          "Fix: rerun the fine-tuning job that wrote it (snakemake --forcerun finetune).")
-    check_weight_files(info["path"])
-    if info.get("adapter"):
-        check_weight_files(info["adapter"])
-    if os.environ.get("LLMSCAPE_VERIFY_WEIGHTS") == "1" and not info.get("adapter"):
-        got = weights_checksum(Path(info["path"]))
-        if got != info["checksum"]:
-            raise ModelError(f"{info['path']}: the weights' checksum {got[:12]}... is not the card's "
-                             f"{info['checksum'][:12]}... ({card}): the files changed after the card was written. "
-                             "Fix: rerun the rule that made the card (snakemake --forcerun prepare_model, or the "
-                             "variant's rule).")
+    n = check_weight_files(info["path"]) + (check_weight_files(info["adapter"]) if info.get("adapter") else 0)
+    if os.environ.get("LLMSCAPE_VERIFY_WEIGHTS") != "1":
+        log.info("weight check of %s: quick (%d tensor headers, no file truncated; LLMSCAPE_VERIFY_WEIGHTS=1 "
+                 "verifies the checksum)", card, n)
+        return info
+    got = variant_checksum(info["path"], info.get("adapter"))
+    if got != info["checksum"]:
+        raise ModelError(f"{info.get('adapter') or info['path']}: the weights' checksum {got[:12]}... is not the "
+                         f"card's {info['checksum'][:12]}... ({card}): the files changed after the card was written. "
+                         "Fix: rerun the rule that made the card (snakemake --forcerun prepare_model, or the "
+                         "variant's rule).")
+    log.info("weight check of %s: full (checksum of every tensor%s equals the card's)", card,
+             ", base and adapter," if info.get("adapter") else "")
     return info
-
-
-def apply_adapter(model, base_path: str | Path, adapter: str | Path) -> int:
-    """Add an llmscape adapter's updates to a loaded model in place, as a merged copy would hold them: each
-    updated tensor is rebuilt in the dtype the base folder stores it in (merge.update_tensor), then cast
-    to the model's. Returns the number of tensors updated."""
-    import torch
-    from safetensors import safe_open
-
-    from .finetune.merge import read_adapter, update_tensor
-
-    parts = read_adapter(adapter)
-    stored = {}
-    for f in sorted(Path(base_path).glob("*.safetensors")):
-        with safe_open(f, framework="pt") as sf:
-            for k in sf.keys():
-                if k in parts:
-                    stored[k] = sf.get_slice(k).get_dtype()
-    params = dict(model.named_parameters())
-    missing = sorted(set(parts) - set(params))
-    if missing:
-        raise ModelError(f"adapter {adapter} updates tensors the model does not have: {missing[:5]}. Fix: "
-                         "it belongs to another base model; rerun its fine-tuning job on this one.")
-    dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-    with torch.no_grad():
-        for k, ps in parts.items():
-            p = params[k]
-            t = p.detach().to("cpu", dtypes.get(stored.get(k), p.dtype))  # as the base folder stores it
-            p.copy_(update_tensor(t, ps).to(p.dtype))
-    return len(parts)
 
 
 def load(path: str | Path, dtype="float32", device: str = "cpu", trust_remote_code: bool = False,
@@ -328,7 +229,7 @@ def parameter_count(folder: str | Path) -> int:
     import math
 
     total = 0
-    for f in sorted(p for pat in WEIGHT_PATTERNS for p in Path(folder).glob(pat)):
+    for f in weight_files(folder):
         header, _ = read_safetensors_header(f)
         total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
     return total

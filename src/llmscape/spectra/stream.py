@@ -26,8 +26,10 @@ from typing import Iterator
 import numpy as np
 
 from . import esd
+from ..adapters import read_adapter, update_tensor
 from ..devices import pick_device
 from ..errors import LlmscapeError
+from ..weightfiles import read_safetensors_header
 
 log = logging.getLogger("llmscape.spectra")
 
@@ -105,9 +107,7 @@ _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat
 
 def read_header(file: str | Path) -> dict:
     """The JSON header of a safetensors file: tensor name -> {dtype, shape, data_offsets} (+ __metadata__);
-    a corrupt one is an error naming the file (models.read_safetensors_header)."""
-    from ..models import read_safetensors_header
-
+    a corrupt one is an error naming the file (weightfiles.read_safetensors_header)."""
     return read_safetensors_header(file)[0]
 
 
@@ -188,11 +188,7 @@ def compute_spectra(folder: str | Path, model: str = "", variant: str = "", *, d
     if not refs:
         raise SpectraError(f"no decoder weight matrices ({', '.join(modules)}) found in {folder}. Fix: the folder "
                            "must hold a Llama-style model (model.layers.N.self_attn/mlp.*_proj.weight).")
-    updates = {}
-    if adapter is not None:
-        from ..finetune.merge import read_adapter, update_tensor
-
-        updates = read_adapter(adapter)
+    updates = read_adapter(adapter) if adapter is not None else {}
     rows, evals = [], {}
     t_all = time.perf_counter()
     with torch.no_grad():
