@@ -22,8 +22,9 @@ Only the stored per-subsample values and the full-sample values are used, never 
 intervals' ends. A difference is claimed ("higher" / "lower") only where its interval excludes 0
 and most draws differ in the same direction as the full sample (``draws_agree`` > 1/2: a guard for
 discrete metrics, where a cluster count can differ in the full sample while the draws agree, which
-would give a zero-width interval away from 0); otherwise the verdict is "no difference detected". The intervals are pointwise, one per layer and
-metric: over 30 layers, one or two intervals may exclude 0 by chance at 95%.
+would give a zero-width interval away from 0); otherwise the verdict is "no difference detected".
+The intervals are pointwise, one per layer and metric: over 30 layers, one or two intervals may
+exclude 0 by chance at 95%.
 
 Comparisons (``comparison``): ``shots`` (k-shot against 0-shot of the same variant), ``variant``
 (a variant against base at the same shots), ``layer`` (layer l + 1 against layer l of one extraction).
@@ -319,16 +320,22 @@ def paired_bootstrap_interval(right_this: np.ndarray, right_ref: np.ndarray, str
     return float(lo), float(hi)
 
 
-def read_answers(h5_path) -> dict:
-    """question_id, subject, answer and the predictions of an extraction (not its states)."""
+def read_answers(h5_path, *, model: str | None = None, variant: str | None = None, shots: int | None = None) -> dict:
+    """question_id, subject, answer and the predictions of an extraction (not its states), after the
+    checks every reader of an extraction makes: each dataset against its checksum, and the file's model,
+    variant and shots against those its path names (:mod:`llmscape.integrity`)."""
     import h5py
+
+    from ..integrity import check_identity, rebuild_hint, verify
 
     need = ("question_id", "subject", "answer", *SCORINGS.values())
     with h5py.File(h5_path, "r") as f:
         missing = [k for k in need if k not in f]
         if missing:
-            raise GeometryError(f"{h5_path} lacks {missing}: not a complete llmscape extraction. Fix: rebuild it "
-                                f"(snakemake --forcerun extract {h5_path})")
+            raise GeometryError(f"{h5_path} lacks {missing}: not a complete llmscape extraction. "
+                                f"{rebuild_hint(h5_path)}")
+        verify(f, h5_path, GeometryError)
+        check_identity(h5_path, dict(f.attrs), model=model, variant=variant, shots=shots, error=GeometryError)
         out = {k: np.asarray(f[k][:]) for k in need if k != "subject"}
         out["subject"] = np.asarray(f["subject"].asstr()[:], dtype=object)
     out["path"] = str(h5_path)
@@ -367,7 +374,7 @@ def compute_accuracy_pairs(h5_paths: dict, comparisons, *, model: str = "", conf
                            seed: int = 0) -> pd.DataFrame:
     """The accuracy comparison of every (variant, shots, comparison, ref_variant, ref_shots) in
     ``comparisons``; h5_paths: {(variant, shots): extraction path}."""
-    answers = {k: read_answers(Path(p)) for k, p in h5_paths.items()}
+    answers = {(v, k): read_answers(Path(p), model=model, variant=v, shots=k) for (v, k), p in h5_paths.items()}
     rows = []
     for variant, shots, comparison, ref_variant, ref_shots in comparisons:
         key = dict(model=model, variant=variant, shots=int(shots), comparison=comparison, ref_variant=ref_variant,
