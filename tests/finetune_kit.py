@@ -11,7 +11,7 @@ import torch
 
 from llmscape.finetune import RunSpec, registry
 from llmscape.finetune.data import encode
-from llmscape.finetune.merge import load_weights
+from llmscape.adapters import load_weights
 from llmscape.finetune.train import train
 
 ROOT = Path(__file__).resolve().parents[1]

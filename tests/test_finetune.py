@@ -22,7 +22,8 @@ from finetune_kit import (ROOT, SMOL, TINY_SHAPES, H, L, all_methods, assert_sam
 from llmscape.finetune import grid, registry
 from llmscape.finetune.common import Context, FinetuneError, linear_shapes, trainable_count
 from llmscape.finetune.data import answer_loss, collate
-from llmscape.finetune.merge import load_weights, save_adapter, save_merged
+from llmscape.adapters import load_weights
+from llmscape.finetune.merge import save_adapter, save_merged
 from llmscape.finetune.train import Preempted, checkpoint_steps
 
 
@@ -53,11 +54,11 @@ def test_trainable_counts_match_formulas(tiny_dir, ranks_file):
         model = load(tiny_dir)
         shapes = linear_shapes(model)
         m = registry.get(run.method)
-        model = m.apply(model, run, Context(adaptive_ranks=path))
+        model = m.apply(model, run, Context()).model
         want = formula(run, names)
         assert trainable_count(model) == want, run.method
         if run.method != "srank-calibrated":
-            assert m.expected_trainable(shapes, run, Context(adaptive_ranks=path)) == want, run.method
+            assert m.expected_trainable(shapes, run, Context()) == want, run.method
         if run.method == "lora-adaptive":  # every selected module got its own rank and alpha
             seen = {}
             for n, mod in model.named_modules():
@@ -72,7 +73,7 @@ def test_every_method_equals_base_before_training(tiny_dir, ranks_file):
     ids_ = torch.randint(0, 49000, (2, 17), generator=torch.Generator().manual_seed(1))
     base = load(tiny_dir)(ids_).logits
     for run in all_methods(ranks_file):
-        model = registry.get(run.method).apply(load(tiny_dir), run, Context(adaptive_ranks=ranks_file[0])).eval()
+        model = registry.get(run.method).apply(load(tiny_dir), run, Context()).model.eval()
         with torch.no_grad():
             out = model(input_ids=ids_).logits
         assert torch.equal(out, base) or torch.allclose(out, base, atol=1e-6, rtol=0), run.method
@@ -82,7 +83,7 @@ def test_few_real_steps_lower_the_loss(tiny_dir, ranks_file, examples):
     batch = collate(examples[:4], pad_id=0)
     for run in all_methods(ranks_file):
         torch.manual_seed(0)
-        model = registry.get(run.method).apply(load(tiny_dir), run, Context(adaptive_ranks=ranks_file[0]))
+        model = registry.get(run.method).apply(load(tiny_dir), run, Context()).model
         model.train()
         groups = registry.param_groups(model, run)
         opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in groups], lr=run.lr)
@@ -110,12 +111,12 @@ def test_merged_weights_match_unmerged_adapter(tiny_dir, ranks_file, tmp_path):
         base = load(tiny_dir)(input_ids=ids_).logits
     for k, run in enumerate(all_methods(ranks_file)):
         torch.manual_seed(k)
-        model = registry.get(run.method).apply(load(tiny_dir), run, Context(adaptive_ranks=ranks_file[0]))
-        perturb_trainable(model)
+        applied = registry.get(run.method).apply(load(tiny_dir), run, Context())
+        model = perturb_trainable(applied.model)
         model.eval()
         with torch.no_grad():
             want = model(input_ids=ids_).logits
-        dest = save_merged(model, tiny_dir, tmp_path / f"m{k}")
+        dest = save_merged(applied.trained, tiny_dir, tmp_path / f"m{k}")
         with torch.no_grad():
             got = load(dest)(input_ids=ids_).logits
         assert not torch.allclose(want, base, atol=1e-4), run.method
@@ -133,7 +134,7 @@ def test_adapter_checkpoints_give_the_merged_weights_and_states(tiny_dir, ranks_
     loads, its states, and the spectra streamed from them."""
 
     from llmscape import data as D, extract as E
-    from llmscape.finetune.merge import is_adapter, read_adapter
+    from llmscape.adapters import is_adapter, read_adapter
     from llmscape.models import load as load_model
     from llmscape.spectra.stream import compute_spectra
 
@@ -147,10 +148,10 @@ def test_adapter_checkpoints_give_the_merged_weights_and_states(tiny_dir, ranks_
     rows = rows.head(4)
     for k, run in enumerate(all_methods(ranks_file)):
         torch.manual_seed(k)
-        model = registry.get(run.method).apply(load(base), run, Context(adaptive_ranks=ranks_file[0]))
-        perturb_trainable(model)
-        merged = save_merged(model, base, tmp_path / f"m{k}")
-        adapter = save_adapter(model, tmp_path / f"a{k}")
+        applied = registry.get(run.method).apply(load(base), run, Context())
+        perturb_trainable(applied.model)
+        merged = save_merged(applied.trained, base, tmp_path / f"m{k}")
+        adapter = save_adapter(applied.trained, tmp_path / f"a{k}")
         assert is_adapter(adapter) and not is_adapter(merged)
         size = sum(f.stat().st_size for f in adapter.glob("*"))
         assert size < sum(f.stat().st_size for f in merged.glob("*.safetensors")), run.method
@@ -227,7 +228,7 @@ def test_deepspeed_step_on_cpu(tiny_dir, data_dir, tmp_path, stage):
     out = json.loads(line[len("RESULT "):])
     assert out["ds"].endswith(f"{stage}.json") and out["steps"] == 2 and out["engine"] == "DeepSpeedEngine"
     assert all(np.isfinite(x["loss"]) for x in out["loss"])
-    from llmscape.finetune.merge import read_adapter
+    from llmscape.adapters import read_adapter
 
     parts = read_adapter(tmp_path / "out" / "weights")  # gathered whole, not ZeRO-3's empty partitions
     assert parts and all(p["lora_A.0"].shape[0] == 4 and p["lora_A.0"].shape[1] > 0 and
@@ -389,41 +390,45 @@ def test_sigterm_reaches_launched_processes_and_the_run_resumes(tiny_dir, data_d
 
 def test_a_method_defined_here_trains_through_the_same_path(tiny_dir, data_dir, tmp_path):
     """A toy method, written in this test only (no edit anywhere in the library): it trains the RMSNorm
-    scales of the targeted layers. Registered, it goes through the grid's checks, train(), its session's
-    hooks, the adapter checkpoints and the merged weights like the six built-in methods."""
-    from dataclasses import dataclass, field
+    scales of the layers that an input file of its own lists. Registered, it goes through the grid's
+    checks (its file must exist or be made by a rule), the launcher's job description, train(), its
+    session's hooks, the adapter checkpoints and the merged weights like the six built-in methods."""
+    import json
+    from dataclasses import asdict, dataclass
 
     from safetensors.torch import load_file
 
-    from llmscape.finetune.common import freeze_all, layer_index
-    from llmscape.finetune.method import Method, Session, check_int
+    from llmscape.finetune.common import freeze_all, layer_index, whole_tensors
+    from llmscape.finetune.launch import job_spec, run_job
+    from llmscape.finetune.method import Applied, Method, Session, check_int
 
     @dataclass
     class Options:
-        layers: list = field(default_factory=lambda: [1])  # which layers' norms train
+        scale: int = 1  # an option, checked as every method's are
 
         def check(self):
-            for i in self.layers:
-                check_int("norm-tune", "layers", i, 0)
+            check_int("norm-tune", "scale", self.scale, 1)
+
+    def inputs(run, model, ft):  # a file of its own: which layers' norms train
+        return {"norm_layers": f"{ft['toy_dir']}/{model}/norm_layers.json"}
+
+    def check_inputs(run, ctx, producible):
+        path = ctx.path("norm_layers")
+        if not (path.exists() or producible(str(path))):
+            raise FinetuneError(f"norm-tune: {path} does not exist")
+
+    def layers(ctx):
+        return json.loads(ctx.path("norm_layers").read_text())
 
     def targets(shapes, run, ctx=None):
-        return [n for n in shapes if layer_index(n) in run.opt("layers") and n.endswith("q_proj")]
-
-    def apply(model, run, ctx=None):
-        freeze_all(model)
-        for i in run.opt("layers"):
-            for norm in ("input_layernorm", "post_attention_layernorm"):
-                model.get_submodule(f"model.layers.{i}.{norm}").weight.requires_grad_(True)
-        return model
-
-    before_layers = [1]
+        return [n for n in shapes if layer_index(n) in layers(ctx) and n.endswith("q_proj")]
 
     class Counting(Session):  # the per-step hook and what it adds to the metrics
-        def __init__(self):
-            self.steps = []
+        def __init__(self, n_layers):
+            self.n_layers, self.steps = n_layers, []
 
         def expected_trainable(self, shapes, before):
-            return 2 * H * len(before_layers)
+            return 2 * H * self.n_layers
 
         def after_step(self, step):
             self.steps.append(step)
@@ -431,20 +436,37 @@ def test_a_method_defined_here_trains_through_the_same_path(tiny_dir, data_dir, 
         def metrics(self, n_trainable):
             return dict(norm_tune_steps=list(self.steps))
 
-    counting = Counting()
+    def apply(model, run, ctx=None):
+        freeze_all(model)
+        for i in layers(ctx):
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                model.get_submodule(f"model.layers.{i}.{norm}").weight.requires_grad_(True)
+        return Applied(model, whole_tensors(model), Counting(len(layers(ctx))))
+
     toy = Method(name="norm-tune", axes=("lr", "seed"), options=Options, targets=targets,
-                 expected_trainable=lambda shapes, run, ctx=None: None, apply=apply,
-                 session=lambda model, run: counting)
+                 expected_trainable=lambda shapes, run, ctx=None: None, apply=apply, inputs=inputs,
+                 check_inputs=check_inputs)
+    ft = dict(toy_dir=str(tmp_path / "toy_inputs"), sweeps=[dict(method="norm-tune", lr=[1e-2])])
     registry.register(toy)
     try:
-        runs = grid.expand(dict(sweeps=[dict(method="norm-tune", lr=[1e-2])]))
-        with pytest.raises(FinetuneError, match=r"norm-tune: layers = -1 must be an integer >= 0"):
-            grid.expand(dict(sweeps=[dict(method="norm-tune", options=dict(layers=[-1]))]))
-        shapes = linear_shapes(load(tiny_dir))
-        grid.validate(runs, shapes)
+        runs = grid.expand(ft)
+        with pytest.raises(FinetuneError, match=r"norm-tune: scale = 0 must be an integer >= 1"):
+            grid.expand(dict(sweeps=[dict(method="norm-tune", options=dict(scale=0))]))
         (name, run), = runs.items()
+        ctx = registry.context(run, "tiny", ft)
+        shapes = linear_shapes(load(tiny_dir))
+        with pytest.raises(FinetuneError, match=r"run ft-norm-tune-lr0.01-s0: norm-tune: .*norm_layers.json does not"):
+            grid.validate(runs, None, lambda r: registry.context(r, "tiny", ft))
+        grid.validate(runs, None, lambda r: registry.context(r, "tiny", ft), producible=lambda path: True)
+        ctx.path("norm_layers").parent.mkdir(parents=True)
+        ctx.path("norm_layers").write_text("[1]")
+        grid.validate(runs, shapes, lambda r: registry.context(r, "tiny", ft))
         assert name == "ft-norm-tune-lr0.01-s0"
-        met = train_tiny(run, tiny_dir, data_dir, tmp_path / "toy")
+        spec = job_spec(asdict(run), base_path=tiny_dir, data_dir=data_dir, out_dir=tmp_path / "toy",
+                        train_cfg=dict(max_steps=6, batch_size=4, eval_every=2, val_rows=4, n_checkpoints=3,
+                                       max_length=256), eval_cfg=dict(per_subject=3), inputs=ctx.inputs,
+                        run_name="t", data_split="finetune", eval_split="analysis")
+        met = run_job(json.loads(json.dumps(spec)), 1)  # as the rule's script runs it, from plain data
     finally:
         registry.METHODS.pop("norm-tune", None)
     assert met["trainable_params"] == met["expected_trainable"] == 2 * H
@@ -453,3 +475,54 @@ def test_a_method_defined_here_trains_through_the_same_path(tiny_dir, data_dir, 
     base = load_file(Path(tiny_dir) / "model.safetensors")
     changed = sorted(k for k in base if not torch.equal(merged[k], base[k]))
     assert changed == ["model.layers.1.input_layernorm.weight", "model.layers.1.post_attention_layernorm.weight"]
+
+
+# the files that pass every method's declarations on (the workflow, the launcher, Context, train, merge)
+# and the floors below them: none may name a method
+GENERIC = ["src/llmscape/finetune/*.py", "src/llmscape/adapters.py", "src/llmscape/weightfiles.py",
+           "src/llmscape/models.py", "src/llmscape/spectra/stream.py", "scripts/finetune.py",
+           "workflow/rules/finetune.smk", "workflow/rules/functions/finetune.smk"]
+
+
+def _code_words(path: Path) -> str:
+    """The code of a file without its docstrings and comments (which may cite a method as an example)."""
+    import ast
+    import io
+    import tokenize
+
+    text = path.read_text()
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:  # a Snakemake rule file: its comments out, the rest as it is
+        return "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef)) and n.body
+            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    doc_lines = {(n.lineno, n.end_lineno) for n in ast.walk(tree) if id(n) in docs}
+    keep = []
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        if tok.type == tokenize.COMMENT or (tok.type == tokenize.STRING and (tok.start[0], tok.end[0]) in doc_lines):
+            continue
+        keep.append(tok.string)
+    return " ".join(keep)
+
+
+def test_no_method_is_named_outside_its_folder():
+    """A method is its folder: the workflow, the launcher, Context, train and merge pass its declarations
+    on without naming it (its folder name or its registry name), and nothing below them does either."""
+    import re
+
+    files = sorted({p for pat in GENERIC for p in ROOT.glob(pat)})
+    assert len(files) > 10
+    names = set()
+    for m in registry.METHODS:
+        names |= {m, m.replace("-", "_")}
+    names = [n for n in names if n != "lora"]  # peft's LoRA, the technique four methods share, is not a name
+    found = {}
+    for f in files:
+        code = _code_words(f)
+        hits = [n for n in names if re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", code)]
+        hits += ['"lora"'] if re.search(r"[\"']lora[\"']", code) else []
+        if hits:
+            found[str(f.relative_to(ROOT))] = hits
+    assert found == {}

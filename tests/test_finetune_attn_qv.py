@@ -8,7 +8,7 @@ from llmscape.finetune import registry
 def test_attn_qv_value_group_gets_lambda_lr(tiny_dir):
     for mode in ("lora", "full"):
         run = run_of("attn-qv", lr=1e-3, ratio=4.0, mode=mode)
-        model = registry.get("attn-qv").apply(load(tiny_dir), run)
+        model = registry.get("attn-qv").apply(load(tiny_dir), run).model
         groups = {g["name"]: g for g in registry.param_groups(model, run)}
         assert set(groups) == {"query", "value"}
         assert groups["value"]["lr"] == pytest.approx(4e-3) and groups["query"]["lr"] == pytest.approx(1e-3)

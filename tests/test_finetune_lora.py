@@ -14,7 +14,7 @@ def test_real_model_lora_steps_lower_the_loss(examples):
         pytest.skip("embedded model not converted")
     model = load(SMOL)
     run = run_of("lora", rank=4, lr=2e-3, dropout=0.0)
-    model = registry.get("lora").apply(model, run)
+    model = registry.get("lora").apply(model, run).model
     assert trainable_count(model) == 4 * 30 * (2 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536))
     batch = collate(examples[:4], pad_id=0)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=run.lr)

@@ -22,7 +22,7 @@ def test_spectral_r_rotations_stay_orthogonal(tiny_dir, examples):
         Q = cayley(torch.randn(r, r, generator=g) * 5)
         assert torch.allclose(Q.T @ Q, torch.eye(r), atol=1e-5)
     run = run_of("spectral-r", rank=8, lr=0.2)  # large steps: the rotations move far from I
-    model = registry.get("spectral-r").apply(load(tiny_dir), run).train()
+    model = registry.get("spectral-r").apply(load(tiny_dir), run).model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=run.lr)
     batch = collate(examples[:4], pad_id=0)
     for _ in range(3):
@@ -42,7 +42,7 @@ def test_spectral_r_rotations_stay_orthogonal(tiny_dir, examples):
 
 
 def test_spectral_sign_convention_is_stored(tiny_dir):
-    model = registry.get("spectral-a").apply(load(tiny_dir), run_of("spectral-a"))
+    model = registry.get("spectral-a").apply(load(tiny_dir), run_of("spectral-a")).model
     sd = model.state_dict()
     U = sd["model.layers.0.self_attn.q_proj.spectral_U"]
     assert "model.layers.0.self_attn.q_proj.spectral_V" in sd

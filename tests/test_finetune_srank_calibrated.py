@@ -8,7 +8,7 @@ import torch
 
 from finetune_kit import TINY_SHAPES, L, train_tiny, load, run_of
 from llmscape.finetune.common import Context, linear_shapes
-from llmscape.finetune.merge import load_weights
+from llmscape.adapters import load_weights
 from llmscape.finetune.train import Preempted
 
 
@@ -31,7 +31,7 @@ def test_srank_selection_follows_direction(tiny_dir):
     pq = Path(tiny_dir) / "base.parquet"
     pd.DataFrame(dict(model="tiny", variant="base", name=[n + ".weight" for n in names],
                       stable_rank=[float(i) for i in range(len(names))])).to_parquet(pq)
-    sr2 = m.stable_ranks(names, Context(stable_ranks=pq))
+    sr2 = m.stable_ranks(names, Context(inputs={"sranks": str(pq)}))
     assert sr2[names[3]] == 3.0
 
 

@@ -23,7 +23,7 @@ import torch
 
 from finetune_kit import ROOT, TINY_SHAPES, assert_same_training, job_spec_tiny, run_of
 from llmscape.finetune.launch import run_job
-from llmscape.finetune.merge import load_weights, read_adapter
+from llmscape.adapters import load_weights, read_adapter
 from llmscape.finetune.train import Preempted
 
 pytest.importorskip("deepspeed")

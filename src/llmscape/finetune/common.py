@@ -39,11 +39,15 @@ class RunSpec:
 
 @dataclass
 class Context:
-    """Files a method may read, besides the model."""
+    """Files a method reads besides the model: the paths of its declared ``inputs`` (method.py), under the
+    names it declared them with. Nothing here knows which method reads what."""
 
-    adaptive_ranks: str | Path | None = None  # spectra stage: adaptive_ranks.json
-    stable_ranks: str | Path | None = None  # spectra stage: base.parquet (stable_rank per matrix)
-    weights: Any = None  # callable name -> weight tensor (for srank fallback before the model is built)
+    inputs: dict[str, str] = field(default_factory=dict)
+
+    def path(self, name: str) -> Path | None:
+        """The file declared as ``name``, or None when the run has none."""
+        value = self.inputs.get(name)
+        return Path(value) if value else None
 
 
 def component(name: str) -> str:
@@ -138,6 +142,55 @@ def default_param_groups(model, lr: float, weight_decay: float = 0.0) -> list[di
     groups = [dict(params=decay, lr=lr, weight_decay=weight_decay, name="matrices"),
               dict(params=no_decay, lr=lr, weight_decay=0.0, name="vectors")]
     return [g for g in groups if g["params"]]
+
+
+class LoraParts:
+    """The update source of a peft LoRA layer (adapters.UpdateSource): every adapter's A, B and scaling."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def update_tensors(self) -> list:
+        return [m[ad].weight for ad in self.layer.lora_A for m in (self.layer.lora_A, self.layer.lora_B)]
+
+    def update_parts(self) -> dict:
+        import torch
+
+        parts, mod = {}, self.layer
+        for i, ad in enumerate(mod.lora_A):
+            parts[f"lora_A.{i}"] = mod.lora_A[ad].weight.detach().float().cpu().clone()
+            parts[f"lora_B.{i}"] = mod.lora_B[ad].weight.detach().float().cpu().clone()
+            parts[f"lora_scaling.{i}"] = torch.tensor(float(mod.scaling[ad]), dtype=torch.float64)
+        return parts
+
+
+class WholeTensor:
+    """The update source of a parameter trained whole: the tensor replaces the base's."""
+
+    def __init__(self, param):
+        self.param = param
+
+    def update_tensors(self) -> list:
+        return [self.param]
+
+    def update_parts(self) -> dict:
+        return {"full": self.param.detach().float().cpu().clone()}
+
+
+def lora_layers(model) -> list[tuple[str, LoraParts]]:
+    """(base tensor name, update source) of every peft LoRA layer of ``model``."""
+    from peft.tuners.lora import LoraLayer
+
+    return [(clean_name(n) + ".weight", LoraParts(m)) for n, m in model.named_modules()
+            if isinstance(m, LoraLayer) and hasattr(m, "lora_A")]
+
+
+def whole_tensors(model, params=None) -> list[tuple[str, WholeTensor]]:
+    """(base tensor name, update source) of the parameters trained whole: ``params`` (default: those
+    trainable now)."""
+    wanted = None if params is None else {id(p) for p in params}
+    return [(clean_name(n), WholeTensor(p)) for n, p in model.named_parameters()
+            if (p.requires_grad if wanted is None else id(p) in wanted)]
 
 
 def freeze_all(model) -> None:

@@ -108,17 +108,18 @@ def expand(ft: dict) -> dict[str, RunSpec]:
     return runs
 
 
-def validate(runs: dict[str, RunSpec], shapes: dict | None, ctx: Context | None = None,
-             adaptive_producible: bool = False) -> None:
+def validate(runs: dict[str, RunSpec], shapes: dict | None, context=None, producible=None) -> None:
     """Checks that need the model's shapes (ranks vs matrices, target names) and the input files.
 
-    ``adaptive_producible``: the workflow has a rule that writes the default adaptive-rank file, so its
-    absence now is not an error (the DAG will make it first)."""
+    ``context(run)``: the run's :class:`Context` (its method's declared input files; default: none).
+    ``producible(path)``: a rule of the workflow writes ``path``, so its absence now is not an error (the
+    DAG makes it first; default: nothing is)."""
     for name, run in runs.items():
         m = registry.get(run.method)
+        ctx = context(run) if context is not None else Context()
         try:
             if m.check_inputs is not None:
-                m.check_inputs(run, ctx, adaptive_producible)
+                m.check_inputs(run, ctx, producible or (lambda path: False))
             if shapes is not None:
                 m.targets(shapes, run, ctx)
         except FinetuneError as e:

@@ -24,28 +24,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..rulekit import record_imports
+from .common import Context, RunSpec
+from .train import Preempted, resolve_mixed_precision, train
+
 log = logging.getLogger("llmscape.finetune")
 
 SRC = Path(__file__).resolve().parents[2]  # the checkout's src/, put on the workers' PYTHONPATH
+METHOD_INPUT = "method_"  # the rule's inputs named method_<name> are the files the method declared as <name>
 
 
-def job_spec(run: dict, *, base_path, data_dir, out_dir, train_cfg: dict, eval_cfg: dict, stable_ranks=None,
-             adaptive_ranks=None, run_name: str, data_split: str, eval_split: str,
-             trust_remote_code: bool = False, stop_after: int | None = None) -> dict:
-    """Everything :func:`train` needs, as JSON-able data."""
+def job_spec(run: dict, *, base_path, data_dir, out_dir, train_cfg: dict, eval_cfg: dict, inputs: dict | None = None,
+             run_name: str, data_split: str, eval_split: str, trust_remote_code: bool = False,
+             stop_after: int | None = None) -> dict:
+    """Everything :func:`train` needs, as JSON-able data. ``inputs``: the files the run's method declared
+    (name -> path, ``Method.inputs``), passed on as they are."""
     return dict(run=run, base_path=str(base_path), data_dir=str(data_dir), out_dir=str(out_dir),
                 train_cfg=dict(train_cfg), eval_cfg=dict(eval_cfg),
-                stable_ranks=str(stable_ranks) if stable_ranks else None,
-                adaptive_ranks=str(adaptive_ranks) if adaptive_ranks else None, run_name=run_name,
+                inputs={str(k): str(v) for k, v in (inputs or {}).items()}, run_name=run_name,
                 data_split=data_split, eval_split=eval_split, trust_remote_code=bool(trust_remote_code),
                 stop_after=stop_after)
 
 
 def train_from_spec(spec: dict) -> dict | None:
-    from .common import Context, RunSpec
-    from .train import train
-
-    ctx = Context(adaptive_ranks=spec["adaptive_ranks"], stable_ranks=spec["stable_ranks"])
+    ctx = Context(inputs=dict(spec["inputs"]))
     return train(RunSpec(**spec["run"]), base_path=spec["base_path"], data_dir=spec["data_dir"],
                  out_dir=spec["out_dir"], train_cfg=spec["train_cfg"], eval_cfg=spec["eval_cfg"], ctx=ctx,
                  run_name=spec["run_name"], data_split=spec["data_split"], eval_split=spec["eval_split"],
@@ -89,8 +91,6 @@ def run_job(spec: dict, num_processes: int = 1, *, threads: int = 1, port: int |
 
     Raises :class:`llmscape.finetune.train.Preempted` when the workers stopped on SIGTERM after saving
     their state, and RuntimeError when the launch failed otherwise (its output is in the rule's log)."""
-    from .train import Preempted, resolve_mixed_precision
-
     n = int(num_processes)
     if n <= 1:
         if spec["train_cfg"].get("deepspeed"):
@@ -135,8 +135,6 @@ def run_job(spec: dict, num_processes: int = 1, *, threads: int = 1, port: int |
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .train import Preempted
-
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: accelerate launch ... -m llmscape.finetune.launch JOB.json", file=sys.stderr)
@@ -144,8 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, force=True,
                         format=f"%(asctime)s %(levelname)s rank {os.environ.get('RANK', '?')} %(name)s: %(message)s")
     spec = json.loads(Path(argv[0]).read_text())
-    from ..rulekit import record_imports
-
     record_imports("finetune")  # a worker of the finetune rule: its imports count for envs/finetune.yaml
     try:
         train_from_spec(spec)

@@ -3,8 +3,17 @@
 A method is one folder (``lora/``, ``spectral_a/``, ...) in the manner of peft's tuners: a typed
 ``Options`` dataclass (its options, their defaults and their ranges), the layer where it has one, the
 functions that apply it to a model, and a :class:`Method` object that the registry maps its name to.
-Nothing outside the folder names a method: the grid, the workflow and ``train`` only call the hooks
-below, and a method adds itself with :func:`llmscape.finetune.registry.register`.
+Nothing outside the folder names a method: the grid, the workflow, the launcher, ``train`` and the merge
+only call the hooks below and pass on what they return, and a method adds itself with
+:func:`llmscape.finetune.registry.register`.
+
+What a method declares, and who passes it on:
+
+* the files it reads (``inputs``: name -> path). The workflow makes them the rule's inputs, the job
+  description carries them, and the method finds them in :attr:`Context.inputs` under its own names.
+* what it adds to training (:class:`Applied`, returned by ``apply``): the model, the trained layers with
+  the updates they make (each layer type computes its own, :class:`llmscape.adapters.UpdateSource`) and
+  its :class:`Session`.
 
 ``shapes`` maps every ``nn.Linear`` module name (without any peft prefix) to ``(out, in)``; it can be
 built from a meta-device model at DAG-build time, so a method's checks run before any job is submitted.
@@ -13,7 +22,7 @@ built from a meta-device model at DAG-build time, so a method's checks run befor
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .common import FinetuneError
@@ -48,6 +57,18 @@ class Session:
         return {}
 
 
+@dataclass
+class Applied:
+    """What ``apply`` gives training: the model ready to train (only the method's parameters trainable),
+    the base tensors it updates with the source of each update (``(name, UpdateSource)`` pairs: what the
+    adapters and merged copies are written from, and whose buffers the resume state keeps) and its
+    session."""
+
+    model: Any
+    trained: list = field(default_factory=list)
+    session: Session = field(default_factory=Session)
+
+
 @dataclass(frozen=True)
 class Method:
     """One fine-tuning method as the registry holds it.
@@ -59,13 +80,13 @@ class Method:
     targets              (shapes, run, ctx) -> names of the Linear modules it adapts
     expected_trainable   (shapes, run, ctx) -> its trainable-parameter count from the formula, or None when
                          it is known only once the weights are read (then its session gives it)
-    apply                (model, run, ctx) -> the model ready to train (only its parameters trainable)
+    apply                (model, run, ctx) -> :class:`Applied`
     param_groups         (model, run, weight_decay) -> optimiser groups (None: one lr, no decay on 1-D)
-    session              (model, run) -> a :class:`Session` for what it does during training, or None
     inputs               (run, model, ft) -> {name: path} of result files its job reads (the rule's inputs;
-                         ``ft`` the finetune config section, ``model`` the model label)
+                         ``ft`` the finetune config section, ``model`` the model label); the job finds them
+                         in ``ctx.inputs`` under the same names
     check_inputs         (run, ctx, producible) -> None; raises when a file it needs is missing and no
-                         rule makes it (``producible``: the workflow makes the default file)
+                         rule makes it (``producible(path)``: a rule of the workflow makes ``path``)
     launch_constraint    (run) -> why this run cannot use several processes or DeepSpeed, or None
     """
 
@@ -76,10 +97,13 @@ class Method:
     expected_trainable: Callable[..., int | None]
     apply: Callable[..., Any]
     param_groups: Callable[..., list[dict]] | None = None
-    session: Callable[..., Session | None] | None = None
     inputs: Callable[..., dict[str, str]] | None = None
     check_inputs: Callable[..., None] | None = None
     launch_constraint: Callable[..., str | None] | None = None
+
+    def input_files(self, run, model: str, ft: dict) -> dict[str, str]:
+        """The result files ``run`` reads (its ``inputs``), by the names the method looks them up under."""
+        return dict(self.inputs(run, model, ft)) if self.inputs is not None else {}
 
     @property
     def defaults(self) -> dict:

@@ -1,4 +1,5 @@
-"""Method name -> :class:`~llmscape.finetune.method.Method` (each method's folder builds its own entry).
+"""Method name -> :class:`~llmscape.finetune.method.Method` (each method's folder builds its own entry;
+the folders are found, not listed).
 
 A method outside this package (a test's toy method, a researcher's experiment) is added with
 :func:`register`; from then on the grid, the workflow and ``train`` treat it as any other."""
@@ -7,8 +8,11 @@ from __future__ import annotations
 
 import difflib
 
-from . import attn_qv, lora, lora_adaptive, spectral_a, spectral_r, srank_calibrated
-from .common import FinetuneError, default_param_groups
+import importlib
+import pkgutil
+from pathlib import Path
+
+from .common import Context, FinetuneError, default_param_groups
 from .method import Method
 
 METHODS: dict[str, Method] = {}
@@ -22,8 +26,16 @@ def register(method: Method) -> Method:
     return method
 
 
-for _pkg in (lora, lora_adaptive, attn_qv, spectral_a, spectral_r, srank_calibrated):
-    register(_pkg.METHOD)
+def _register_folders() -> None:
+    """Every sub-package of this package that defines ``METHOD`` is a method: adding a folder adds it."""
+    for info in sorted(pkgutil.iter_modules([str(Path(__file__).parent)]), key=lambda i: i.name):
+        if info.ispkg:
+            pkg = importlib.import_module(f"{__package__}.{info.name}")
+            if isinstance(getattr(pkg, "METHOD", None), Method):
+                register(pkg.METHOD)
+
+
+_register_folders()
 
 
 def get(name: str) -> Method:
@@ -41,3 +53,9 @@ def param_groups(model, run, weight_decay: float = 0.0) -> list[dict]:
     if m.param_groups is not None:
         return m.param_groups(model, run, weight_decay)
     return default_param_groups(model, run.lr, weight_decay)
+
+
+def context(run, model: str, ft: dict) -> Context:
+    """The :class:`Context` of ``run``: the files its method declared (``Method.inputs``), for ``model``
+    (the model label) under the finetune config section ``ft``."""
+    return Context(inputs=get(run.method).input_files(run, model, ft))

@@ -61,6 +61,16 @@ class SpectralLinear(nn.Module):
     def factors(self):
         raise NotImplementedError
 
+    def update_tensors(self) -> list:
+        """Its trained parameters (adapters.UpdateSource): the base layer's weight is not read."""
+        return [p for n, p in self.named_parameters() if not n.startswith("base_layer.")]
+
+    def update_parts(self) -> dict:
+        """The stored triplets U, S, V and the trained ones U2, S2, V2 (fp32, CPU)."""
+        U2, S2, V2 = (t.detach().float().cpu().clone() for t in self.factors())
+        return dict(U=self.spectral_U.float().cpu().clone(), S=self.spectral_S.float().cpu().clone(),
+                    V=self.spectral_V.float().cpu().clone(), U2=U2, S2=S2, V2=V2)
+
     @staticmethod
     def _path(x, U, S, V):
         return ((x @ V.to(x.dtype)) * S.to(x.dtype)) @ U.T.to(x.dtype)
@@ -72,7 +82,12 @@ class SpectralLinear(nn.Module):
         return y + delta.to(y.dtype)
 
 
-def wrap(model, names, make) -> None:
-    """Replace each named nn.Linear by ``make(linear)``."""
+def wrap(model, names, make) -> list[tuple[str, SpectralLinear]]:
+    """Replace each named nn.Linear by ``make(linear)``; returns (base tensor name, new layer) pairs, the
+    update sources of the method's :class:`~llmscape.finetune.method.Applied`."""
+    out = []
     for n in names:
-        replace_module(model, n, make(model.get_submodule(n)))
+        layer = make(model.get_submodule(n))
+        replace_module(model, n, layer)
+        out.append((n + ".weight", layer))
+    return out

@@ -25,8 +25,10 @@ import resource
 import shutil
 import signal
 import time
+import contextlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +40,7 @@ from .common import Context, FinetuneError, RunSpec, linear_shapes, trainable_co
 from .data import answer_loss, batch_order, collate, encode, load_rows, split_validation
 from .evaluate import score
 from .merge import save_weights
-from .method import Session
+from .method import Applied
 
 log = logging.getLogger("llmscape.finetune")
 
@@ -155,11 +157,70 @@ def _open_session(run: RunSpec, tc: dict, out_dir: Path):
 
 
 @dataclass
+class _Job:
+    """One job's settings and places: train()'s arguments with the defaults filled in."""
+
+    run: RunSpec
+    tc: dict
+    ec: dict
+    base_path: Path
+    data_dir: Any
+    out_dir: Path
+    ctx: Context
+    name: str
+    data_split: Any
+    eval_split: Any
+    trust_remote_code: bool
+    stop_after: int | None
+
+    @property
+    def work(self) -> Path:
+        return self.out_dir / ".work"
+
+    @property
+    def state_root(self) -> Path:
+        return self.work / "state"
+
+    @property
+    def ckpt_work(self) -> Path:
+        return self.work / "checkpoints"
+
+
+@dataclass
+class _Data:
+    """The tokenizer and the encoded training and validation examples."""
+
+    tok: Any
+    pad_id: int
+    n_train_rows: int
+    n_val_rows: int
+    train_ex: list
+    val_ex: list
+
+
+def _load_data(job: _Job) -> _Data:
+    """The training split, less the validation rows, encoded as answer-letter examples."""
+    from transformers import AutoTokenizer
+
+    tc = job.tc
+    tok = AutoTokenizer.from_pretrained(job.base_path, trust_remote_code=job.trust_remote_code)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    rows = load_rows(job.data_dir, job.data_split)
+    train_rows, val_rows = split_validation(rows, tc["val_rows"])
+    if len(train_rows) == 0:
+        raise FinetuneError(f"no training rows in split {job.data_split!r} of {job.data_dir}. Fix: a larger "
+                            "data.finetune_per_subject (or null), or fewer finetune.train.val_rows.")
+    return _Data(tok, pad_id, len(train_rows), len(val_rows), encode(train_rows, tok, tc["header"], tc["max_length"]),
+                 encode(val_rows, tok, tc["header"], tc["max_length"]))
+
+
+@dataclass
 class _Prepared:
     """The model with its method applied, and what train() needs to know about it."""
 
     model: object
     session: object  # the method's Session (a no-op one when it has none)
+    trained: list  # (base tensor name, update source): what the weights are written from
     groups: list
     expected: int | None
     n_trainable: int
@@ -167,41 +228,114 @@ class _Prepared:
     load_dtype: str
 
 
-def _prepare_model(run: RunSpec, ctx, base_path: Path, tc: dict, cuda: bool, acc, ds,
-                   trust_remote_code: bool) -> _Prepared:
-    """Load the base model, apply the method, build its optimiser groups and check the trainable count
-    against the method's formula."""
+def _load_base(job: _Job, cuda: bool, acc):
+    """The base model for training: bf16 frozen weights on CUDA (``load_dtype: auto``), fp32 on CPU."""
     from transformers import AutoModelForCausalLM
 
-    method = registry.get(run.method)
-    load_dtype = tc["load_dtype"]
+    load_dtype = job.tc["load_dtype"]
     if load_dtype == "auto":
         load_dtype = "bfloat16" if cuda else "float32"
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, load_dtype),
-                                                 trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(job.base_path, dtype=getattr(torch, load_dtype),
+                                                 trust_remote_code=job.trust_remote_code)
     model.config.use_cache = False
     model.to(acc.device)  # spectral SVDs run where the weights are
+    return model, load_dtype
+
+
+def _check_sources(applied: Applied, method: str) -> None:
+    """Every trainable parameter must reach the written weights through one of the method's update
+    sources; one that does not would train and then be lost."""
+    covered = {id(t) for _, src in applied.trained for t in src.update_tensors()}
+    lost = [n for n, p in applied.model.named_parameters() if p.requires_grad and id(p) not in covered]
+    if lost:
+        raise FinetuneError(f"{method}: trainable parameter(s) {lost[:3]} are in no update source of the method, "
+                            "so their training would not reach the saved weights. Fix: its apply() must list them "
+                            "in Applied.trained (common.whole_tensors for tensors trained whole).")
+
+
+def _trainable_fp32(model) -> None:
+    """Trainable tensors in fp32 (mixed precision computes in bf16); a ZeRO-3 one keeps DeepSpeed's."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32 and not is_partitioned(p):
+            p.data = p.data.float()
+
+
+def _prepare_model(job: _Job, cuda: bool, acc, ds) -> _Prepared:
+    """Load the base model, apply the method, build its optimiser groups and check the trainable count
+    against the method's formula."""
+    run = job.run
+    method = registry.get(run.method)
+    model, load_dtype = _load_base(job, cuda, acc)
     shapes = linear_shapes(model)
-    expected = method.expected_trainable(shapes, run, ctx)
-    model = method.apply(model, run, ctx)
-    session = (method.session(model, run) if method.session is not None else None) or Session()
+    expected = method.expected_trainable(shapes, run, job.ctx)
+    applied = method.apply(model, run, job.ctx)
+    model, session = applied.model, applied.session
     expected = session.expected_trainable(shapes, expected)  # some methods know it only once applied
     if session.single_process and (acc.num_processes > 1 or ds is not None):
         raise FinetuneError(f"{run.method}: {session.single_process}")
     session.before_optimizer()
-    for p in model.parameters():  # trainable tensors in fp32 (mixed precision computes in bf16); a ZeRO-3
-        if p.requires_grad and p.dtype != torch.float32 and not is_partitioned(p):  # one: DeepSpeed's precision
-            p.data = p.data.float()
-    groups = registry.param_groups(model, run, float(tc["weight_decay"]))
+    _check_sources(applied, run.method)
+    _trainable_fp32(model)
+    groups = registry.param_groups(model, run, float(job.tc["weight_decay"]))
     session.after_param_groups()
     n_trainable = trainable_count(model)
     if expected is not None and n_trainable != expected:
         raise FinetuneError(f"{run.method}: {n_trainable} trainable parameters, the formula says {expected}")
-    if tc["gradient_checkpointing"]:
+    if job.tc["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    return _Prepared(model, session, groups, expected, n_trainable, sum(full_numel(p) for p in model.parameters()),
-                     load_dtype)
+    return _Prepared(model, session, applied.trained, groups, expected, n_trainable,
+                     sum(full_numel(p) for p in model.parameters()), load_dtype)
+
+
+@dataclass
+class _Loop:
+    """What the step loop works on and keeps: the prepared model, optimiser and schedule, the state."""
+
+    acc: Any
+    ds: Any
+    model: Any  # as accelerate prepared it (DDP or DeepSpeed engine around the model)
+    opt: Any
+    sched: Any
+    state: TrainState
+    prep: _Prepared
+    data: _Data
+    max_steps: int
+    ckpt_steps: list
+    t0: float = field(default_factory=time.time)  # start of this attempt's wall time not yet in state
+    train_t: float = 0.0  # step time of this attempt not yet in state
+
+
+def _resume_keys(model, prep: _Prepared) -> set[str]:
+    """The state-dict keys a resume state keeps: the tensors the optimiser changes and the buffers of the
+    layers that make the updates (a spectral adapter's stored SVD); frozen ones come from the base folder."""
+    in_opt = {id(p) for g in prep.groups for p in g["params"]}
+    owned = {id(b) for _, src in prep.trained if isinstance(src, torch.nn.Module) for b in src.buffers()}
+    return ({n for n, p in model.named_parameters() if id(p) in in_opt}
+            | {n for n, b in model.named_buffers() if id(b) in owned})
+
+
+def _make_loop(acc, ds, job: _Job, data: _Data, prep: _Prepared) -> _Loop:
+    """AdamW with warmup and cosine decay, prepared by accelerate; the state and the method's session
+    objects registered for the resume state, which (without DeepSpeed) keeps only :func:`_resume_keys`."""
+    tc = job.tc
+    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in prep.groups], lr=job.run.lr)
+    max_steps = int(tc["max_steps"])
+    warm = warmup_of(max_steps, tc["warmup_steps"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, max_steps, warm, float(tc["lr_min_factor"])))
+    model, opt = acc.prepare(prep.model, opt)
+    state = TrainState()
+    acc.register_for_checkpointing(state, sched, *prep.session.checkpoint_objects())
+    keep = _resume_keys(acc.unwrap_model(model), prep)
+
+    def _trim(models, weights, output_dir):
+        for i in range(len(weights)):  # DDP's keys carry a "module." prefix
+            weights[i] = {k: v for k, v in weights[i].items() if k.removeprefix("module.") in keep}
+
+    if ds is None:
+        acc.register_save_state_pre_hook(_trim)
+    return _Loop(acc, ds, model, opt, sched, state, prep, data, max_steps,
+                 checkpoint_steps(max_steps, int(tc["n_checkpoints"])))
 
 
 def _resume_point(acc, run: RunSpec, tc: dict, out_dir: Path, work: Path, state_root: Path) -> Path | None:
@@ -222,6 +356,161 @@ def _resume_point(acc, run: RunSpec, tc: dict, out_dir: Path, work: Path, state_
         shutil.rmtree(out_dir / "tb", ignore_errors=True)  # run appends to the curves of its first attempt
     acc.wait_for_everyone()
     return latest
+
+
+def _resume(loop: _Loop, job: _Job) -> None:
+    """Continue from the saved state of the same run and settings, if there is one."""
+    acc = loop.acc
+    latest = _resume_point(acc, job.run, job.tc, job.out_dir, job.work, job.state_root)
+    if latest is not None:
+        # the saved state has only the trained tensors (frozen ones come from the base folder)
+        acc.load_state(str(latest), **(dict(load_module_strict=False) if loop.ds is not None else dict(strict=False)))
+        log.info("resumed from %s (step %d)", latest, loop.state.step)
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """A flag that SIGTERM (Slurm preemption) sets, for the loop to stop at the next step boundary."""
+    stop = {"flag": False}
+    prev = None
+    if hasattr(signal, "SIGTERM"):
+        try:
+            prev = signal.signal(signal.SIGTERM, lambda *a: stop.__setitem__("flag", True))
+        except ValueError:  # not in the main thread
+            prev = None
+    try:
+        yield stop
+    finally:
+        if prev is not None:
+            signal.signal(signal.SIGTERM, prev)
+
+
+def _hparams(job: _Job, loop: _Loop) -> dict:
+    run, tc = job.run, job.tc
+    return dict(method=run.method, lr=run.lr, seed=run.seed, rank=run.rank or 0,
+                value_lr_ratio=run.value_lr_ratio or 0.0, max_steps=loop.max_steps, batch_size=tc["batch_size"],
+                grad_accum=tc["grad_accum"], trainable=loop.prep.n_trainable)
+
+
+def _to(batch: dict, dev) -> dict:
+    return {k: v.to(dev) for k, v in batch.items()}
+
+
+def _train_step(loop: _Loop, job: _Job) -> tuple[float, int]:
+    """One optimiser step over this process's share of the global batch: (mean loss, tokens)."""
+    acc, tc, ex_all = loop.acc, job.tc, loop.data.train_ex
+    micro, accum = int(tc["batch_size"]), int(tc["grad_accum"])
+    idx = batch_order(len(ex_all), loop.state.step, micro * accum * acc.num_processes, job.run.seed)
+    mine = idx[acc.process_index * micro * accum: (acc.process_index + 1) * micro * accum]
+    step_loss, step_tokens = 0.0, 0
+    for a in range(accum):
+        batch = _to(collate([ex_all[i] for i in mine[a * micro: (a + 1) * micro]], loop.data.pad_id), acc.device)
+        with acc.accumulate(loop.model):
+            with acc.autocast():
+                loss, _ = answer_loss(loop.model, batch)
+            acc.backward(loss)
+            if acc.sync_gradients and tc["max_grad_norm"] and loop.ds is None:
+                acc.clip_grad_norm_(loop.model.parameters(), float(tc["max_grad_norm"]))
+            loop.opt.step()
+            loop.opt.zero_grad(set_to_none=True)
+        step_loss += float(loss.detach()) / accum
+        step_tokens += int(batch["attention_mask"].sum())
+    return step_loss, step_tokens
+
+
+def _agree(loop: _Loop, loss: float, tokens: int, stop_now: bool) -> tuple[float, int, bool]:
+    """With several processes: the global batch's loss and tokens, and one stop decision for all."""
+    world = loop.acc.num_processes
+    if world == 1:
+        return loss, tokens, stop_now
+    agg = loop.acc.reduce(torch.tensor([loss, float(tokens), float(stop_now)], device=loop.acc.device,
+                                       dtype=torch.float64), "sum")
+    return float(agg[0]) / world, int(agg[1]), bool(agg[2] > 0)
+
+
+@torch.no_grad()
+def _val_loss(loop: _Loop, micro: int) -> float:
+    """Mean answer loss over the validation examples (NaN without any)."""
+    val_ex = loop.data.val_ex
+    if not val_ex:
+        return float("nan")
+    acc = loop.acc
+    m = acc.unwrap_model(loop.model) if loop.ds is None else loop.model
+    was = m.training
+    m.eval()
+    tot, n = 0.0, 0
+    for s in range(0, len(val_ex), micro):
+        with acc.autocast():
+            loss, k = answer_loss(m, _to(collate(val_ex[s: s + micro], loop.data.pad_id), acc.device))
+        tot += float(loss) * k
+        n += k
+    m.train(was)
+    return tot / max(n, 1)
+
+
+def _record(loop: _Loop, loss: float, tokens: int, lr_now: float, t0: float) -> None:
+    """The step in the state, the log and TensorBoard; the method's per-step hook."""
+    st, acc = loop.state, loop.acc
+    st.step += 1
+    st.tokens += tokens
+    st.train.append([st.step, loss, lr_now])
+    if acc.is_main_process:
+        log.info("step %d/%d: train loss %.4f, lr %.3g, %d tokens, %.0f tokens/s", st.step, loop.max_steps,
+                 loss, lr_now, tokens, tokens / max(time.time() - t0, 1e-9))
+    loop.prep.session.after_step(st.step)
+    acc.log({"train/loss": loss, "train/lr": lr_now}, step=st.step)
+
+
+def _validate_and_checkpoint(loop: _Loop, job: _Job, loss: float) -> None:
+    """Validation every ``eval_every`` steps, at the end and at every checkpoint step (the join's
+    generalisation gap of a checkpoint needs it); the checkpoint's weights at its step."""
+    st, acc = loop.state, loop.acc
+    if st.step % int(job.tc["eval_every"]) == 0 or st.step == loop.max_steps or st.step in loop.ckpt_steps:
+        v = _val_loss(loop, int(job.tc["batch_size"]))
+        st.val.append([st.step, v])
+        acc.log({"val/loss": v}, step=st.step)
+        log.info("step %d train %.4f val %.4f", st.step, loss, v)
+    if st.step in loop.ckpt_steps:
+        save_weights(loop.prep.trained, job.base_path, job.ckpt_work / f"step_{st.step}", job.tc["checkpoint_format"],
+                     acc.is_main_process, extra=dict(run=job.name, step=st.step, base=str(job.base_path)))
+
+
+def _bank_time(loop: _Loop) -> None:
+    """Move this attempt's elapsed wall and step time into the state (saved with it)."""
+    loop.state.wall_s += time.time() - loop.t0
+    loop.state.train_s += loop.train_t
+    loop.t0, loop.train_t = time.time(), 0.0
+
+
+def _save_or_stop(loop: _Loop, job: _Job, stop_now: bool) -> None:
+    """The resume state at checkpoint steps, every ``save_every`` steps and before stopping; on a stop,
+    the PREEMPTED mark (for a launching parent: a preemption, not a crash) and :class:`Preempted`."""
+    step, tc, acc = loop.state.step, job.tc, loop.acc
+    due = step in loop.ckpt_steps or (tc["save_every"] and step % int(tc["save_every"]) == 0) or stop_now
+    if due and step < loop.max_steps:
+        _bank_time(loop)
+        _save_state(acc, job.state_root, step, loop.ds is not None)
+    if stop_now:
+        if acc.is_main_process:
+            (job.work / "PREEMPTED").write_text(str(step))
+        raise Preempted(f"stopped after step {step}; state saved under {job.state_root}")
+
+
+def _run_steps(loop: _Loop, job: _Job, stop: dict) -> None:
+    """The training loop: step, agree across processes, record, validate, checkpoint, save or stop."""
+    loop.t0, loop.train_t = time.time(), 0.0
+    while loop.state.step < loop.max_steps:
+        t0 = time.time()
+        loss, tokens = _train_step(loop, job)
+        stop_now = stop["flag"] or job.stop_after == loop.state.step + 1
+        loss, tokens, stop_now = _agree(loop, loss, tokens, stop_now)
+        lr_now = loop.opt.param_groups[0]["lr"]
+        loop.sched.step()
+        loop.train_t += time.time() - t0
+        _record(loop, loss, tokens, lr_now, t0)
+        _validate_and_checkpoint(loop, job, loss)
+        _save_or_stop(loop, job, stop_now)
+    _bank_time(loop)
 
 
 def _save_state(acc, state_root: Path, step: int, deepspeed: bool = False) -> None:
@@ -270,196 +559,70 @@ def _publish_checkpoints(out_dir: Path, ckpt_work: Path, ckpt_steps: list[int]) 
             os.replace(src, dst)
 
 
-def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None = None, eval_cfg: dict | None = None,
-          ctx: Context | None = None, run_name: str = "run", data_split: str = "finetune",
-          eval_split: str = "analysis", trust_remote_code: bool = False, stop_after: int | None = None) -> dict:
-    """Train ``run`` and write ``out_dir``/{metrics.json, weights/, checkpoints/}. Returns the metrics.
+def _metrics(loop: _Loop, job: _Job, accuracy: dict, weights: Path, mixed: str, t_start: float) -> dict:
+    """metrics.json: curves, accuracy, sizes, speed, memory, device and versions, and the method's own."""
+    st, prep, tc, dev = loop.state, loop.prep, job.tc, loop.acc.device
+    metrics = dict(
+        run=job.name, method=job.run.method, spec=asdict(job.run), train_config=tc, eval_config=job.ec,
+        train_loss=[dict(step=s, loss=l, lr=lr) for s, l, lr in st.train],
+        val_loss=[dict(step=s, loss=l) for s, l in st.val],
+        accuracy=accuracy, trainable_params=prep.n_trainable, total_params=prep.n_total,
+        trainable_share=prep.n_trainable / prep.n_total, expected_trainable=prep.expected,
+        param_groups=[dict(name=g["name"], lr=g["lr"], weight_decay=g["weight_decay"],
+                           n=sum(full_numel(p) for p in g["params"])) for g in prep.groups],
+        steps=st.step, tokens=st.tokens, train_time_s=st.train_s, wall_time_s=st.wall_s,
+        total_time_s=time.time() - t_start, tokens_per_s=st.tokens / max(st.train_s, 1e-9),
+        peak_memory_mb=_peak_memory_mb(dev), peak_memory_kind="cuda_allocated" if dev.type == "cuda" else "cpu_rss",
+        device=str(dev), world_size=loop.acc.num_processes, engine=type(loop.model).__name__, mixed_precision=mixed,
+        load_dtype=prep.load_dtype, deepspeed=str(tc["deepspeed"]) if tc["deepspeed"] else None,
+        checkpoints=[s for s in loop.ckpt_steps if (job.out_dir / "checkpoints" / f"step_{s}").exists()],
+        weights=str(weights), checkpoint_format=tc["checkpoint_format"], n_train_rows=loop.data.n_train_rows,
+        n_val_rows=loop.data.n_val_rows,
+        versions=package_versions(("llmscape", "torch", "transformers", "peft", "accelerate", "deepspeed",
+                                   "numpy", "tensorboard", "safetensors")),
+    )
+    metrics.update(prep.session.metrics(prep.n_trainable))  # what the method adds (it may restate the trainable count)
+    return metrics
 
-    The parts: the session (:func:`_open_session`), the data, the model with its method
-    (:func:`_prepare_model`), resume (:func:`_resume_point`), the loop below with its checkpoints and
-    resume states (:func:`_save_state`), then evaluation (:func:`_evaluate`) and the outputs."""
-    from transformers import AutoTokenizer
 
-    t_start = time.time()
-    tc = {**TRAIN_DEFAULTS, **(train_cfg or {})}
-    ec = {**EVAL_DEFAULTS, **(eval_cfg or {})}
-    out_dir, base_path = Path(out_dir), Path(base_path)
-    work = out_dir / ".work"
-    state_root, ckpt_work = work / "state", work / "checkpoints"
-    acc, ds, mixed, cuda = _open_session(run, tc, out_dir)
-    dev = acc.device
-
-    # data
-    tok = AutoTokenizer.from_pretrained(base_path, trust_remote_code=trust_remote_code)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    rows = load_rows(data_dir, data_split)
-    train_rows, val_rows = split_validation(rows, tc["val_rows"])
-    if len(train_rows) == 0:
-        raise FinetuneError(f"no training rows in split {data_split!r} of {data_dir}. Fix: a larger "
-                            "data.finetune_per_subject (or null), or fewer finetune.train.val_rows.")
-    train_ex = encode(train_rows, tok, tc["header"], tc["max_length"])
-    val_ex = encode(val_rows, tok, tc["header"], tc["max_length"])
-
-    # model + method
-    prep = _prepare_model(run, ctx, base_path, tc, cuda, acc, ds, trust_remote_code)
-    session, groups, n_trainable = prep.session, prep.groups, prep.n_trainable
-    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in groups], lr=run.lr)
-    max_steps = int(tc["max_steps"])
-    warm = warmup_of(max_steps, tc["warmup_steps"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, max_steps, warm, float(tc["lr_min_factor"])))
-    model, opt = acc.prepare(prep.model, opt)
-    state = TrainState()
-    acc.register_for_checkpointing(state, sched, *session.checkpoint_objects())
-    in_opt = {id(p) for g in groups for p in g["params"]}
-    keep = {n for n, p in acc.unwrap_model(model).named_parameters() if id(p) in in_opt}
-
-    def _trim(models, weights, output_dir):  # resume state holds only what training changes
-        for i in range(len(weights)):
-            weights[i] = {k: v for k, v in weights[i].items()  # DDP's keys carry a "module." prefix
-                          if k.removeprefix("module.") in keep or "spectral_" in k}
-
-    if ds is None:
-        acc.register_save_state_pre_hook(_trim)
-
-    latest = _resume_point(acc, run, tc, out_dir, work, state_root)
-    if latest is not None:
-        # the saved state has only the trained tensors (frozen ones come from the base folder)
-        acc.load_state(str(latest), **(dict(load_module_strict=False) if ds is not None else dict(strict=False)))
-        log.info("resumed from %s (step %d)", latest, state.step)
-
-    hparams = dict(method=run.method, lr=run.lr, seed=run.seed, rank=run.rank or 0,
-                   value_lr_ratio=run.value_lr_ratio or 0.0, max_steps=max_steps, batch_size=tc["batch_size"],
-                   grad_accum=tc["grad_accum"], trainable=n_trainable)
-    # SIGTERM from here on (the trackers start next, the loop right after) stops at the next step boundary
-    stop = {"flag": False}
-    prev = None
-    if hasattr(signal, "SIGTERM"):
-        try:
-            prev = signal.signal(signal.SIGTERM, lambda *a: stop.__setitem__("flag", True))
-        except ValueError:  # not in the main thread
-            prev = None
-    acc.init_trackers(run_name, config=hparams)
-
-    ckpt_steps = checkpoint_steps(max_steps, int(tc["n_checkpoints"]))
-    world = acc.num_processes
-    micro = int(tc["batch_size"])
-    accum = int(tc["grad_accum"])
-    global_batch = micro * accum * world
-
-    def to_dev(b):
-        return {k: v.to(dev) for k, v in b.items()}
-
-    @torch.no_grad()
-    def val_loss():
-        if not val_ex:
-            return float("nan")
-        m = acc.unwrap_model(model) if ds is None else model
-        was = m.training
-        m.eval()
-        tot, n = 0.0, 0
-        for s in range(0, len(val_ex), micro):
-            with acc.autocast():
-                loss, k = answer_loss(m, to_dev(collate(val_ex[s: s + micro], pad_id)))
-            tot += float(loss) * k
-            n += k
-        m.train(was)
-        return tot / max(n, 1)
-
-    session_t0 = time.time()
-    train_t = 0.0
-    try:
-        while state.step < max_steps:
-            step = state.step
-            t0 = time.time()
-            idx = batch_order(len(train_ex), step, global_batch, run.seed)
-            mine = idx[acc.process_index * micro * accum: (acc.process_index + 1) * micro * accum]
-            step_loss, step_tokens = 0.0, 0
-            for a in range(accum):
-                ex = [train_ex[i] for i in mine[a * micro: (a + 1) * micro]]
-                batch = to_dev(collate(ex, pad_id))
-                with acc.accumulate(model):
-                    with acc.autocast():
-                        loss, _ = answer_loss(model, batch)
-                    acc.backward(loss)
-                    if acc.sync_gradients and tc["max_grad_norm"] and ds is None:
-                        acc.clip_grad_norm_(model.parameters(), float(tc["max_grad_norm"]))
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                step_loss += float(loss.detach()) / accum
-                step_tokens += int(batch["attention_mask"].sum())
-            stop_now = stop["flag"] or stop_after == step + 1
-            if world > 1:  # the logged loss is the global batch's; all processes stop at the same step
-                agg = acc.reduce(torch.tensor([step_loss, float(step_tokens), float(stop_now)], device=dev,
-                                              dtype=torch.float64), "sum")
-                step_loss, step_tokens, stop_now = float(agg[0]) / world, int(agg[1]), bool(agg[2] > 0)
-            lr_now = opt.param_groups[0]["lr"]
-            sched.step()
-            train_t += time.time() - t0
-            state.step = step + 1
-            state.tokens += step_tokens
-            state.train.append([state.step, step_loss, lr_now])
-            if acc.is_main_process:
-                log.info("step %d/%d: train loss %.4f, lr %.3g, %d tokens, %.0f tokens/s", state.step, max_steps,
-                         step_loss, lr_now, step_tokens, step_tokens / max(time.time() - t0, 1e-9))
-            session.after_step(state.step)
-            acc.log({"train/loss": step_loss, "train/lr": lr_now}, step=state.step)
-            # also at every checkpoint step: the join's generalisation gap of a checkpoint needs it
-            if state.step % int(tc["eval_every"]) == 0 or state.step == max_steps or state.step in ckpt_steps:
-                v = val_loss()
-                state.val.append([state.step, v])
-                acc.log({"val/loss": v}, step=state.step)
-                log.info("step %d train %.4f val %.4f", state.step, step_loss, v)
-            if state.step in ckpt_steps:
-                save_weights(acc.unwrap_model(model), base_path, ckpt_work / f"step_{state.step}",
-                             tc["checkpoint_format"], acc, acc.is_main_process,
-                             extra=dict(run=run_name, step=state.step, base=str(base_path)))
-            want_save = (state.step in ckpt_steps or (tc["save_every"] and state.step % int(tc["save_every"]) == 0)
-                         or stop_now)
-            if want_save and state.step < max_steps:
-                state.wall_s += time.time() - session_t0
-                state.train_s += train_t
-                session_t0, train_t = time.time(), 0.0
-                _save_state(acc, state_root, state.step, ds is not None)
-            if stop_now:
-                if acc.is_main_process:  # tells a launching parent that this was a preemption, not a crash
-                    (work / "PREEMPTED").write_text(str(state.step))
-                raise Preempted(f"stopped after step {state.step}; state saved under {state_root}")
-    finally:
-        if prev is not None:
-            signal.signal(signal.SIGTERM, prev)
-    state.wall_s += time.time() - session_t0
-    state.train_s += train_t
-
-    # final: accuracy with extraction's scoring, the run's weights, checkpoints, metrics
-    acc_res = _evaluate(acc, model, ds, tok, data_dir, eval_split, ec)
-    weights = save_weights(acc.unwrap_model(model), base_path, out_dir / "weights", tc["checkpoint_format"], acc,
-                           acc.is_main_process, extra=dict(run=run_name, step=state.step, base=str(base_path)))
+def _finish(loop: _Loop, job: _Job, mixed: str, t_start: float) -> dict | None:
+    """Accuracy with extraction's scoring, the run's weights, the checkpoints published, the metrics
+    written and the resume state removed; the main process returns the metrics."""
+    acc = loop.acc
+    accuracy = _evaluate(acc, loop.model, loop.ds, loop.data.tok, job.data_dir, job.eval_split, job.ec)
+    weights = save_weights(loop.prep.trained, job.base_path, job.out_dir / "weights", job.tc["checkpoint_format"],
+                           acc.is_main_process, extra=dict(run=job.name, step=loop.state.step, base=str(job.base_path)))
     metrics = None
     if acc.is_main_process:
-        _publish_checkpoints(out_dir, ckpt_work, ckpt_steps)
-        metrics = dict(
-            run=run_name, method=run.method, spec=asdict(run),
-            train_config=tc, eval_config=ec,
-            train_loss=[dict(step=s, loss=l, lr=lr) for s, l, lr in state.train],
-            val_loss=[dict(step=s, loss=l) for s, l in state.val],
-            accuracy=acc_res, trainable_params=n_trainable, total_params=prep.n_total,
-            trainable_share=n_trainable / prep.n_total, expected_trainable=prep.expected,
-            param_groups=[dict(name=g["name"], lr=g["lr"], weight_decay=g["weight_decay"],
-                               n=sum(full_numel(p) for p in g["params"])) for g in groups],
-            steps=state.step, tokens=state.tokens, train_time_s=state.train_s, wall_time_s=state.wall_s,
-            total_time_s=time.time() - t_start, tokens_per_s=state.tokens / max(state.train_s, 1e-9),
-            peak_memory_mb=_peak_memory_mb(dev), peak_memory_kind="cuda_allocated" if dev.type == "cuda" else "cpu_rss",
-            device=str(dev), world_size=world, engine=type(model).__name__, mixed_precision=mixed,
-            load_dtype=prep.load_dtype, deepspeed=str(tc["deepspeed"]) if tc["deepspeed"] else None,
-            checkpoints=[s for s in ckpt_steps if (out_dir / "checkpoints" / f"step_{s}").exists()],
-            weights=str(weights), checkpoint_format=tc["checkpoint_format"], n_train_rows=len(train_rows),
-            n_val_rows=len(val_rows),
-            versions=package_versions(("llmscape", "torch", "transformers", "peft", "accelerate", "deepspeed",
-                                       "numpy", "tensorboard", "safetensors")),
-        )
-        metrics.update(session.metrics(n_trainable))  # what the method adds (it may restate the trainable count)
-        write_json(out_dir / "metrics.json", metrics)
-        shutil.rmtree(state_root, ignore_errors=True)  # finished: the resume state is no longer needed
+        _publish_checkpoints(job.out_dir, job.ckpt_work, loop.ckpt_steps)
+        metrics = _metrics(loop, job, accuracy, weights, mixed, t_start)
+        write_json(job.out_dir / "metrics.json", metrics)
+        shutil.rmtree(job.state_root, ignore_errors=True)  # finished: the resume state is no longer needed
     acc.wait_for_everyone()
     acc.end_training()  # closes the trackers (and, in accelerate 1.x, the process group): last
     return metrics
+
+
+def train(run: RunSpec, *, base_path, data_dir, out_dir, train_cfg: dict | None = None, eval_cfg: dict | None = None,
+          ctx: Context | None = None, run_name: str = "run", data_split: str = "finetune",
+          eval_split: str = "analysis", trust_remote_code: bool = False, stop_after: int | None = None) -> dict:
+    """Train ``run`` and write ``out_dir``/{metrics.json, weights/, checkpoints/}. Returns the metrics
+    (None on the processes other than the main one).
+
+    The phases, in order: the session (accelerator, DeepSpeed, seed), the data, the model with its method,
+    the loop's optimiser and schedule, resume, the steps (with validation, checkpoints, resume states and
+    SIGTERM), then the finish (evaluation, weights, metrics). ``ctx`` holds the files the method declared
+    (``Method.inputs``)."""
+    t_start = time.time()
+    job = _Job(run, {**TRAIN_DEFAULTS, **(train_cfg or {})}, {**EVAL_DEFAULTS, **(eval_cfg or {})}, Path(base_path),
+               data_dir, Path(out_dir), ctx or Context(), run_name, data_split, eval_split, trust_remote_code,
+               stop_after)
+    acc, ds, mixed, cuda = _open_session(run, job.tc, job.out_dir)
+    data = _load_data(job)
+    prep = _prepare_model(job, cuda, acc, ds)
+    loop = _make_loop(acc, ds, job, data, prep)
+    _resume(loop, job)
+    with _stop_on_sigterm() as stop:  # from here on SIGTERM stops at the next step boundary
+        acc.init_trackers(run_name, config=_hparams(job, loop))
+        _run_steps(loop, job, stop)
+    return _finish(loop, job, mixed, t_start)

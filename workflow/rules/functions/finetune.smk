@@ -6,14 +6,12 @@ from snakemake.exceptions import WorkflowError
 
 from llmscape.finetune import grid as ft_grid
 from llmscape.finetune import registry as ft_registry
-from llmscape.finetune.lora_adaptive.model import default_ranks_file
-from llmscape.finetune.common import Context as FtContext
 from llmscape.finetune.common import FinetuneError
+from llmscape.finetune.launch import METHOD_INPUT
 from llmscape.finetune.train import checkpoint_steps
 
 FT = config["finetune"]
 FT_DATA_DIR = FT["data"]["dir"]
-FT_ADAPTIVE = default_ranks_file(MODEL)  # written by the spectra stage
 try:
     FT_RUNS = ft_grid.expand(FT) if FT["enabled"] else {}
 except FinetuneError as e:
@@ -39,13 +37,16 @@ def _ft_model_shapes():
 
 
 def finetune_check():
-    """Grid checks that need the model's shapes and the other stages' rules; once per workflow."""
+    """Grid checks that need the model's shapes and the other stages' rules (a method's input file that a
+    rule makes need not exist yet); once per workflow."""
     if _FT_CHECKED or not FT_RUNS:
         return
-    producible = any(r.is_producer(FT_ADAPTIVE) for r in workflow.rules)
-    ctx = FtContext(adaptive_ranks=FT_ADAPTIVE)
+
+    def producible(path):
+        return any(r.is_producer(path) for r in workflow.rules)
+
     try:
-        ft_grid.validate(FT_RUNS, _ft_model_shapes(), ctx, adaptive_producible=producible)
+        ft_grid.validate(FT_RUNS, _ft_model_shapes(), lambda run: ft_registry.context(run, MODEL, FT), producible)
     except FinetuneError as e:
         raise WorkflowError(f"finetune config: {e}") from None
     _ft_check_launch()
@@ -133,7 +134,7 @@ def finetune_inputs(wildcards):
         train_index=f"{d}/{FT['data']['split']}_index.npy",
         eval_index=f"{d}/{FT['data']['eval_split']}_index.npy",
     )
-    method = ft_registry.get(run.method)
-    if method.inputs is not None:  # result files the method reads (adaptive ranks, stable ranks...)
-        inp.update(method.inputs(run, wildcards.model, FT))
+    # the files the method declared, as method_<name> (the job passes them on under <name>)
+    declared = ft_registry.get(run.method).input_files(run, wildcards.model, FT)
+    inp.update({METHOD_INPUT + k: v for k, v in declared.items()})
     return inp

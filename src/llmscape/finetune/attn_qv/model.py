@@ -3,9 +3,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...partitioned import full_ndim
-from ..common import (FinetuneError, check_rank, component, freeze_all, lora_config, lora_count, names_regex,
-                      select_targets)
-from ..method import check_choice, check_number
+from ..common import (FinetuneError, check_rank, component, freeze_all, linear_shapes, lora_config, lora_count,
+                      lora_layers, names_regex, select_targets, whole_tensors)
+from ..method import Applied, check_choice, check_number
 
 NAME = "attn-qv"
 AXES = ("lr", "rank", "value_lr_ratio", "seed")
@@ -50,21 +50,20 @@ def expected_trainable(shapes, run, ctx=None, biases: dict[str, int] | None = No
     return sum(shapes[n][0] * shapes[n][1] for n in names) + n_bias
 
 
-def apply(model, run, ctx=None):
-    from ..common import linear_shapes
-
+def apply(model, run, ctx=None) -> Applied:
     names = targets(linear_shapes(model), run, ctx)
     if run.opt("mode") == "lora":
         from peft import get_peft_model
 
-        return get_peft_model(model, lora_config(names_regex(names), run.rank, run.opt("alpha"), run.opt("dropout")))
+        model = get_peft_model(model, lora_config(names_regex(names), run.rank, run.opt("alpha"), run.opt("dropout")))
+        return Applied(model, lora_layers(model))
     freeze_all(model)
     for n in names:
         mod = model.get_submodule(n)
         mod.weight.requires_grad_(True)
         if mod.bias is not None and run.opt("one_d") != "frozen":
             mod.bias.requires_grad_(True)
-    return model
+    return Applied(model, whole_tensors(model))
 
 
 def _role(name: str, run) -> str:

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..common import DEFAULT_TARGETS, lora_config, lora_count, names_regex, ranked_targets
-from ..method import check_number
+from ..common import DEFAULT_TARGETS, linear_shapes, lora_config, lora_count, lora_layers, names_regex, ranked_targets
+from ..method import Applied, check_number
 
 NAME = "lora"
 AXES = ("lr", "rank", "seed")
@@ -28,11 +28,10 @@ def expected_trainable(shapes, run, ctx=None) -> int:
     return lora_count(shapes, {n: run.rank for n in targets(shapes, run, ctx)})
 
 
-def apply(model, run, ctx=None):
+def apply(model, run, ctx=None) -> Applied:
     from peft import get_peft_model
-
-    from ..common import linear_shapes
 
     names = targets(linear_shapes(model), run, ctx)
     cfg = lora_config(names_regex(names), run.rank, run.opt("alpha"), run.opt("dropout"))
-    return get_peft_model(model, cfg)
+    model = get_peft_model(model, cfg)
+    return Applied(model, lora_layers(model))

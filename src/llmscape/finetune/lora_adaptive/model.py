@@ -2,12 +2,11 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
-from dataclasses import dataclass
-
-from ..common import FinetuneError, lora_config, lora_count
-from ..method import check_number
+from ..common import FinetuneError, linear_shapes, lora_config, lora_count, lora_layers
+from ..method import Applied, check_number
 
 NAME = "lora-adaptive"
 AXES = ("lr", "seed")
@@ -28,13 +27,18 @@ def default_ranks_file(model: str) -> str:
 
 
 def inputs(run, model: str, ft: dict) -> dict[str, str]:
+    """The rank file, which the job finds as ``ctx.path("ranks")``."""
     return {"ranks": run.opt("ranks_file") or default_ranks_file(model)}
 
 
-def check_inputs(run, ctx, producible: bool) -> None:
-    """The rank file must exist now unless it is the default one and a rule of the workflow makes it."""
-    path = run.opt("ranks_file") or (ctx.adaptive_ranks if ctx else None)
-    if run.opt("ranks_file") or not producible:
+def _ranks_path(run, ctx):
+    return run.opt("ranks_file") or (ctx.path("ranks") if ctx else None)
+
+
+def check_inputs(run, ctx, producible) -> None:
+    """The rank file must exist now unless a rule of the workflow makes it."""
+    path = _ranks_path(run, ctx)
+    if path is None or not producible(str(path)):
         if path is None or not Path(path).exists():
             raise FinetuneError(
                 f"adaptive-rank file {path} does not exist and no rule of this workflow makes it. Fix: run the "
@@ -45,8 +49,10 @@ def check_inputs(run, ctx, producible: bool) -> None:
 
 def checked_targets(shapes, run, ctx=None) -> list[str]:
     """The targets, when the rank file can be read yet (before the spectra stage ran, it cannot)."""
-    path = run.opt("ranks_file") or (ctx.adaptive_ranks if ctx else None)
+    path = _ranks_path(run, ctx)
     return targets(shapes, run, ctx) if path is not None and Path(path).exists() else []
+
+
 KEYS = ("target_modules", "rank_pattern", "alpha_pattern", "r", "lora_alpha")
 
 
@@ -100,24 +106,23 @@ def _module_ranks(shapes, info, path) -> dict[str, tuple[int, float]]:
 
 
 def targets(shapes, run, ctx=None) -> list[str]:
-    path = run.opt("ranks_file") or (ctx.adaptive_ranks if ctx else None)
+    path = _ranks_path(run, ctx)
     return list(_module_ranks(shapes, read_ranks(path), path))
 
 
 def expected_trainable(shapes, run, ctx=None) -> int:
-    path = run.opt("ranks_file") or (ctx.adaptive_ranks if ctx else None)
+    path = _ranks_path(run, ctx)
     mr = _module_ranks(shapes, read_ranks(path), path)
     return lora_count(shapes, {n: r for n, (r, _) in mr.items()})
 
 
-def apply(model, run, ctx=None):
+def apply(model, run, ctx=None) -> Applied:
     from peft import get_peft_model
 
-    from ..common import linear_shapes
-
-    path = run.opt("ranks_file") or (ctx.adaptive_ranks if ctx else None)
+    path = _ranks_path(run, ctx)
     info = read_ranks(path)
     _module_ranks(linear_shapes(model), info, path)  # validates
     cfg = lora_config(info["target_modules"], info["r"], info["lora_alpha"], run.opt("dropout"),
                       rank_pattern=dict(info["rank_pattern"]), alpha_pattern=dict(info["alpha_pattern"]))
-    return get_peft_model(model, cfg)
+    model = get_peft_model(model, cfg)
+    return Applied(model, lora_layers(model))

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..common import DEFAULT_TARGETS, freeze_all, lora_count, ranked_targets
+from ..common import DEFAULT_TARGETS, freeze_all, linear_shapes, lora_count, ranked_targets
+from ..method import Applied
 from ..spectral import wrap
 from .layer import SpectralALinear
 
@@ -26,10 +27,7 @@ def expected_trainable(shapes, run, ctx=None) -> int:
     return lora_count(shapes, {n: run.rank for n in targets(shapes, run, ctx)})
 
 
-def apply(model, run, ctx=None):
-    from ..common import linear_shapes
-
+def apply(model, run, ctx=None) -> Applied:
     names = targets(linear_shapes(model), run, ctx)
     freeze_all(model)
-    wrap(model, names, lambda lin: SpectralALinear(lin, run.rank))
-    return model
+    return Applied(model, wrap(model, names, lambda lin: SpectralALinear(lin, run.rank)))

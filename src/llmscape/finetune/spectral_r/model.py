@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..common import DEFAULT_TARGETS, freeze_all, ranked_targets
-from ..method import check_choice
+from ..common import DEFAULT_TARGETS, freeze_all, linear_shapes, ranked_targets
+from ..method import Applied, check_choice
 from ..spectral import wrap
 from .layer import SpectralRLinear
 
@@ -29,10 +29,7 @@ def expected_trainable(shapes, run, ctx=None) -> int:
     return len(targets(shapes, run, ctx)) * (2 * r * r + (r if run.opt("scale") else 0))
 
 
-def apply(model, run, ctx=None):
-    from ..common import linear_shapes
-
+def apply(model, run, ctx=None) -> Applied:
     names = targets(linear_shapes(model), run, ctx)
     freeze_all(model)
-    wrap(model, names, lambda lin: SpectralRLinear(lin, run.rank, scale=bool(run.opt("scale"))))
-    return model
+    return Applied(model, wrap(model, names, lambda lin: SpectralRLinear(lin, run.rank, scale=bool(run.opt("scale")))))

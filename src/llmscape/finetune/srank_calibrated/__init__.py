@@ -13,7 +13,7 @@ re-calibration during training (``recalibrate_every``) are in ``calibration.py``
 from ...spectra.esd import stable_rank  # noqa: F401
 from ..method import Method
 from .model import (AXES, NAME, Options, SrankSession, apply, expected_before_weights,  # noqa: F401
-                    inputs, launch_constraint, select, session, stable_ranks, targets)
+                    inputs, launch_constraint, select, stable_ranks, targets)
 
 METHOD = Method(name=NAME, axes=AXES, options=Options, targets=targets, expected_trainable=expected_before_weights,
-                apply=apply, session=session, inputs=inputs, launch_constraint=launch_constraint)
+                apply=apply, inputs=inputs, launch_constraint=launch_constraint)

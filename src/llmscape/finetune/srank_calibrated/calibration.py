@@ -56,7 +56,7 @@ class Calibration:
         assert isinstance(mod, LoraLayer), name
         return mod
 
-    def _base_weight(self, name):
+    def base_weight(self, name):
         return self._layer(name).get_base_layer().weight
 
     def _adapter_params(self, name):
@@ -76,15 +76,13 @@ class Calibration:
             for p in self._adapter_params(n):
                 p.requires_grad_(True)
             if self.warm_steps > 0:
-                self._base_weight(n).requires_grad_(True)
+                self.base_weight(n).requires_grad_(True)
 
     def apply_flags(self) -> None:
         chosen = set(self.selection)
         for n in self.names:
-            w = self._base_weight(n)
+            w = self.base_weight(n)
             w.requires_grad_(self.phase == "warm")
-            if self.warm_steps > 0:
-                w._llmscape_trained = True  # merged as a replacement (see merge.weight_updates)
             for p in self._adapter_params(n):
                 p.requires_grad_(self.phase == "lft" and n in chosen)
                 if not p.requires_grad:
@@ -96,7 +94,7 @@ class Calibration:
 
     def warm_trainable(self) -> int:
         """Parameters trained in the warm phase (the candidates' full matrices; 0 without one)."""
-        return sum(self._base_weight(n).numel() for n in self.names) if self.warm_steps > 0 else 0
+        return sum(self.base_weight(n).numel() for n in self.names) if self.warm_steps > 0 else 0
 
     # --- the schedule -----------------------------------------------------------------------------
     @torch.no_grad()

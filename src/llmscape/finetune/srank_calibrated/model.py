@@ -6,8 +6,10 @@ from pathlib import Path
 
 from ...partitioned import gathered
 from ...spectra.esd import stable_rank
-from ..common import DEFAULT_TARGETS, FinetuneError, component, lora_config, lora_count, names_regex, ranked_targets
-from ..method import Session, check_choice, check_int, check_number
+from ..common import (DEFAULT_TARGETS, FinetuneError, component, linear_shapes, lora_config, lora_count, lora_layers,
+                      names_regex, ranked_targets, whole_tensors)
+from ..method import Applied, Session, check_choice, check_int, check_number
+from .calibration import Calibration
 
 NAME = "srank-calibrated"
 AXES = ("lr", "rank", "seed")
@@ -56,9 +58,9 @@ def targets(shapes, run, ctx=None) -> list[str]:
 
 
 def stable_ranks(names, ctx=None, weights=None) -> dict[str, float]:
-    """srank per candidate: from the spectra parquet (``ctx.stable_ranks``) when it exists, else computed
+    """srank per candidate: from the spectra parquet (the input ``sranks``) when it exists, else computed
     from ``weights(name)`` (a callable returning the weight tensor)."""
-    pq = getattr(ctx, "stable_ranks", None) if ctx else None
+    pq = ctx.path("sranks") if ctx else None
     if pq and Path(pq).exists():
         import pandas as pd
 
@@ -71,7 +73,6 @@ def stable_ranks(names, ctx=None, weights=None) -> dict[str, float]:
             raise FinetuneError(f"{NAME}: {pq} has no stable_rank for {missing[:3]}... Fix: recompute the spectra "
                                 "of the base model, or set finetune.methods.srank-calibrated.stable_ranks to null.")
         return {n: key[n] for n in names}
-    weights = weights or getattr(ctx, "weights", None)
     if weights is None:
         raise FinetuneError(f"{NAME}: no stable ranks: neither the spectra parquet nor the weights are available.")
     out = {}
@@ -95,26 +96,25 @@ def select(names, sranks: dict[str, float], run) -> list[str]:
     return [n for n in names if n in set(chosen)]
 
 
-def apply(model, run, ctx=None):
+def _lora(model, names, run):
     from peft import get_peft_model
 
-    from ..common import linear_shapes
+    return get_peft_model(model, lora_config(names_regex(names), run.rank, run.opt("alpha"), run.opt("dropout")))
 
+
+def apply(model, run, ctx=None) -> Applied:
     names = targets(linear_shapes(model), run, ctx)
     sranks = stable_ranks(names, ctx, weights=lambda n: model.get_submodule(n).weight)
     if not _check(run).dynamic:  # the static selection
         chosen = select(names, sranks, run)
-        model = get_peft_model(model, lora_config(names_regex(chosen), run.rank, run.opt("alpha"), run.opt("dropout")))
-        model.llmscape_session = SrankSession(run, chosen)
-        return model
-    from .calibration import Calibration
-
+        model = _lora(model, chosen, run)
+        return Applied(model, lora_layers(model), SrankSession(run, chosen))
     # every candidate carries an adapter; the schedule decides which train (and when)
-    model = get_peft_model(model, lora_config(names_regex(names), run.rank, run.opt("alpha"), run.opt("dropout")))
+    model = _lora(model, names, run)
     cal = Calibration(model, names, run, select)
     cal.start(sranks)
-    model.llmscape_session = SrankSession(run, cal.selection, cal)
-    return model
+    warmed = [cal.base_weight(n) for n in names] if cal.warm_steps > 0 else []  # merged whole, with their LoRA
+    return Applied(model, lora_layers(model) + whole_tensors(model, warmed), SrankSession(run, cal.selection, cal))
 
 
 DYNAMIC_LAUNCH = ("the time-aware start / re-calibration changes the trained set during training, which several "
@@ -157,10 +157,6 @@ class SrankSession(Session):
         return dict(srank_selection=self.cal.selection, trainable_params=self.cal.lft_trainable(),
                     srank_schedule=dict(lft_start_step=self.cal.start_step, events=self.cal.events,
                                         warm_trainable_params=self.cal.warm_trainable()))
-
-
-def session(model, run):
-    return getattr(model, "llmscape_session", None)
 
 
 def launch_constraint(run) -> str | None:
