@@ -81,10 +81,10 @@ def worker(a) -> dict:
     ex = encode(rows, tok, header=False, max_length=512)
     m = registry.get(method)
     tmp = Path(tempfile.mkdtemp())
-    ctx = Context(adaptive_ranks=_adaptive_file(model, tmp) if method == "lora-adaptive" else None)
+    ctx = Context(inputs={"ranks": str(_adaptive_file(model, tmp))} if method == "lora-adaptive" else {})
     run = RunSpec(method=method, lr=1e-4, seed=0, rank=rank, value_lr_ratio=4.0 if method == "attn-qv" else None,
                   options={**m.defaults, **opts})
-    model = m.apply(model, run, ctx)
+    model = m.apply(model, run, ctx).model
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()

@@ -423,7 +423,7 @@ def train_once(name: str, layers: int, label: str, device: str, batches: list) -
     if label == "llmscape_lora":
         run = RunSpec(method="lora", lr=1e-4, seed=0, rank=64,
                       options={**registry.get("lora").defaults, "alpha": 16, "dropout": 0.1})
-        model = registry.get("lora").apply(model, run, Context())
+        model = registry.get("lora").apply(model, run, Context()).model
     else:
         model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.1, target_modules=list(MODULES)))
     for p in model.parameters():
