@@ -12,13 +12,14 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def merged_config(files) -> dict:
     from snakemake.utils import validate
+
+    from llmscape.configcheck import read_config_file
 
     def update(a, b):
         for k, v in b.items():
@@ -27,7 +28,7 @@ def merged_config(files) -> dict:
 
     cfg: dict = {}
     for f in files:
-        update(cfg, yaml.safe_load(Path(f).read_text()) or {})
+        update(cfg, read_config_file(f))  # a missing file, or a YAML error's line and column, named
     validate(cfg, str(ROOT / "workflow/schemas/config.schema.yaml"), set_default=True)
     return cfg
 
@@ -39,9 +40,11 @@ def main() -> None:
     a = ap.parse_args()
     from llmscape.plan import PlanError, format_plan, plan
 
+    from llmscape.configcheck import ConfigError
+
     try:
         p = plan([Path(f).resolve() for f in a.configfiles], ROOT, merged_config(a.configfiles))
-    except PlanError as e:
+    except (PlanError, ConfigError) as e:
         sys.exit(str(e))
     print(json.dumps(p, indent=2, default=str) if a.json else format_plan(p))
 

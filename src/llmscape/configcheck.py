@@ -1,5 +1,6 @@
 """Config errors a person can act on: every schema violation as one line naming the key, the value and
-the fix, raised before Snakemake builds the DAG (so before any job is submitted)."""
+the fix, raised before Snakemake builds the DAG (so before any job is submitted); and a config file that
+is missing or does not parse, named with its line and column (``python -m llmscape.configcheck FILE``)."""
 
 from __future__ import annotations
 
@@ -217,3 +218,91 @@ def check_join_names(join: dict, variants) -> None:
     lines += _not_in("join.geometry_metrics", join["geometry_metrics"], numeric,
                      "use columns of the geometry table (llmscape.join.columns)")
     _raise(lines)
+
+
+def check_devices(config: dict) -> None:
+    """Every stage's ``device`` is one llmscape runs on (llmscape.devices.check_device), at DAG build
+    rather than in the first job of that stage."""
+    from .devices import DEVICE_KEYS, check_device
+
+    lines = []
+    for key in DEVICE_KEYS:
+        section, name = key.split(".")
+        value = (config.get(section) or {}).get(name, "auto")
+        try:
+            check_device(value, key, ConfigError)
+        except ConfigError as e:
+            lines.append(f"  {e}")
+    _raise(lines)
+
+
+def check_finetune_split(finetune: dict, data: dict, runs) -> None:
+    """The split the fine-tuning runs (``runs``) train on holds questions: with a large
+    ``data.per_subject`` the analysis subset takes every question and the training job would fail
+    (in its launched processes, saying little). Sizes from llmscape.data, before any data is read."""
+    from .data import analysis_subject_sizes, finetune_subject_sizes
+
+    split = finetune.get("data", {}).get("split", "finetune")
+    sizes = {"finetune": finetune_subject_sizes, "analysis": analysis_subject_sizes}.get(split, lambda d: None)(data)
+    if not runs or sizes is None or sum(sizes.values()) > 0:
+        return
+    if data.get("finetune_per_subject") == 0:
+        why, fix = "data.finetune_per_subject = 0 keeps none of them", "data.finetune_per_subject: null (all) or >= 1"
+    else:
+        largest = max(analysis_subject_sizes(data).values())
+        why = (f"data.per_subject = {data.get('per_subject')} puts every question left after the few-shot pool "
+               f"into the analysis subset (up to {largest} per subject)")
+        fix = f"data.per_subject below {largest}, so that the rest of each subject is left for training"
+    _raise([f"  finetune.data.split = {split!r} is empty for the {len(runs)} fine-tuning run(s): {why}. Fix: "
+            f"{fix}; or no finetune.sweeps."])
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A config file as a dict; a file that is missing, does not parse, or is not a mapping is a
+    ConfigError naming it (and the line and column of a YAML error) with the fix."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        shipped = ", ".join(sorted(str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p)
+                                   for p in (Path(__file__).resolve().parents[2] / "config").glob("*.yaml")))
+        raise ConfigError(f"config file {path} does not exist (looked in {path.resolve().parent}). Fix: give the path "
+                          f"of an existing file (the shipped ones: {shipped or 'config/*.yaml'}).")
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        what = " ".join(str(x) for x in (e.context, e.problem) if x)
+        tabs = " (YAML indents with spaces, never tabs)" if "'\\t'" in what else ""
+        raise ConfigError(f"{path}, line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {what}{tabs}. "
+                          f"Fix: correct that line (its indentation, a missing ':' or an unclosed quote or bracket)."
+                          ) from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML ({e}). Fix: correct the file.") from None
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: the file holds a {type(cfg).__name__}, not keys and values. Fix: write it as "
+                          "`key: value` lines at the top level (see config/config.yaml).")
+    return cfg
+
+
+def main(argv=None) -> int:
+    """``python -m llmscape.configcheck FILE...``: each config file read as the workflow reads it; the
+    line and column of a YAML error (Snakemake itself says only "not valid JSON or YAML")."""
+    import sys
+
+    files = sys.argv[1:] if argv is None else argv
+    failed = 0
+    for f in files:
+        try:
+            read_config_file(f)
+            print(f"{f}: parses")
+        except ConfigError as e:
+            print(e, file=sys.stderr)
+            failed += 1
+    return 1 if failed or not files else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

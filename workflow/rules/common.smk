@@ -14,7 +14,13 @@ except ImportError:
         "pip install -e . in this checkout (envs/ holds the per-stage environments for --sdm conda)."
     ) from None
 from llmscape import gpufit
-from llmscape.configcheck import check_config, check_join_names, check_resource_groups
+from llmscape.configcheck import (
+    check_config,
+    check_devices,
+    check_finetune_split,
+    check_join_names,
+    check_resource_groups,
+)
 from llmscape.finetune.registry import METHODS as FT_METHODS
 from llmscape.data import check_data_config
 from llmscape.models import check_model_spec, local_config_dir, model_label
@@ -25,6 +31,7 @@ check_config(config, Path(workflow.basedir) / "workflow/schemas/config.schema.ya
 validate(config, schema="../schemas/config.schema.yaml", set_default=True)
 check_model_spec(config["model"])  # a local path that is not there fails here, never at the hub
 check_data_config(config["data"])
+check_devices(config)  # extract/spectra/geometry.device: "gpu" is not a device torch knows
 
 MODEL = model_label(config["model"], config.get("model_label"))
 SHOTS = sorted({int(k) for k in config["extract"]["shots"]})
@@ -146,4 +153,5 @@ include: "functions/finetune.smk"
 
 
 _check_geometry_config()  # after every stage's functions: it needs the whole list of variants
+check_finetune_split(config["finetune"], config["data"], _stage_list("finetune_variants"))
 check_join_names(config["join"], model_variants() + _stage_list("checkpoint_variants"))
