@@ -15,7 +15,7 @@ import numpy as np
 from .adp import checked_adp
 from .graph import compute_neighbour_graph, cpu_threads, return_unique_rows, worker_pool
 from .params import INTERVAL_METRICS, RESOLUTION_FACTOR, RESOLVED, STATUS_OK, GeometryParams
-from .resample import boot_graph_k, keep_freed_memory, return_interval, return_subgraph
+from .resample import boot_graph_k, keep_freed_memory, return_metric_interval, return_subgraph
 
 log = logging.getLogger("llmscape.geometry")
 
@@ -325,14 +325,14 @@ def _one_draw(state: dict, p: GeometryParams, j: int) -> tuple[str, dict]:
 
 
 def fill_intervals(row: dict, boot: list[dict], params: GeometryParams, metrics) -> None:
-    """Set ``{metric}_lo`` / ``{metric}_hi`` of ``row`` from the subsamples' values (resample.py), clipped
-    to the metric's range."""
+    """Set ``{metric}_lo`` / ``{metric}_hi`` of ``row`` from the subsamples' values, each metric by its
+    own method (params.INTERVAL_METHODS, resample.return_metric_interval), within the metric's range."""
     used = 0
     for metric in metrics:
-        lo, hi, k = return_interval(row.get(metric, math.nan), [b.get(metric, math.nan) for b in boot],
-                                    params.boot_fraction, params.confidence)
-        a, b = METRIC_RANGE.get(metric, (-math.inf, math.inf))
-        row[f"{metric}_lo"], row[f"{metric}_hi"] = min(max(lo, a), b), min(max(hi, a), b)
+        lo, hi, k = return_metric_interval(metric, row.get(metric, math.nan),
+                                           [b.get(metric, math.nan) for b in boot], params.boot_fraction,
+                                           params.confidence)
+        row[f"{metric}_lo"], row[f"{metric}_hi"] = lo, hi
         used = max(used, k)
     row["n_boot"] = max(int(row.get("n_boot") or 0), used)
 

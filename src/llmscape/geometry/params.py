@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
+from typing import NamedTuple
+
 from ..errors import LlmscapeError
 
 STATUS_OK = "ok"
@@ -70,6 +73,57 @@ class GeometryParams:
 #: metrics that get an interval: columns ``{metric}_lo`` and ``{metric}_hi`` of the layer table
 INTERVAL_METRICS = ("id_2nn", "id_gride", "log_density_mean", "n_clusters", "core_fraction", "ari_subjects",
                     "ari_letters", "overlap_subjects", "overlap_letters", "overlap_next_layer")
+
+
+class IntervalMethod(NamedTuple):
+    """How one metric's interval is made from its subsample values (llmscape.geometry.resample).
+
+    transform: the scale the interval is made on, then mapped back: "none", "logit" (a share in [0, 1]),
+    "fisher" (atanh of an ARI); an interval made there never leaves the metric's range. deflation: the
+    scaled spread of the subsamples over-states the spread of a neighbour statistic (a subsample re-draws
+    the neighbourhoods of the points it keeps); the interval's half-width is divided by this factor,
+    measured by the coverage study (bench/coverage.py) at CALIBRATED_FRACTION. integer: a count, whose
+    ends are rounded outwards. bounds: the metric's range; the ends are clipped to it."""
+
+    transform: str = "none"
+    deflation: float = 1.0
+    integer: bool = False
+    bounds: tuple = (-math.inf, math.inf)
+
+
+#: the subsample share at which the deflation factors were measured; another boot_fraction gets none
+#: (a wider, conservative interval) and a warning
+CALIBRATED_FRACTION = 0.8
+_ARI = (-0.5, 1.0)
+_SHARE = (0.0, 1.0)
+#: the interval method of every metric with an interval, from the coverage study (docs/geometry.md)
+INTERVAL_METHODS = {
+    "id_2nn": IntervalMethod(deflation=1.5, bounds=(0.0, math.inf)),
+    "id_gride": IntervalMethod(deflation=1.2, bounds=(0.0, math.inf)),
+    "log_density_mean": IntervalMethod(deflation=1.15),
+    "n_clusters": IntervalMethod(deflation=1.6, integer=True, bounds=(1.0, math.inf)),
+    "core_fraction": IntervalMethod(deflation=1.5, bounds=_SHARE),
+    "ari_subjects": IntervalMethod(transform="fisher", deflation=1.35, bounds=_ARI),
+    "ari_letters": IntervalMethod(transform="fisher", deflation=1.6, bounds=_ARI),
+    "overlap_subjects": IntervalMethod(transform="logit", bounds=_SHARE),
+    "overlap_letters": IntervalMethod(transform="logit", deflation=1.5, bounds=_SHARE),
+    "overlap_next_layer": IntervalMethod(transform="logit", bounds=_SHARE),
+    "overlap": IntervalMethod(transform="logit", bounds=_SHARE),  # the pair overlaps (k-shot vs 0-shot, ...)
+}
+
+
+def min_n_boot(confidence: float) -> int:
+    """Fewest subsamples whose spread gives an interval at ``confidence``: the interval is the estimate
+    +- t x (scaled sd of the draws), with Student's t on n_boot - 1 degrees of freedom for the draws'
+    own noise; below this number that t exceeds the normal quantile by more than 10%, so the interval
+    would mostly measure how few draws there are (15 at 95%, 12 at 90%, 22 at 99%)."""
+    from scipy import stats
+
+    z = stats.norm.ppf((1 + confidence) / 2)
+    n = 2
+    while stats.t.ppf((1 + confidence) / 2, n - 1) > 1.1 * z:
+        n += 1
+    return n
 
 TABLE_COLUMNS = ["model", "variant", "shots", "layer", "layer_name", "status", "n_questions", "n_points",
                  "n_duplicates", "n_dropped_nonfinite", "maxk", "id_2nn", "id_gride", "id_gride_err", "id_scale_n1",

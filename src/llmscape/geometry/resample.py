@@ -157,3 +157,76 @@ def return_interval(theta: float, draws, fraction: float, confidence: float) -> 
     a = (1.0 - confidence) / 2.0
     q_lo, q_mid, q_hi = np.quantile(v, [a, 0.5, 1.0 - a])
     return float(theta + c * (q_lo - q_mid)), float(theta + c * (q_hi - q_mid)), int(v.size)
+
+
+# --- the interval of each metric (its method: params.INTERVAL_METHODS, chosen by bench/coverage.py) ------
+
+_EDGE = 1e-3  # a share or an ARI at its limit is moved this far inside before the logit / atanh
+
+
+def _to_scale(x, transform: str):
+    """The metric on the scale its interval is made on."""
+    x = np.asarray(x, dtype=np.float64)
+    if transform == "logit":
+        x = np.clip(x, _EDGE, 1 - _EDGE)
+        return np.log(x / (1 - x))
+    if transform == "fisher":
+        return np.arctanh(np.clip(x, -1 + _EDGE, 1 - _EDGE))
+    return x
+
+
+def _from_scale(z: float, transform: str) -> float:
+    if transform == "logit":
+        return float(1 / (1 + math.exp(-z)))
+    if transform == "fisher":
+        return float(math.tanh(z))
+    return float(z)
+
+
+def scale_factor(metric: str, fraction: float) -> float:
+    """From the spread of subsamples of ``fraction`` to that of the full-sample estimate: the
+    delete-d jackknife's sqrt(f / (1 - f)), divided by the metric's measured deflation where the
+    fraction is the one the deflation was measured at (else the plain, wider factor)."""
+    from .params import CALIBRATED_FRACTION, INTERVAL_METHODS, IntervalMethod
+
+    c = math.sqrt(fraction / (1.0 - fraction))
+    method = INTERVAL_METHODS.get(metric, IntervalMethod())
+    return c / method.deflation if abs(fraction - CALIBRATED_FRACTION) < 1e-9 else c
+
+
+def return_metric_interval(metric: str, theta: float, draws, fraction: float,
+                           confidence: float) -> tuple[float, float, int]:
+    """(lo, hi, draws used): the interval of ``metric``'s full-sample value ``theta`` from the values of
+    the subsamples, by the metric's method (module docstring): on the transformed scale,
+    theta +- t_(n-1) x scale_factor x sd(draws), mapped back, counts rounded outwards, clipped to the
+    metric's range. NaN ends when theta is not finite or fewer than two draws are."""
+    from scipy import stats
+
+    from .params import INTERVAL_METHODS, IntervalMethod
+
+    method = INTERVAL_METHODS.get(metric, IntervalMethod())
+    v = np.asarray(draws, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size < 2 or not math.isfinite(theta):
+        return math.nan, math.nan, int(v.size)
+    z = _to_scale(v, method.transform)
+    half = stats.t.ppf((1 + confidence) / 2, v.size - 1) * scale_factor(metric, fraction) * float(np.std(z, ddof=1))
+    centre = float(_to_scale(theta, method.transform))
+    lo, hi = _from_scale(centre - half, method.transform), _from_scale(centre + half, method.transform)
+    if method.transform != "none":  # theta moved inside the open range: keep it inside its own interval
+        lo, hi = min(lo, theta), max(hi, theta)
+    if method.integer:
+        lo, hi = math.floor(lo + 1e-9), math.ceil(hi - 1e-9)
+    bottom, top = method.bounds
+    return float(min(max(lo, bottom), top)), float(min(max(hi, bottom), top)), int(v.size)
+
+
+def describe_interval_method(metric: str) -> str:
+    """The method of ``metric``'s interval in words (for the study's JSON and the docs)."""
+    from .params import CALIBRATED_FRACTION, INTERVAL_METHODS, IntervalMethod
+
+    m = INTERVAL_METHODS.get(metric, IntervalMethod())
+    scale = {"none": "", "logit": "on the logit scale, ", "fisher": "on the atanh (Fisher) scale, "}[m.transform]
+    text = (f"{scale}estimate +- t x sqrt(f/(1-f)) x sd(draws)"
+            + (f" / {m.deflation:g} (at f = {CALIBRATED_FRACTION:g})" if m.deflation != 1 else ""))
+    return text + (", ends rounded outwards to integers" if m.integer else "")
