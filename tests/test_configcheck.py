@@ -100,7 +100,10 @@ def test_rule_to_group_hints_match_the_rules():
 def test_one_subsample_is_refused_and_zero_is_no_intervals(configs):
     fails(edited(configs, "ci.yaml", "geometry", n_boot=1), "geometry.n_boot = 1", "Fix: geometry.n_boot: 0")
     run_all(edited(configs, "ci.yaml", "geometry", n_boot=0))
-    run_all(edited(configs, "ci.yaml", "geometry", n_boot=2))
+    run_all(edited(configs, "ci.yaml", "geometry", n_boot=15))  # the fewest for 95% intervals
+    fails(edited(configs, "ci.yaml", "geometry", n_boot=14), "geometry.n_boot = 14", "at least 15 subsamples")
+    fails(edited(configs, "ci.yaml", "geometry", n_boot=20, confidence=0.99), "geometry.n_boot = 20",
+          "at least 22 subsamples", "Fix: geometry.n_boot: 22 or more")
 
 
 def test_subsamples_too_small_for_the_scales_are_refused(configs):

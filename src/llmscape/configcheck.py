@@ -125,6 +125,9 @@ def check_intervals(geometry: dict, subject_sizes: dict | None) -> None:
         _raise([f"  geometry.n_boot = 1: an interval is the spread of at least 2 subsamples (one subsample "
                 "has no spread, every {metric}_lo/_hi would be NaN). Fix: geometry.n_boot: 0 for no "
                 "intervals, or 2 or more (100 as the shipped configs)."])
+    from .geometry.params import n_boot_problem
+
+    _raise([line for line in [n_boot_problem(n_boot, float(geometry.get("confidence", 0.95)))] if line])
     if not n_boot or not subject_sizes:
         return
     p = GeometryParams.from_config({k: v for k, v in geometry.items() if k != "resolution_study"})

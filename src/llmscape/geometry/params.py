@@ -125,6 +125,18 @@ def min_n_boot(confidence: float) -> int:
         n += 1
     return n
 
+
+def n_boot_problem(n_boot: int, confidence: float) -> str:
+    """The error line for an ``n_boot`` between 1 and min_n_boot(confidence) - 1 (too few subsamples for
+    intervals at this confidence), "" otherwise (0 turns the intervals off)."""
+    need = min_n_boot(confidence)
+    if 0 < int(n_boot) < need:
+        return (f"  geometry.n_boot = {n_boot}: intervals at geometry.confidence = {confidence} need at least "
+                f"{need} subsamples (the interval is t x the scaled sd of the subsamples; with fewer, Student's t "
+                f"on n_boot - 1 degrees of freedom is more than 10% above the normal quantile). Fix: "
+                f"geometry.n_boot: {need} or more (100 as the shipped configs), or 0 for no intervals.")
+    return ""
+
 TABLE_COLUMNS = ["model", "variant", "shots", "layer", "layer_name", "status", "n_questions", "n_points",
                  "n_duplicates", "n_dropped_nonfinite", "maxk", "id_2nn", "id_gride", "id_gride_err", "id_scale_n1",
                  "density_k",
