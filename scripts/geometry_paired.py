@@ -23,7 +23,7 @@ write_csv(summary, smk.output.summary)
 accuracy = paired.compute_accuracy_pairs(dict(zip(keys, smk.input.h5)), comparisons, model=model,
                                          confidence=float(smk.params.confidence), seed=int(smk.params.seed))
 write_csv(accuracy, smk.output.accuracy)
-for comparison in ("shots", "variant", "layer"):
+for comparison in ("shots", "shots_step", "variant", "layer"):
     plots.difference_bands(diffs, smk.output[comparison], comparison=comparison, title=model)
 log.info("wrote %s: %d differences (%s), %d accuracy comparisons", smk.output.table, len(diffs),
          diffs["verdict"].value_counts().to_dict(), len(accuracy))

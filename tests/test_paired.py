@@ -191,7 +191,7 @@ def test_the_model_tables_and_figures(base, scaled, tmp_path):
     swapped = {("base", 0): h5[("scaled", 0)], ("scaled", 0): h5[("scaled", 0)]}  # a file under another's name
     with pytest.raises(G.GeometryError, match="is not the extraction its path names"):
         paired.compute_accuracy_pairs(swapped, [("scaled", 0, "variant", "base", 0)], model="toy")
-    for comparison in ("variant", "layer", "shots"):
+    for comparison in ("variant", "layer", "shots", "shots_step"):
         out = plots.difference_bands(diffs, tmp_path / f"{comparison}.png", comparison=comparison, title="toy")
         assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -113,8 +113,8 @@ rule geometry_resolution:
         "../../scripts/geometry_resolution.py"
 
 
-# Paired differences per model: every geometry metric of each comparison (k-shot vs 0-shot, variant vs
-# base, layer l + 1 vs l), computed draw by draw on the same subsamples, and the accuracy of the same
+# Paired differences per model: every geometry metric of each comparison (k-shot vs 0-shot and vs the next
+# smaller shot count, variant vs base, layer l + 1 vs l), computed draw by draw on the same subsamples, and the accuracy of the same
 # comparisons on the same questions (exact McNemar, paired bootstrap). Small tables: runs on the head node.
 localrules:
     geometry_paired,
@@ -139,6 +139,12 @@ rule geometry_paired:
         ),
         shots=report(
             "results/figures/geometry/{model}/paired_shots.png",
+            caption="../report/geometry_paired_bands.rst",
+            category="Geometry",
+            subcategory="Paired differences",
+        ),
+        shots_step=report(
+            "results/figures/geometry/{model}/paired_shots_step.png",
             caption="../report/geometry_paired_bands.rst",
             category="Geometry",
             subcategory="Paired differences",

@@ -79,9 +79,9 @@ The pair overlaps and their intervals are computed from these files. ``draws_dig
 of the question ids each subsample kept, which the paired differences check (``paired``).
 
 Paired differences (:mod:`paired`), per model: ``paired_differences.parquet``, one row per (comparison,
-pair, layer, metric): model, variant, shots, comparison ("layer", "shots", "variant"), ref_variant,
-ref_shots, layer, layer_name, ref_layer, metric, value, ref_value, diff (value - ref_value), diff_lo,
-diff_hi, n_boot, draws_agree (share of draws with the sign of diff), boot_fraction, confidence,
+pair, layer, metric): model, variant, shots, comparison ("layer", "shots", "shots_step", "variant"),
+ref_variant, ref_shots, layer, layer_name, ref_layer, metric, value, ref_value, diff (value - ref_value),
+diff_lo, diff_hi, n_boot, draws_agree (share of draws with the sign of diff), boot_fraction, confidence,
 verdict; ``paired_accuracy.csv``: accuracy against the reference on the same questions (exact McNemar,
 paired bootstrap interval).
 

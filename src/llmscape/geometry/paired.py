@@ -26,9 +26,10 @@ would give a zero-width interval away from 0); otherwise the verdict is "no diff
 The intervals are pointwise, one per layer and metric: over 30 layers, one or two intervals may
 exclude 0 by chance at 95%.
 
-Comparisons (``comparison``): ``shots`` (k-shot against 0-shot of the same variant), ``variant``
-(a variant against base at the same shots), ``layer`` (layer l + 1 against layer l of one extraction).
-``diff`` is always ``value - ref_value``.
+Comparisons (``comparison``): ``shots`` (k-shot against 0-shot of the same variant), ``shots_step``
+(k-shot against the next smaller shot count above 0: 2 against 1, 5 against 2), ``variant`` (a variant
+against base at the same shots), ``layer`` (layer l + 1 against layer l of one extraction). ``diff`` is
+always ``value - ref_value``.
 
 Accuracy on the same questions: the exact McNemar test on the discordant questions (McNemar 1947,
 Psychometrika 12: 153-157; exact binomial form) and a paired bootstrap interval of the accuracy

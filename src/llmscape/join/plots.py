@@ -192,15 +192,22 @@ def trajectory_plot(traj: pd.DataFrame, dest, module: str = "all") -> Path:
 #: titles of the paired-difference figures, per comparison (llmscape.geometry.paired)
 PAIRED_TITLES = {
     "shots": "k-shot minus 0-shot, same variant",
+    "shots_step": "k-shot minus the next smaller shot count, same variant",
     "variant": "variant minus base, same shots",
     "layer": "layer l + 1 minus layer l, same extraction",
 }
 
 
+def _pair_label(comparison: str, r) -> str:
+    if comparison == "shots_step":
+        return f"{r['variant']} {r['shots']} - {r['ref_shots']} shots"
+    return f"{r['variant']} {r['shots']}-shot"
+
+
 def difference_bands(diffs: pd.DataFrame, dest, *, comparison: str, metrics=None, title: str = "") -> Path:
     """Paired differences per layer (value minus reference, same questions, same subsamples), one panel
-    per metric, one line per pair with its interval as a band around 0; filled markers where the
-    interval excludes 0, open ones where no difference is detected."""
+    per metric, one line per pair with its interval as a band around 0; filled markers where a
+    difference is claimed (the interval excludes 0 and most draws agree), open ones elsewhere."""
     d = diffs[diffs["comparison"] == comparison] if len(diffs) else diffs
     if d.empty:
         return _empty(dest, f"no {PAIRED_TITLES.get(comparison, comparison)} comparison in this run")
@@ -214,10 +221,10 @@ def difference_bands(diffs: pd.DataFrame, dest, *, comparison: str, metrics=None
             g = g[g["metric"] == metric].sort_values("layer")
             x, y = g["layer"].to_numpy(), g["diff"].to_numpy(dtype=float)
             lo, hi = g["diff_lo"].to_numpy(dtype=float), g["diff_hi"].to_numpy(dtype=float)
-            sig = (lo > 0) | (hi < 0)
+            sig = g["verdict"].isin(["higher", "lower"]).to_numpy()  # paired.py's verdict: a difference claimed
             col = f"C{i % 10}"
             ax.fill_between(x, lo, hi, color=col, alpha=0.18, linewidth=0)
-            label = f"{g['variant'].iloc[0]} {g['shots'].iloc[0]}-shot" if len(g) else None
+            label = _pair_label(comparison, g.iloc[0]) if len(g) else None
             ax.plot(x, y, color=col, lw=1, label=label)
             ax.scatter(x[sig], y[sig], s=10, color=col)
             ax.scatter(x[~sig], y[~sig], s=10, facecolors="none", edgecolors=col, linewidths=0.7)
@@ -230,6 +237,7 @@ def difference_bands(diffs: pd.DataFrame, dest, *, comparison: str, metrics=None
     axes.flat[0].legend(fontsize=6)
     conf = float(d["confidence"].dropna().iloc[0]) if d["confidence"].notna().any() else math.nan
     fig.suptitle(f"{title}{': ' if title else ''}{PAIRED_TITLES.get(comparison, comparison)}; bands: paired "
-                 f"{100 * conf:.0f}% intervals from the same subsamples; filled: the interval excludes 0", fontsize=8)
+                 f"{100 * conf:.0f}% intervals from the same subsamples; filled: a difference (docs/geometry.md)",
+                 fontsize=8)
     fig.tight_layout()
     return _save(fig, dest)

@@ -16,7 +16,8 @@ REPORT_ENTRIES = (
     "variants.csv", "correlations_top.csv", "delta_correlations.csv", "intervention_effects.csv",
     "trajectory_correlations.csv", "config.html",
     # the geometry's paired differences (rule geometry_paired), shown beside the join's entries
-    "paired_summary.csv", "paired_accuracy.csv", "paired_shots.png", "paired_variant.png", "paired_layer.png",
+    "paired_summary.csv", "paired_accuracy.csv", "paired_shots.png", "paired_shots_step.png", "paired_variant.png",
+    "paired_layer.png",
 )
 #: rules whose runtimes the report's statistics must list
 REPORT_RULES = ("join_tables", "correlate", "plot_join", "geometry_paired")

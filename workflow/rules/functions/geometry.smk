@@ -82,8 +82,16 @@ def paired_extractions():
 
 
 def paired_comparisons():
-    """Every paired comparison between extractions: (variant, shots, comparison, ref_variant, ref_shots)."""
-    return [(v, k, c, rv, int(rk)) for v, k in paired_extractions() for c, rv, rk in geometry_references(MODEL, v, k)]
+    """Every paired comparison between extractions: (variant, shots, comparison, ref_variant, ref_shots): those
+    of the pair overlaps (k-shot vs 0-shot, variant vs base), and each shot count against the next smaller one
+    above 0 (``shots_step``: 2 vs 1, 5 vs 2)."""
+    out = []
+    for v, k in paired_extractions():
+        out += [(v, k, c, rv, int(rk)) for c, rv, rk in geometry_references(MODEL, v, k)]
+        smaller = [int(s) for s in shots_of(v) if 0 < int(s) < k]
+        if smaller:
+            out.append((v, k, "shots_step", v, max(smaller)))
+    return out
 
 
 def geometry_paired_inputs(wildcards):
