@@ -56,7 +56,8 @@ def test_an_empty_fine_tuning_split_is_named_with_the_key_that_emptied_it():
     with pytest.raises(ConfigError, match="data.finetune_per_subject = 0 keeps none"):
         check_finetune_split(cfg["finetune"], dict(cfg["data"], finetune_per_subject=0), CI_RUNS)
     check_finetune_split(cfg["finetune"], data, [])  # no fine-tuning runs: nothing to train
-    check_finetune_split(cfg["finetune"], dict(data, per_subject=304), CI_RUNS)  # high_school_biology: 310 - 5 in the pool - 304
+    # high_school_biology keeps 310 - 5 (pool) - 304 (analysis) = 1 question for training
+    check_finetune_split(cfg["finetune"], dict(data, per_subject=304), CI_RUNS)
 
 
 def test_a_missing_config_file_is_named_with_the_shipped_ones(tmp_path):

@@ -33,7 +33,8 @@ def test_a_truncated_prepared_table_names_the_file_and_its_rebuild(prepared, nam
     with pytest.raises(DamagedFileError) as e:
         data.load_prepared(prepared)
     msg = str(e.value)
-    assert msg.startswith(f"{prepared / name} cannot be read as a parquet table") and f"{REBUILD} {prepared / name}" in msg
+    assert msg.startswith(f"{prepared / name} cannot be read as a parquet table")
+    assert f"{REBUILD} {prepared / name}" in msg
 
 
 def test_an_empty_or_overwritten_index_names_the_file(prepared):
