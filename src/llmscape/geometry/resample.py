@@ -7,20 +7,34 @@ questions, and a repeated point is its own nearest neighbour at distance 0: the 
 become infinite and the kNN density diverges. So a draw here keeps ``boot_fraction`` (f) of the
 questions of every subject, without replacement (``draw_members``), and recomputes every metric on it.
 
-The spread of the draws is turned into an interval for the full sample by the delete-d jackknife
-(Shao and Wu 1989, Ann. Statist. 17: 1176-1197; its histogram version, Wu 1990, Ann. Statist. 18:
-1438-1452): a draw keeps r = f n of n points and deletes d = n - r; the variance of the full-sample
-estimate is (r / d) times the variance of the draws. Applied to quantiles and centred on the
-full-sample value theta (``return_interval``):
+From the draws to an interval (``return_metric_interval``; the method of each metric is in
+``params.INTERVAL_METHODS``). The delete-d jackknife (Shao and Wu 1989, Ann. Statist. 17: 1176-1197):
+a draw keeps r = f n of n points and deletes d = n - r; for a smooth statistic the variance of the
+full-sample estimate is (r / d) times the variance of the draws, so the draws' sd is scaled by
+c = sqrt(f / (1 - f)) (2 for f = 0.8). The interval is
 
-    lo = theta + c (q_{(1 - confidence) / 2} - median),  hi = theta + c (q_{(1 + confidence) / 2} - median),
-    c = sqrt(f / (1 - f))                                 (f = 0.8: c = 2; f = 0.5: c = 1)
+    theta +- t_(n_boot - 1) x c / deflation x sd(draws)        on the metric's own scale, or on
+    the logit scale (shares: overlaps, core fraction) or the atanh scale (ARIs), then mapped back,
+
+centred on the full-sample value theta, with Student's t for the draws' own noise; counts (ADP
+clusters) get their ends rounded outwards to integers, and every end is clipped to the metric's range.
+
+Why a deflation: the metrics are neighbour statistics. A subsample does not only leave points out, it
+also gives the points it keeps new neighbourhoods (their neighbours that were left out are replaced by
+farther ones), so the draws vary more than a smooth statistic's would, and the scaled spread
+over-states the sampling spread of the full-sample value. The coverage study (bench/coverage.py,
+docs/geometry.md) measured the factor per metric at f = 0.8 (1 for the label overlap of subjects, about
+1.2 for Gride and the density, 1.35-1.6 for 2NN, ADP and the letter statistics). At another
+boot_fraction the factor is not applied (the plain, wider jackknife interval). Why transformed scales:
+a share near 0 or 1 or an ARI near 1 has a skewed, bounded sampling distribution; an interval made
+symmetric on the logit or atanh scale is asymmetric on the metric's, never leaves its range and does
+not collapse onto the estimate at a bound (Efron and Tibshirani 1993, An Introduction to the
+Bootstrap, ch. 12-14, on intervals made on a transformed scale).
 
 Centring on the full-sample value, not on the draws, matters here: the draws have fewer points per
 subject, and several metrics move with the sample size (the Gride ID at a fixed neighbour rank, the
 ARI near the resolution limit, the log density), so the draws are shifted; only their spread is used.
-The spread of a smaller sample can only be wider near the resolution limit, so intervals there are
-conservative. A draw whose subjects fall below resolution says so in the log (pipeline).
+``return_interval`` (the earlier scaled-quantile interval) is kept for callers that want it.
 
 Reusing the graph
 -----------------
