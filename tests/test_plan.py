@@ -37,8 +37,8 @@ def test_requested_gpu_hours_are_within_3x_of_expected_for_every_gpu_rule(llama_
         assert "exp_gpu_hours" in r and not r.get("exp_missing"), r["rule"]
         ratio = r["gpu_hours"] / r["exp_gpu_hours"]
         assert 1.0 <= ratio <= 3.0, (config, r["rule"], r["gpu_hours"], r["exp_gpu_hours"])
-        # no rule submits more than a few dozen GPU jobs
-        assert r["jobs"] <= 70, (r["rule"], r["jobs"])
+        # no rule submits more than a few dozen GPU jobs (extraction: one job per variant)
+        assert r["jobs"] <= 36, (r["rule"], r["jobs"])
     text = PL.format_plan(p)
     assert "expected GPU h" in text and "efficiency 0.40 of peak: assumed" in text
     assert "Assumption: tokens: counted with" in text
@@ -68,16 +68,17 @@ def test_plan_of_the_70b_config_counts_disk():
     rules = {r["rule"]: r for r in p["rules"]}
     cfg = yaml.safe_load((ROOT / "config/llama3-70b.yaml").read_text())
     ex = cfg["resources"]["extract"]
-    assert rules["extract"]["jobs"] == 16  # 4 shot counts x (base + 2 fine-tuning runs + 1 intervention)
+    assert rules["extract"]["jobs"] == 4  # one job per variant (base + 2 fine-tuning runs + 1 intervention)
     assert rules["plot_geometry"]["local"] and rules["plot_geometry"]["gpu_hours"] == 0
     assert p["questions"] == 9183 and p["shape"]["layers"] == 80 and p["shape"]["hidden"] == 8192
     d = p["disk"]
-    assert d["extractions"] == pytest.approx(16 * 81 * 9183 * 8192 * 2)  # layers + 1, float16 states
+    # 4 shot counts x 4 variants, layers + 1, float16 states
+    assert d["extractions"] == pytest.approx(16 * 81 * 9183 * 8192 * 2)
     assert d["base_model"] == pytest.approx(70.55e9 * 2, rel=1e-3)
     assert d["finetune_merged"] == pytest.approx(2 * (1 + 5) * 70.55e9 * 2, rel=1e-3)
     assert d["finetune_adapters"] < d["finetune_merged"] / 50  # adapters: a few per mille of merged copies
     text = PL.format_plan(p)
-    assert f"| extract | 16 | {ex['gpu']} |" in text and "adapter checkpoints" in text
+    assert f"| extract | 4 | {ex['gpu']} |" in text and "adapter checkpoints" in text
 
 
 @pytest.mark.slow
@@ -137,3 +138,18 @@ def test_padded_length_is_the_mean_of_the_longest_in_each_batch():
     assert cost.padded_length([10, 10, 10], 4) == 10
     assert 10 < cost.padded_length([10, 20] * 50, 4) < 20
     assert cost.padded_length([10, 20] * 50, 1) == 15
+
+
+def test_a_job_over_several_shot_counts_reads_the_weights_once():
+    shape = PL.model_shape("meta-llama/Meta-Llama-3-8B", ROOT / "resources", ROOT / "bench/configs")
+    counts = {k: dict(plain=1e6 * (k + 1), tree=5e5 * (k + 1), lengths=[100]) for k in (0, 1, 2, 5)}
+    tokens = dict(counts=counts, questions=10_000, notes=[])
+    rates = cost.Rates(gpu=None, extract=1e14, train=1e14, cpu_core=2.7e10)
+    ctx = cost.Context(dict(extract=dict(prefix_sharing=True)), shape, rates, tokens, 10_000, None)
+    per_shot = [cost.job_seconds(ctx, dict(rule="extract", wildcards=dict(variant="base", shots=str(k)), gpus=1,
+                                           cpus=8)) for k in (0, 1, 2, 5)]
+    out = [f"results/reps/m/base/{k}shot.h5" for k in (0, 1, 2, 5)] + ["results/reps/m/base/0shot.json"]
+    together = cost.job_seconds(ctx, dict(rule="extract", wildcards=dict(variant="base"), output=out, gpus=1, cpus=8))
+    assert cost.extract_job_shots(dict(wildcards={}, output=out)) == [0, 1, 2, 5]
+    assert together == pytest.approx(sum(per_shot) - 3 * cost.load_seconds(shape))
+    assert cost.load_seconds(shape) > 0

@@ -174,6 +174,7 @@ def script_missing_rules() -> list[str]:
 
 
 # ----------------------------------------------------- 6. the Llama-3-8B DAG without GPU or Slurm
+from llmscape import cost  # noqa: E402
 from llmscape.plan import parse_dryrun  # noqa: E402
 
 
@@ -215,11 +216,14 @@ def test_llama3_dryrun_without_gpu_or_slurm(tmp_path, config_name):
     assert rules and rules <= in_dag, f"rules missing from the DAG: {sorted(rules - in_dag)}"
     by_variant: dict[str, list[int]] = {}
     for j in jobs:
-        if j["rule"] == "extract":
-            by_variant.setdefault(j["wildcards"]["variant"], []).append(int(j["wildcards"]["shots"]))
+        if cost.is_extract(j["rule"]):
+            by_variant.setdefault(j["wildcards"]["variant"], []).extend(cost.extract_job_shots(j))
     assert "base" in by_variant
     for variant, shots in by_variant.items():  # every model variant, every shot
         assert sorted(shots) == sorted(cfg["extract"]["shots"]), variant
+    # one extraction job per variant over its shot counts: a few dozen GPU jobs, the weights read once each
+    assert cfg["extract"]["one_job_per_variant"]
+    assert sum(cost.is_extract(j["rule"]) for j in jobs) == len(by_variant)
 
     # the user's account and partition reach every job, and GPU jobs request exactly the config
     from types import SimpleNamespace
@@ -245,10 +249,8 @@ def test_llama3_dryrun_without_gpu_or_slurm(tmp_path, config_name):
         r = j["resources"]
         declared = {k: r.get(k) for k in ("mem_mb", "runtime", "cpus_per_task", "gpu", "gpu_model")}
         assert declared in [{k: g.get(k) for k in declared} for g in groups_with_gpu.values()], j
-        if j["rule"] == "extract":
-            group = f"extract_{j['wildcards']['shots']}shot"
-            expect = effective(group, cfg["resources"].get(group, {}))
-            assert declared == {k: expect.get(k) for k in declared}
+        if cost.is_extract(j["rule"]):  # a job over every shot count of a variant: resources.extract
+            assert declared == {k: cfg["resources"]["extract"].get(k) for k in declared}
         job = SimpleNamespace(resources=Res(r), threads=r["cpus_per_task"], name=j["rule"])
         call = get_submit_command(job, {"run_uuid": "x", "slurm_logfile": "l", "comment_str": "c",
                                         "account": " -A proj123", "partition": " -p gpu-a100",
@@ -484,8 +486,11 @@ def test_head_job_wrapper_runs_snakemake_in_a_slurm_job(slurm_cluster, work_root
 def test_ci_dag_on_the_cluster_is_identical_to_a_local_run(slurm_cluster, local_reference, work_root):
     omit = script_missing_rules()
     wd = workdir(fresh(work_root, "cluster"))
+    # on the cluster one extraction job per variant (as the Llama configs), locally one per shot count:
+    # the files must not depend on how the extractions were cut into jobs
+    (wd / "per_variant.yaml").write_text("extract: {one_job_per_variant: true}\n")
     t0 = time.monotonic()
-    res = snakemake("-s", SNAKEFILE, "--configfile", CI_CONFIG, "--profile", PROFILE_TEST,
+    res = snakemake("-s", SNAKEFILE, "--configfile", CI_CONFIG, wd / "per_variant.yaml", "--profile", PROFILE_TEST,
                     *(["--omit-from", *omit] if omit else []), cwd=wd, timeout=1200)
     seconds = time.monotonic() - t0
     (wd / "head.log").write_text(res.stdout)
@@ -500,6 +505,9 @@ def test_ci_dag_on_the_cluster_is_identical_to_a_local_run(slurm_cluster, local_
         pytest.skip(f"no stage that runs on Slurm has landed yet (scripts missing for {omit})")
     assert ran_slurm, "nothing ran on Slurm"
     assert {"prepare_model", "prepare_data"} <= ran_local  # downloads stay on the head node
+    extract_jobs = re.findall(r"^Finished jobid: \d+ \(Rule: (extract\w*)\)", res.stdout, re.M)
+    variants = {p.parent.name for p in (wd / "results" / "reps").rglob("*shot.h5")}
+    assert len(extract_jobs) == len(variants) < len(list((wd / "results" / "reps").rglob("*shot.h5")))
     slurm_logs = {p.name.removeprefix("rule_") for p in (wd / "logs" / "slurm").iterdir()}
     assert ran_slurm <= slurm_logs, "a cluster rule left no Slurm log"
     assert not (ran_local & slurm_logs)

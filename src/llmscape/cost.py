@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -413,13 +414,28 @@ def geometry_calibration(root: Path) -> tuple | None:
     return None
 
 
+def is_extract(rule: str) -> bool:
+    """An extraction rule: per (variant, shots), or per variant over its shot counts."""
+    return rule in ("extract", "extract_variants")
+
+
+def extract_job_shots(job: dict) -> list[int]:
+    """The shot counts one extraction job writes: its wildcard, else its output files (``<k>shot.h5``)."""
+    if "shots" in job["wildcards"]:
+        return [int(job["wildcards"]["shots"])]
+    return [int(m.group(1)) for f in job.get("output", []) if (m := re.search(r"(\d+)shot\.h5$", f))]
+
+
 def job_seconds(ctx: Context, job: dict) -> float | None:
     """Expected seconds of one dry-run job, or None for a rule the model does not cover."""
     rule, wc = job["rule"], job["wildcards"]
-    if rule in ("extract", "finetune") and not job["gpus"]:
+    if (is_extract(rule) or rule == "finetune") and not job["gpus"]:
         return None  # forward and backward passes on CPU cores: no rate to divide by
-    if rule == "extract":
-        return extract_seconds(ctx, int(wc["shots"]))
+    if is_extract(rule):
+        secs = [extract_seconds(ctx, k) for k in extract_job_shots(job)]
+        if not secs or None in secs:
+            return None
+        return sum(secs) - (len(secs) - 1) * load_seconds(ctx.shape)  # the weights are read once per job
     if rule == "finetune":
         return finetune_seconds(ctx, wc.get("run", ""))
     if rule == "spectra":

