@@ -161,3 +161,80 @@ def test_a_killed_owners_partial_file_is_resumed_with_its_rows_kept(jobs):
     with h5py.File(jobs.out, "r") as f:  # only the rest was run: whole prompts, no prefix sharing
         assert result(said)["new_tokens"] == int(f["n_tokens"][:][~done].sum())
     assert not jobs.partial.exists() and not owner.record_path(jobs.partial).exists()
+
+
+def _record(partial: Path, **fields) -> Path:
+    rec = dict(dict(host=socket.gethostname(), pid=1, proc_start=None, job=None, claimed="then"), **fields)
+    path = owner.record_path(partial)
+    path.write_text(json.dumps(rec))
+    return path
+
+
+def test_an_owner_on_another_host_is_live_while_its_heartbeat_is_fresh(tmp_path):
+    partial = tmp_path / "x.h5.partial"
+    record = _record(partial, host="node-elsewhere", pid=4242)
+    with pytest.raises(owner.OwnerBusyError, match="being written by pid 4242 on host node-elsewhere.*kill 4242"):
+        owner.claim(partial, wait_s=0)
+    old = time.time() - 3600  # no heartbeat for an hour: the owner is gone
+    os.utime(record, (old, old))
+    claim = owner.claim(partial, wait_s=0)
+    assert json.loads(record.read_text())["pid"] == os.getpid() and not claim.waited
+    claim.release()
+    assert not record.exists()
+
+
+def test_a_reused_pid_is_not_taken_for_the_owner(tmp_path):
+    partial = tmp_path / "x.h5.partial"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        _record(partial, pid=other.pid, proc_start=owner._proc_start(other.pid), job="77")
+        with pytest.raises(owner.OwnerBusyError, match=f"Slurm job 77 \\(host .*, pid {other.pid}\\).*scancel 77"):
+            owner.claim(partial, wait_s=0)
+        _record(partial, pid=other.pid, proc_start="1")  # the same pid, started at another time
+        owner.claim(partial, wait_s=0).release()
+    finally:
+        other.kill()
+        other.wait()
+
+
+@pytest.mark.slow
+def test_an_orphan_of_a_killed_head_and_the_rerun_do_not_destroy_each_others_work(tmp_path):
+    """The cluster case, on the local executor: the head is SIGKILLed while its extraction job holds
+    the partial file (stopped, so that it still runs when the rerun starts); --unlock and
+    --rerun-incomplete start a second job for the same output, which waits for the orphan naming it;
+    the orphan finishes, and the rerun's job keeps its file instead of deleting it."""
+    root = Path(__file__).resolve().parents[1]
+    target = "results/reps/smollm2-135m/base/0shot.h5"
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(root / "Snakefile"), "--directory", str(tmp_path),
+           "--configfile", str(root / "config" / "ci.yaml"), "--config", f"resources_dir={root / 'resources'}",
+           "--cores", "1", target]
+    partial = tmp_path / (target + ".partial")
+
+    def logs() -> str:  # the jobs' logs (the orphan and the rerun's job write the same one)
+        return "".join(p.read_text() for p in (tmp_path / "logs").rglob("*.log"))
+
+    head = subprocess.Popen(cmd, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT)
+    orphan = None
+    try:
+        wait_for(lambda: owner.record_path(partial).exists() and partial.exists() or head.poll() is not None,
+                 "the extraction job to own its partial file")
+        orphan = json.loads(owner.record_path(partial).read_text())["pid"]
+        os.kill(orphan, signal.SIGSTOP)
+        head.kill()  # the head dies; its job (a child of the job's own process) goes on
+        head.wait()
+        assert subprocess.run([*cmd, "--unlock"], capture_output=True).returncode == 0
+        rerun = subprocess.Popen([*cmd, "--rerun-incomplete"], stdout=open(tmp_path / "rerun.log", "w"),
+                                 stderr=subprocess.STDOUT)
+        wait_for(lambda: "waiting for it to end" in logs() or rerun.poll() is not None, "the rerun to wait")
+        assert f"is being written by pid {orphan} on host {socket.gethostname()}" in logs()
+        os.kill(orphan, signal.SIGCONT)
+        assert rerun.wait() == 0, (tmp_path / "rerun.log").read_text()[-3000:]
+    finally:
+        if orphan is not None and _state(orphan) is not None:
+            os.kill(orphan, signal.SIGCONT)
+        if head.poll() is None:
+            head.kill()
+    assert "was finished by the job this one waited for" in logs()
+    states = E.read_states(tmp_path / target)
+    assert states["attrs"]["complete"] and np.isfinite(states["hidden"]).all()
+    assert not partial.exists() and not owner.record_path(partial).exists()
