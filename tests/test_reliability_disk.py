@@ -101,3 +101,17 @@ def test_a_read_only_folder_when_a_job_writes_is_one_line_naming_the_folder(tmp_
         log[-3000:]
     assert "Traceback" not in log, log[-3000:]
     assert not (results / "x.h5").exists()
+
+
+def test_the_line_says_what_the_errno_means():
+    """Each errno gets its own fix; a permission error may come from a read too, so it does not say
+    'cannot be written'; an error of another kind is not taken for one (its traceback is kept)."""
+    import errno
+
+    from llmscape.io import no_room
+
+    assert no_room(OSError(errno.EDQUOT, "quota", "/r/a.h5")).startswith("Disk quota exceeded in /r. Fix: free space")
+    denied = no_room(PermissionError(errno.EACCES, "denied", "/r/a.h5"))
+    assert denied.startswith("Permission denied in /r") and "cannot be written" not in denied
+    assert no_room(ValueError("errno = 3 in some text")) is None
+    assert no_room(FileNotFoundError(errno.ENOENT, "missing", "/r/a.h5")) is None

@@ -69,8 +69,11 @@ def _room_line(code: int, folder: Path) -> str:
     if code in (errno.ENOSPC, errno.EDQUOT):
         return (f"{os.strerror(code)} in {folder}. Fix: free space there (`df -h {folder}` shows what is left) or run "
                 "the workflow where there is room; then rerun (an extraction resumes its .partial file).")
-    return (f"{os.strerror(code)}: {folder} cannot be written. Fix: make it writable (`ls -ld {folder}`), or run the "
-            "workflow from a writable folder.")
+    if code == errno.EROFS:
+        return (f"{os.strerror(code)}: {folder} cannot be written. Fix: make it writable (`ls -ld {folder}`), or run "
+                "the workflow from a writable folder.")
+    return (f"{os.strerror(code)} in {folder} (this job's user may not write, or read, there). Fix: give it access "
+            f"(`ls -ld {folder}`), or run the workflow from a folder it may write.")
 
 
 @contextlib.contextmanager
