@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
+import tempfile
 from pathlib import Path
 
-from . import assets
+from . import assets, gpufit
 from .adapters import apply_adapter, variant_checksum
 from .devices import pick_device, pick_dtype
 from .io import atomic_dir, write_json
@@ -213,8 +215,6 @@ def load(path: str | Path, dtype="float32", device: str = "cpu", trust_remote_co
                 model, max_memory=mm, no_split_module_classes=model._no_split_modules)
             model = dispatch_model(model, placed, offload_dir=offload_folder)
     else:
-        import tempfile
-
         mm = {int(k) if str(k).isdigit() else k: v for k, v in (max_memory or {}).items()} or None
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                      device_map=device_map, max_memory=mm,
@@ -226,8 +226,6 @@ def load(path: str | Path, dtype="float32", device: str = "cpu", trust_remote_co
 
 def parameter_count(folder: str | Path) -> int:
     """Parameters stored in a folder's safetensors files, from their headers (no tensor is read)."""
-    import math
-
     total = 0
     for f in weight_files(folder):
         header, _ = read_safetensors_header(f)
@@ -244,8 +242,6 @@ def plan_gpus(folder: str | Path, totals: list[int], *, dtype, token_budget: int
     meta-device copy within per-GPU caps that leave room for keys/values and activations (accelerate
     alone fills the first GPU), and checked to put nothing on the CPU or disk."""
     import torch
-
-    from . import gpufit
 
     cfg = json.loads((Path(folder) / "config.json").read_text())
     nbytes = torch.tensor([], dtype=dtype).element_size()

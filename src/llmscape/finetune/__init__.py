@@ -7,9 +7,11 @@
     spectral_r/        Spectral^R: Cayley rotations of the top-r singular vectors (Zhang & Pilanci 2024)
     srank_calibrated/  LoRA on matrices chosen by stable rank: our reconstruction of Liu et al. 2024
 
-``registry`` maps names to packages, ``grid`` expands and validates the config sweep, ``data`` builds the
-answer-letter SFT examples, ``train`` runs one job, ``merge`` writes merged weights and model cards,
-``evaluate`` scores MMLU letters as extraction does.
+``method`` is the contract a method folder fulfils, ``registry`` finds the folders and maps names to
+them, ``grid`` expands and validates the config sweep, ``data`` builds the answer-letter SFT examples,
+``train`` runs one job, ``launch`` starts it in one process or several, ``merge`` writes the adapters,
+merged weights and model cards (the adapter format itself is ``llmscape.adapters``), ``evaluate``
+scores MMLU letters as extraction does.
 """
 
 from .common import Context, FinetuneError, RunSpec  # noqa: F401
