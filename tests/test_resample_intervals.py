@@ -40,8 +40,8 @@ def test_formula_of_a_plain_metric():
 @pytest.mark.parametrize("theta, centre, spread", [(0.02, 0.0, 0.08), (0.5, 0.45, 0.2), (0.97, 0.95, 0.05),
                                                     (1.0, 0.99, 0.02)])
 def test_ari_ends_stay_in_range_and_around_the_estimate(theta, centre, spread):
-    # the ARI's interval is made on the atanh scale: however wide the draws, both ends lie in the ARI's
-    # range, the estimate lies inside, and a value near 1 still gets a lower end below it
+    # however wide the draws, both ends lie in the ARI's range, the estimate lies inside, and a value
+    # near or at 1 still gets a lower end below it (the draws' sd, not their quantiles, which tie at 1)
     rng = np.random.default_rng(1)
     draws = np.clip(centre + spread * rng.standard_normal(100), -0.2, 1.0)
     lo, hi, _ = return_metric_interval("ari_subjects", theta, draws, 0.8, 0.95)

@@ -14,7 +14,7 @@ full-sample estimate is (r / d) times the variance of the draws, so the draws' s
 c = sqrt(f / (1 - f)) (2 for f = 0.8). The interval is
 
     theta +- t_(n_boot - 1) x c / deflation x sd(draws)        on the metric's own scale, or on
-    the logit scale (shares: overlaps, core fraction) or the atanh scale (ARIs), then mapped back,
+    the logit scale (the neighbourhood overlaps), then mapped back,
 
 centred on the full-sample value theta, with Student's t for the draws' own noise; counts (ADP
 clusters) get their ends rounded outwards to integers, and every end is clipped to the metric's range.
@@ -25,11 +25,13 @@ farther ones), so the draws vary more than a smooth statistic's would, and the s
 over-states the sampling spread of the full-sample value. The coverage study (bench/coverage.py,
 docs/geometry.md) measured the factor per metric at f = 0.8 (1 for the label overlap of subjects, about
 1.2 for Gride and the density, 1.35-1.6 for 2NN, ADP and the letter statistics). At another
-boot_fraction the factor is not applied (the plain, wider jackknife interval). Why transformed scales:
-a share near 0 or 1 or an ARI near 1 has a skewed, bounded sampling distribution; an interval made
-symmetric on the logit or atanh scale is asymmetric on the metric's, never leaves its range and does
-not collapse onto the estimate at a bound (Efron and Tibshirani 1993, An Introduction to the
-Bootstrap, ch. 12-14, on intervals made on a transformed scale).
+boot_fraction the factor is not applied (the plain, wider jackknife interval). Why the logit scale
+for overlaps: a share near 0 or 1 has a skewed, bounded sampling distribution; an interval made
+symmetric on the logit scale is asymmetric on the metric's and never leaves (0, 1) (Efron and
+Tibshirani 1993, An Introduction to the Bootstrap, ch. 12-14, on intervals made on a transformed
+scale). The ARI stays on its own scale: on the atanh scale one draw at ARI 1 stretched the interval
+near separation to 3.3x the ideal width (study). The sd of the draws, unlike their quantiles, does not
+collapse onto the estimate when many draws tie at a bound.
 
 Centring on the full-sample value, not on the draws, matters here: the draws have fewer points per
 subject, and several metrics move with the sample size (the Gride ID at a fixed neighbour rank, the
