@@ -213,7 +213,7 @@ class _FedTokens:
     any batch was padded, through a forward pre-hook on the decoder."""
 
     def __init__(self, dec):
-        self.tokens, self.padded = 0, False
+        self.tokens, self.padded, self.batches = 0, False, 0
         self.handle = dec.register_forward_pre_hook(self, with_kwargs=True)
 
     def __call__(self, module, args, kwargs):
@@ -221,6 +221,7 @@ class _FedTokens:
         new = mask[:, -ids.shape[1]:] if mask is not None else torch.ones_like(ids)
         self.tokens += int(new.sum())
         self.padded |= bool((new == 0).any())
+        self.batches += 1
 
 
 @pytest.mark.parametrize("order", ["fixed", "permuted"])
@@ -249,11 +250,42 @@ def test_prefix_tree_states_equal_unshared_for_0_to_5_shots(rows_pool, loaded_mo
             counts = E.count_prompt_tokens(ids, rows.subject.tolist())
             assert E.count_config_tokens(tok, rows, pool, shots, order) == dict(counts, questions=len(rows))
             assert fed.tokens == counts["shared"] < fed0.tokens == counts["plain"], shots
-            assert fed.padded, shots  # some batch mixed lengths
+            assert not fed.padded, shots  # packed: a batch of mixed lengths runs without padding
             assert np.abs(st - st0).max() / np.abs(st0).max() < 1e-4, shots  # fp32 tolerance
             np.testing.assert_allclose(lg, lg0, rtol=1e-4, atol=1e-4)
     finally:
         cap.remove()
+
+
+def test_packed_batches_equal_padded_batches(rows_pool, loaded_model):
+    """The packed path (a batch's segments in one row behind one shared path) against the padded one (a
+    row per segment, the path copied per row), on the permuted 5-shot tree with small batches: inner
+    nodes and leaves in one batch, several batches per node; same states, logits and tokens fed."""
+    from llmscape import prompts as P
+
+    rows, pool = rows_pool
+    tok, model = loaded_model
+    assert E.packs(model)  # Llama: the default path is the packed one
+    ids = E.tokenize(tok, P.build_prompts(rows, pool, 5, "permuted"))
+    cap = E.LastTokenCapture(model, "norm")
+    out = {}
+    try:
+        for packed in (True, False):
+            fed = _FedTokens(model.model)
+            st = np.zeros((31, len(ids), 576), np.float32)
+            lg = np.zeros((len(ids), 2, 4), np.float32)
+            for res in E.run_batches(model, tok, ids, rows.subject.tolist(), token_budget=600, max_batch=4,
+                                     capture=cap, packed=packed):
+                st[:, res.positions], lg[res.positions] = res.states.numpy(), res.letter_logits
+            fed.handle.remove()
+            out[packed] = st, lg, fed
+    finally:
+        cap.remove()
+    (st, lg, fed), (st0, lg0, fed0) = out[True], out[False]
+    assert fed.tokens == fed0.tokens == E.count_prompt_tokens(ids, rows.subject.tolist())["shared"]
+    assert not fed.padded and fed0.padded
+    assert np.abs(st - st0).max() / np.abs(st0).max() < 1e-4  # fp32 tolerance
+    np.testing.assert_allclose(lg, lg0, rtol=1e-4, atol=1e-4)
 
 
 def test_permuted_5_shot_states_match_a_plain_forward_pass(tmp_path, base_card, rows_pool, loaded_model):

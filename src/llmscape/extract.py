@@ -14,7 +14,8 @@ Prefix sharing (``prefix_sharing: true``): a subject's prompts form a prefix tre
 With ``fixed`` shots it is the header and shots, shared by every question; with ``permuted`` shots the
 header is shared by all, the first shot by the questions that start with it, and so on. Each shared
 segment runs once, attending to its path's cache; the prompts' own ends run in token-budget batches
-attending to their node's path, whose keys/values are expanded to the batch as views (no copy per row).
+packed end to end into one row (no padding) behind their node's path, whose keys/values every segment
+attends to without a copy per segment (:class:`_Pack`; padded rows for architectures it does not cover).
 The tree is walked depth first, so only the caches of the current path (and of the inner nodes of
 one batch per level) are alive: :func:`count_prompt_tokens` gives the tokens run and that peak.
 
@@ -336,20 +337,23 @@ def count_config_tokens(tok, rows: pd.DataFrame, pool: pd.DataFrame, shots: int,
     return dict(out, questions=len(rows))
 
 
-def plan_batches(lengths: Sequence[int], path_len: int, token_budget: int, max_batch: int) -> list[list[int]]:
+def plan_batches(lengths: Sequence[int], path_len: int, token_budget: int, max_batch: int,
+                 packed: bool = True) -> list[list[int]]:
     """Indices into ``lengths`` (the segments to run under one tree node), longest first, each batch
-    within the budget: rows x longest new-token count <= token_budget; the cached path counts at 1/8."""
+    within the budget. Packed (:class:`_Pack`): the batch's tokens, plus the cached path at 1/8 a token
+    per segment (its attention scores), <= token_budget; padded: rows x (longest segment + path / 8)."""
     order = sorted(range(len(lengths)), key=lambda j: -lengths[j])
-    batches, cur, cur_max = [], [], 0
+    batches, cur, cur_max, cur_sum = [], [], 0, 0
     for j in order:
         L = lengths[j]
-        new_max = max(cur_max, L)
-        cost = (len(cur) + 1) * (new_max + path_len // 8)
+        new_max, new_sum = max(cur_max, L), cur_sum + L
+        rows = len(cur) + 1
+        cost = new_sum + rows * (path_len // 8) if packed else rows * (new_max + path_len // 8)
         if cur and (cost > token_budget or len(cur) >= max_batch):
             batches.append(cur)
-            cur, new_max = [], L
+            cur, new_max, new_sum = [], L, L
         cur.append(j)
-        cur_max = new_max
+        cur_max, cur_sum = new_max, new_sum
     if cur:
         batches.append(cur)
     return batches
@@ -400,6 +404,88 @@ class _PathLayer(DynamicLayer):
         return self.length + query_length, 0
 
 
+PACKED = "llmscape_packed"  # the attention of a packed batch, registered with transformers' attention interface
+PACKED_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # attention = projections, RoPE, causal softmax(q k^T) v
+
+
+def packs(model) -> bool:
+    """Whether ``model``'s batches can be packed (:class:`_Pack`): an architecture whose attention is plain
+    causal attention behind transformers' attention interface, without a sliding window or soft-capping.
+    Others run padded batches (:class:`_PathLayer`), whose attention sees the path copied per row."""
+    cfg = model.config
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    return getattr(cfg, "model_type", None) in PACKED_TYPES and window is None
+
+
+@dataclass
+class _Pack:
+    """One packed forward pass: a batch's segments laid end to end in one row (no padding), each attending
+    to the node's path, one (keys, values) per block shared by every segment (never copied per segment),
+    and causally to itself. ``keep``: the segments (inner nodes) whose own keys/values are kept, per block,
+    in ``new``, as their children's path."""
+    path: list                        # per block (keys, values), (1, kv_heads, path_len, head_dim); [] at a root
+    bounds: list[tuple[int, int]]     # (start, length) of each segment in the row
+    keep: list[int]
+    new: dict = field(default_factory=dict)   # block -> {segment: (keys, values)}
+    masks: dict = field(default_factory=dict)  # (length, group) -> additive causal mask
+
+
+def _packed_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, llmscape_pack=None, **kw):
+    """Attention of a packed batch (transformers' attention-interface signature; ``query`` (1, H, T, d),
+    ``key``/``value`` (1, KV, T, d) of the row). Query heads are folded onto their key/value head (grouped
+    query attention without repeating keys), so the scores against the shared path are one matrix product
+    for all T queries; each segment's scores against its own keys are its own small product, causal. A
+    softmax over both, as a plain forward pass over path + segment computes it."""
+    pack, layer = llmscape_pack, module.layer_idx
+    _, H, T, d = query.shape
+    kv = key.shape[1]
+    g = H // kv
+    pack.new[layer] = {r: (key[:, :, o: o + n].clone(), value[:, :, o: o + n].clone())
+                       for r, (o, n) in enumerate(pack.bounds) if r in pack.keep}
+    q = query[0].view(kv, g, T, d).transpose(1, 2).reshape(kv, T * g, d)  # row t * g + j: head kv * g + j
+    pk, pv = pack.path[layer] if pack.path else (None, None)
+    s_path = torch.matmul(q, pk[0].transpose(1, 2)) * scaling if pk is not None else None
+    out = torch.empty_like(q)
+    for o, n in pack.bounds:
+        rows = slice(o * g, (o + n) * g)
+        s = torch.matmul(q[:, rows], key[0, :, o: o + n].transpose(1, 2)) * scaling + _causal(pack, n, g, q)
+        if s_path is not None:
+            s = torch.cat([s_path[:, rows], s], dim=-1)
+        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+        o_ = torch.matmul(p[..., -n:], value[0, :, o: o + n])
+        if pv is not None:
+            o_ = o_.baddbmm_(p[..., :-n], pv[0])
+        out[:, rows] = o_
+    return out.view(kv, T, g, d).permute(1, 0, 2, 3).reshape(1, T, H, d), None
+
+
+def _causal(pack: _Pack, n: int, g: int, like: torch.Tensor) -> torch.Tensor:
+    """(n * g, n) additive mask: query row t * g + j sees the segment's keys 0..t."""
+    if (n, g) not in pack.masks:
+        t = torch.arange(n, device=like.device)
+        m = torch.zeros(n, n, dtype=like.dtype, device=like.device).masked_fill_(t[None, :] > t[:, None], float("-inf"))
+        pack.masks[(n, g)] = m.repeat_interleave(g, dim=0)
+    return pack.masks[(n, g)]
+
+
+class _attention:
+    """Context: ``dec`` computes its attention with ``name`` (a registered implementation) inside it."""
+
+    def __init__(self, dec, name: str):
+        from transformers import AttentionInterface
+
+        if name not in AttentionInterface._global_mapping:
+            AttentionInterface.register(name, _packed_attention)
+        self.config, self.name = dec.config, name
+
+    def __enter__(self):
+        self.before = self.config._attn_implementation
+        self.config._attn_implementation = self.name
+
+    def __exit__(self, *exc):
+        self.config._attn_implementation = self.before
+
+
 def letter_rows(head, letters: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Dense copies of the LM head's rows (and bias entries) of the 8 letter tokens: (8, d), (8,) or None.
     Under DeepSpeed ZeRO-3 the head's weight is an empty slice outside a gather (a fine-tuning job's
@@ -426,6 +512,7 @@ class _Walk:
     capture: LastTokenCapture | None
     w_letters: torch.Tensor
     b_letters: torch.Tensor | None
+    packed: bool = False  # batches packed into one row (:class:`_Pack`), else padded (:class:`_PathLayer`)
     pending: int = 0  # tokens run since the last result
 
     def node(self, node: Node, path: list) -> Iterator[BatchResult]:
@@ -434,8 +521,10 @@ class _Walk:
         after the other: a cache lives until its subtree is done, and one batch's per level (held_tokens)."""
         kids = node.children
         path_len = sum(p[0][0].shape[-2] for p in path)
-        for batch in plan_batches([len(k.segment) for k in kids], path_len, self.token_budget, self.max_batch):
-            res, caches = self.forward([kids[j] for j in batch], path, path_len)
+        run = self.forward_packed if self.packed else self.forward
+        for batch in plan_batches([len(k.segment) for k in kids], path_len, self.token_budget, self.max_batch,
+                                  self.packed):
+            res, caches = run([kids[j] for j in batch], path, path_len)
             if res is not None:
                 yield res
             for r in sorted(caches):
@@ -467,17 +556,42 @@ class _Walk:
         caches = {r: [layer.new[r] for layer in layers] for r in keep}
         if not leaves:
             return None, caches
-        return self.result(h, last, leaves, nodes), caches
-
-    def result(self, h, last, leaves: list[int], nodes: list[Node]) -> BatchResult:
         rows = torch.tensor(leaves)
-        h_last = h[rows.to(h.device), last[rows].to(h.device)].to(self.w_letters.device)
-        logits = h_last.float() @ self.w_letters.float().T
+        return self.result(h[rows.to(h.device), last[rows].to(h.device)], leaves, nodes, rows), caches
+
+    def forward_packed(self, nodes: list[Node], path: list, path_len: int) -> tuple[BatchResult | None, dict]:
+        """Run ``nodes``' segments packed into one row behind their shared ``path`` (:class:`_Pack`): no
+        padding, and the path's keys/values joined once per batch (one row), never expanded to the batch."""
+        lens = [len(n.segment) for n in nodes]
+        starts = np.cumsum([0] + lens[:-1])
+        ids = torch.tensor([t for n in nodes for t in n.segment]).unsqueeze(0)
+        pos = torch.cat([torch.arange(path_len, path_len + n) for n in lens]).unsqueeze(0)
+        leaves = [r for r, n in enumerate(nodes) if n.prompt is not None]
+        ends = torch.as_tensor(starts + np.array(lens) - 1)[leaves]
+        joined = [tuple(torch.cat([p[i][j] for p in path], dim=-2) if len(path) > 1 else path[0][i][j]
+                        for j in (0, 1)) for i in range(self.n_blocks)] if path else []
+        pack = _Pack(joined, list(zip(starts.tolist(), lens)), [r for r, n in enumerate(nodes) if n.children])
+        if self.capture is not None:
+            self.capture.index = ends if leaves else None
+        with _attention(self.dec, PACKED):
+            h = self.dec(input_ids=ids.to(self.device), position_ids=pos.to(self.device), use_cache=False,
+                         llmscape_pack=pack).last_hidden_state
+        self.pending += sum(lens)
+        caches = {r: [pack.new[i][r] for i in range(self.n_blocks)] for r in pack.keep}
+        if not leaves:
+            return None, caches
+        return self.result(h[0, ends.to(h.device)], leaves, nodes, None), caches
+
+    def result(self, h_last, leaves: list[int], nodes: list[Node], rows: torch.Tensor | None) -> BatchResult:
+        """Letter logits of the leaves' last states ``h_last``; the captured states, of the batch's ``rows``
+        (the padded path captures every row) or as captured (the packed path captures the leaves only)."""
+        logits = h_last.to(self.w_letters.device).float() @ self.w_letters.float().T
         if self.b_letters is not None:
             logits = logits + self.b_letters.float()
         states = None
         if self.capture is not None:
-            states = self.capture.take().cpu()[:, rows]
+            states = self.capture.take().cpu()
+            states = states[:, rows] if rows is not None else states
             self.capture.index = None
         res = BatchResult(np.array([nodes[r].prompt for r in leaves]), states,
                           logits.reshape(len(leaves), 2, 4).cpu().numpy(), self.pending)
@@ -488,17 +602,19 @@ class _Walk:
 @torch.inference_mode()
 def run_batches(model, tok, token_ids: list[list[int]], group_keys: Sequence | None, *, token_budget: int,
                 max_batch: int, capture: LastTokenCapture | None, skip: np.ndarray | None = None,
-                progress: Callable[[int, int], None] | None = None) -> Iterator[BatchResult]:
+                progress: Callable[[int, int], None] | None = None, packed: bool | None = None) -> Iterator[BatchResult]:
     """Run every prompt not in ``skip`` once; yield per-batch last-token states and letter logits.
 
     ``group_keys`` (one per prompt, the subject) groups prompts into prefix trees (:func:`build_tree`):
     each tree is walked depth first, every inner segment runs once with its path's cache, and a
     node's children (leaves and inner nodes alike) run in token-budget batches attending to that path.
-    ``group_keys=None`` runs every prompt whole, without any cache."""
+    ``group_keys=None`` runs every prompt whole, without any cache. ``packed``: a batch's segments in one
+    row behind one shared path (:class:`_Pack`), or padded rows (:class:`_PathLayer`); None: packed where
+    the architecture allows it (:func:`packs`)."""
     dec, blocks, _ = decoder_parts(model)
     w_letters, b_letters = letter_rows(model.get_output_embeddings(), letter_token_ids(tok))
     walk = _Walk(dec, len(blocks), next(model.parameters()).device, _pad_id(tok), token_budget, max_batch, capture,
-                 w_letters, b_letters)
+                 w_letters, b_letters, packs(model) if packed is None else packed)
     for tree in group_trees(token_ids, group_keys, skip):
         for res in walk.node(tree, []):
             yield res
