@@ -162,9 +162,12 @@ def return_member_knn(knn: np.ndarray, members: np.ndarray, k: int) -> np.ndarra
 
 
 def return_interval(theta: float, draws, fraction: float, confidence: float) -> tuple[float, float, int]:
-    """(lo, hi, draws used): the delete-d jackknife interval of the module docstring for the
-    full-sample value ``theta`` from the values of the subsamples (non-finite draws skipped). NaN
-    bounds when theta is not finite or fewer than two draws are."""
+    """(lo, hi, draws used): the scaled-quantile form of the delete-d jackknife for the full-sample value
+    ``theta``: theta + c (q - median of the draws) at the (1 -+ confidence) / 2 quantiles, c = sqrt(f /
+    (1 - f)), no deflation, no transform (non-finite draws skipped; NaN bounds when theta is not finite or
+    fewer than two draws are). The layer tables use :func:`return_metric_interval` instead; the coverage
+    study found this form 1.2-1.9x too wide for neighbour statistics and collapsing onto the estimate
+    where many draws tie."""
     v = np.asarray(draws, dtype=np.float64)
     v = v[np.isfinite(v)]
     if v.size < 2 or not math.isfinite(theta):
