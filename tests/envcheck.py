@@ -48,11 +48,15 @@ def rule_environments() -> dict[str, str]:
     """rule name -> environment file (relative to the repository), from the conda directives."""
     out = {}
     for smk in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
-        for block in re.split(r"\n(?=rule )", smk.read_text()):
-            m = re.match(r"rule (\w+):", block)
-            env = re.search(r"\n    conda:\n\s+\"([^\"]+)\"", block)
+        text = smk.read_text()
+        # rules may sit inside an if (indented) and a rule made by `use rule A as B` has A's environment
+        for block in re.split(r"\n(?=[ \t]*rule \w+:)", text):
+            m = re.match(r"\s*rule (\w+):", block)
+            env = re.search(r"\n\s+conda:\n\s+\"([^\"]+)\"", block)
             if m and env:
                 out[m.group(1)] = str((smk.parent / env.group(1)).resolve().relative_to(ROOT))
+        for parent, child in re.findall(r"^\s*use rule (\w+) as (\w+)", text, re.M):
+            out[child] = out[parent]
     return out
 
 

@@ -88,7 +88,7 @@ def test_rule_to_group_hints_match_the_rules():
     for smk in (ROOT / "workflow" / "rules").glob("*.smk"):
         for block in re.split(r"\n(?=\s*rule )", smk.read_text())[1:]:  # rules inside an if are indented
             named = re.match(r"\s*rule (\w+):", block)
-            if named is None:  # a rule named in a loop (extract.one_job_per_variant): the name is not fixed
+            if named is None:  # an anonymous rule: no name to hint at
                 continue
             name = named.group(1)
             group = re.search(r"\*\*res\(\"(\w+)\"", block)

@@ -18,12 +18,7 @@ if not config["extract"]["one_job_per_variant"]:
             "../../envs/extract.yaml"
         threads: threads_of("extract")
         resources:
-            # resources.extract_<k>shot over resources.extract: a 0-shot job is a fraction of a 5-shot one
-            **{
-                **res("extract"),
-                "runtime": lambda wc, attempt: res(f"extract_{wc.shots}shot", parent="extract")["runtime"](wc, attempt),
-                "mem_mb": lambda wc, attempt: res(f"extract_{wc.shots}shot", parent="extract")["mem_mb"](wc, attempt),
-            },
+            **per_shot_job_resources(),
         params:
             extract=EXTRACT_PARAMS,
             seed=config["data"]["seed"],
@@ -31,32 +26,42 @@ if not config["extract"]["one_job_per_variant"]:
             "../../scripts/extract.py"
 
 else:
-    # one rule for every variant when they share the shot counts, else one for the base model and one
-    # for the others (Snakemake outputs are fixed patterns, so a rule has one list of shot counts)
-    for _name, _variants, _shots in extract_job_kinds():
 
-        rule:
-            name:
-                _name
-            wildcard_constraints:
-                variant=_variants,
-            input:
-                **EXTRACT_INPUTS,
+    # Snakemake outputs are fixed patterns, so a rule has one list of shot counts: the base model's
+    # rule serves every variant when they share the shot counts, else extract_variants serves the others
+    rule extract:
+        input:
+            **EXTRACT_INPUTS,
+        output:
+            h5=expand("results/reps/{{model}}/{{variant}}/{shots}shot.h5", shots=SHOTS),
+            accuracy=expand("results/reps/{{model}}/{{variant}}/{shots}shot.json", shots=SHOTS),
+        log:
+            "logs/extract/{model}/{variant}/all_shots.log",
+        benchmark:
+            "benchmarks/extract/{model}/{variant}/all_shots.tsv"
+        wildcard_constraints:
+            variant=VARIANTS_AT_SHOTS,
+        conda:
+            "../../envs/extract.yaml"
+        threads: threads_of("extract")
+        resources:
+            **res("extract"),  # the whole job: resources.extract.runtime covers every shot count
+        params:
+            extract=EXTRACT_PARAMS,
+            seed=config["data"]["seed"],
+            shots=SHOTS,
+        script:
+            "../../scripts/extract.py"
+
+    if VARIANT_SHOTS != SHOTS:
+
+        use rule extract as extract_variants with:
             output:
-                h5=expand("results/reps/{{model}}/{{variant}}/{shots}shot.h5", shots=_shots),
-                accuracy=expand("results/reps/{{model}}/{{variant}}/{shots}shot.json", shots=_shots),
-            log:
-                "logs/extract/{model}/{variant}/all_shots.log",
-            benchmark:
-                "benchmarks/extract/{model}/{variant}/all_shots.tsv"
-            conda:
-                "../../envs/extract.yaml"
-            threads: threads_of("extract")
-            resources:
-                **variant_job_resources(),
+                h5=expand("results/reps/{{model}}/{{variant}}/{shots}shot.h5", shots=VARIANT_SHOTS),
+                accuracy=expand("results/reps/{{model}}/{{variant}}/{shots}shot.json", shots=VARIANT_SHOTS),
+            wildcard_constraints:
+                variant=OTHER_VARIANTS,
             params:
                 extract=EXTRACT_PARAMS,
                 seed=config["data"]["seed"],
-                shots=_shots,
-            script:
-                "../../scripts/extract.py"
+                shots=VARIANT_SHOTS,

@@ -6,18 +6,18 @@ EXTRACT_INPUTS = dict(
     pool="results/data/pool.parquet",
     index="results/data/analysis_index.npy",
 )
-_OTHER_VARIANT = r"(?!base(?:/|$))[A-Za-z0-9][A-Za-z0-9._=-]*"  # any variant but the base model
+# one job per variant: which variants the base model's rule serves (all of them when every variant is
+# extracted at the same shot counts) and which the rule extract_variants serves
+_ANY_VARIANT = r"[A-Za-z0-9][A-Za-z0-9._=-]*"
+OTHER_VARIANTS = rf"(?!base(?:/|$)){_ANY_VARIANT}"
+VARIANTS_AT_SHOTS = _ANY_VARIANT if SHOTS == VARIANT_SHOTS else "base"
 
 
-def extract_job_kinds():
-    """(rule name, variant pattern, shots) of the per-variant extraction rules: one rule when the base
-    model and the other variants share their shot counts, else one rule each."""
-    if SHOTS == VARIANT_SHOTS:
-        return [("extract", r"[A-Za-z0-9][A-Za-z0-9._=-]*", SHOTS)]
-    return [("extract", "base", SHOTS), ("extract_variants", _OTHER_VARIANT, VARIANT_SHOTS)]
-
-
-def variant_job_resources():
-    """A job over every shot count of a variant reads resources.extract (its runtime covers them all);
-    resources.extract_<k>shot size the jobs of one shot count."""
-    return res("extract")
+def per_shot_job_resources():
+    """A job of one shot count: resources.extract_<k>shot over resources.extract (a 0-shot job is a
+    fraction of a 5-shot one)."""
+    return {
+        **res("extract"),
+        "runtime": lambda wc, attempt: res(f"extract_{wc.shots}shot", parent="extract")["runtime"](wc, attempt),
+        "mem_mb": lambda wc, attempt: res(f"extract_{wc.shots}shot", parent="extract")["mem_mb"](wc, attempt),
+    }
