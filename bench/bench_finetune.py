@@ -6,7 +6,9 @@
     python3 bench/bench_finetune.py --random-init ...       # weights drawn from config.json only
 
 Each method runs in its own process (so peak memory is its own): the same MMLU answer-letter batches
-(0-shot question blocks, batch 4), ``--warmup`` untimed steps, then ``--steps`` timed optimiser steps.
+(0-shot question blocks, batch 4), ``--warmup`` untimed steps, then ``--steps`` timed optimiser steps;
+``--repeats`` rounds run every method once each, alternating (bench/common.py: the median run, the spread,
+the load before and during each run, busy runs marked).
 tokens/s counts non-padding tokens. Peak memory: CUDA max_memory_allocated on GPU, process peak RSS on
 CPU (which includes the fp32 model, ~0.5 GB). Writes bench/results/finetune[_TAG].json and .png.
 
@@ -30,6 +32,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import common as B  # noqa: E402  (bench/common.py: alternation, load, median and spread)
 
 PLAN = [  # (label, method, rank, options)
     ("lora (peft, r=8)", "lora", 8, {}),
@@ -128,24 +133,36 @@ def main():
                     help="CPU threads per worker (1: the shared 2-core dev machine thrashes with 2 under load)")
     ap.add_argument("--random-init", action="store_true")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds; each runs every method once, alternating")
     ap.add_argument("--worker", type=int, default=None)
     a = ap.parse_args()
     if a.worker is not None:
         print("RESULT " + json.dumps(worker(a)))
         return
+    runs: dict[int, list[dict]] = {i: [] for i in range(len(PLAN))}
+    for rnd in range(a.repeats):  # every method once per round, so a slow spell of the machine hits all
+        for i in range(len(PLAN)):
+            cmd = [sys.executable, __file__, "--worker", str(i)] + [
+                x for k, v in vars(a).items() if k not in ("worker", "tag", "random_init", "repeats") for x in (f"--{k}", str(v))]
+            if a.random_init:
+                cmd.append("--random-init")
+            with B.LoadSampler() as load:
+                res = subprocess.run(cmd, capture_output=True, text=True)
+            line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
+            if res.returncode or not line:
+                sys.exit(f"{PLAN[i][0]} failed:\n{res.stderr[-3000:]}")
+            r = dict(json.loads(line[-1][7:]), **load.record())
+            runs[i].append(r)
+            print(f"round {rnd + 1}/{a.repeats} {r['label']:<36} {r['trainable']:>9,} params {r['tokens_per_s']:>9.1f} tok/s "
+                  f"{r['peak_memory_mb']:>8.0f} MB, load {r['load_before']:.2f} -> max {r['load_during_max']:.2f}"
+                  f"{' BUSY' if r['busy'] else ''}", flush=True)
     rows = []
-    for i in range(len(PLAN)):
-        cmd = [sys.executable, __file__, "--worker", str(i)] + [x for k, v in vars(a).items() if k not in ("worker", "tag", "random_init")
-                                                                for x in (f"--{k}", str(v))]
-        if a.random_init:
-            cmd.append("--random-init")
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
-        if res.returncode or not line:
-            sys.exit(f"{PLAN[i][0]} failed:\n{res.stderr[-3000:]}")
-        rows.append(json.loads(line[-1][7:]))
-        print(f"{rows[-1]['label']:<36} {rows[-1]['trainable']:>9,} params {rows[-1]['tokens_per_s']:>9.1f} tok/s "
-              f"{rows[-1]['peak_memory_mb']:>8.0f} MB", flush=True)
+    for i, rs in runs.items():  # the median run by throughput, with the spread over rounds
+        row = dict(sorted(rs, key=lambda r: r["tokens_per_s"])[len(rs) // 2])
+        row.update(tokens_per_s_summary=B.summary(rs, "tokens_per_s"), runs=rs,
+                   vs_lora_rounds=B.ratio([dict(r, s=1 / r["tokens_per_s"]) for r in runs[0]],
+                                          [dict(r, s=1 / r["tokens_per_s"]) for r in rs], "s"))
+        rows.append(row)
     ref = rows[0]
     for r in rows:
         r["throughput_vs_lora"] = r["tokens_per_s"] / ref["tokens_per_s"]
@@ -156,7 +173,7 @@ def main():
 
     env = dict(device=a.device, gpu=torch.cuda.get_device_name(0) if a.device.startswith("cuda") else None,
                cpu_threads=a.threads, loadavg=os.getloadavg(), steps=a.steps, warmup=a.warmup,
-               batch=a.batch, random_init=a.random_init, model=a.model,
+               batch=a.batch, random_init=a.random_init, model=a.model, repeats=a.repeats, machine=B.machine(),
                versions=package_versions(("torch", "transformers", "peft")))
     stem = "finetune" + (f"_{a.tag}" if a.tag else "")
     out = ROOT / "bench" / "results"

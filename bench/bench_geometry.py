@@ -31,6 +31,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import common as B  # noqa: E402  (bench/common.py: alternation, load, median and spread)
 
 PARAMS = dict(maxk=1000, id_range_max=100, id_scale=16, density_k=16, z=1.6, label_fraction=0.3, overlap_k=30)
 COMPARE = ["n_points", "id_2nn", "id_gride", "n_clusters", "core_fraction", "ari_subjects", "ari_letters",
@@ -197,6 +200,8 @@ def print_table(results: dict) -> None:
     for name, r in results.items():
         print(f"{name:>22} {r['shape']:>16} {r['published']['wall_s']:12.1f} {r['ours']['wall_s']:8.1f} "
               f"{r['speedup']:7.1f}x {r['published']['peak_rss_mb']:8.0f} {r['ours']['peak_rss_mb']:8.0f}")
+        if "speedup_summary" in r:
+            print(f"{'':>24}speedup per round: {B.fmt(r['speedup_summary'], 'x')}")
         for c, v in r["agreement"].items():
             print(f"{'':>24}{c:>20}: max |ours - published| = {v['max_abs_diff']}, NaN mismatches {v['nan_mismatch']}")
 
@@ -215,6 +220,7 @@ def main() -> None:
 
     tmp = Path(a.tmp)
     tmp.mkdir(parents=True, exist_ok=True)
+    where = B.machine()
     cases = {}
     if a.no_real:
         pass
@@ -232,14 +238,20 @@ def main() -> None:
         runs = {"published": [], "ours": []}
         for rep in range(a.repeats):  # alternating, so a slow spell of the machine hits both
             for method in ("published", "ours"):
-                m = measure(method, h5, a.threads, tmp)
+                with B.LoadSampler() as load:
+                    m = measure(method, h5, a.threads, tmp)
+                m.update(load.record())
                 runs[method].append(m)
-                print(f"{name:>22} {method:>10} #{rep + 1}: {m['wall_s']:8.1f} s, peak RSS {m['peak_rss_mb']:7.0f} MB",
+                print(f"{name:>22} {method:>10} #{rep + 1}: {m['wall_s']:8.1f} s, peak RSS {m['peak_rss_mb']:7.0f} MB, "
+                      f"load {m['load_before']:.2f} -> max {m['load_during_max']:.2f}{' BUSY' if m['busy'] else ''}",
                       flush=True)
         for method, ms in runs.items():  # the median run by wall time
-            r[method] = sorted(ms, key=lambda m: m["wall_s"])[len(ms) // 2]
+            r[method] = dict(sorted(ms, key=lambda m: m["wall_s"])[len(ms) // 2])
             r[method]["wall_s_runs"] = [m["wall_s"] for m in ms]
-        r["speedup"] = r["published"]["wall_s"] / r["ours"]["wall_s"]
+            r[method]["wall_s_summary"] = B.summary(ms, "wall_s")
+            r[method]["runs"] = [{k: v for k, v in m.items() if k != "table"} for m in ms]
+        r["speedup_summary"] = B.ratio(runs["published"], runs["ours"], "wall_s")  # per alternated round
+        r["speedup"] = r["speedup_summary"]["median"]
         r["memory_ratio"] = r["published"]["peak_rss_mb"] / r["ours"]["peak_rss_mb"]
         r["agreement"] = compare(r["ours"].pop("table"), r["published"].pop("table"))
         r["load_avg_after"] = os.getloadavg()
@@ -252,7 +264,8 @@ def main() -> None:
     from llmscape.io import package_versions, write_json
 
     write_json(out / "geometry.json", dict(results=results, params=PARAMS, threads=a.threads, repeats=a.repeats,
-                                           cpu=os.cpu_count(), load_avg=os.getloadavg(), versions=package_versions()))
+                                           cpu=os.cpu_count(), load_avg=os.getloadavg(), machine=where,
+                                           versions=package_versions()))
     figure(results, out / "geometry.png")
     print(f"wrote {out / 'geometry.json'} and {out / 'geometry.png'}")
 

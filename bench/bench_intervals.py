@@ -35,6 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import common as B  # noqa: E402  (bench/common.py: load, median and spread)
+
 COMPARE_EXACT = ["n_clusters", "ari_subjects", "ari_letters"]
 COMPARE_CLOSE = ["id_gride", "id_2nn", "log_density_mean", "overlap_subjects", "overlap_letters", "core_fraction"]
 
@@ -57,6 +59,7 @@ def bench_case(h5: str, layers: list[int], draws: int, threads: int, fresh_draws
     with h5py.File(h5, "r") as f, G.blas_single_thread():
         for layer in layers:
             X = f["hidden"][layer].astype(np.float32)
+            load = B.LoadSampler().__enter__()  # each layer is a round: plain, reuse and fresh in turn
             t0 = time.perf_counter()
             M.compute_layer_metrics(M.compute_layer_graph(X, meta["subject"], meta["answer"], plain_p), plain_p)
             t_plain = time.perf_counter() - t0
@@ -70,19 +73,24 @@ def bench_case(h5: str, layers: list[int], draws: int, threads: int, fresh_draws
             fresh = [G.compute_layer_geometry(X[d], meta["subject"][d], meta["answer"][d], plain_p).row
                      for d in members[:fresh_draws]]
             t_fresh = (time.perf_counter() - t0) / fresh_draws
+            load.__exit__()
             for b, r in zip(res.boot, fresh):
                 mismatches += any(b[m] != r[m] and not (abs(b[m] - r[m]) < 1e-9) for m in COMPARE_EXACT)
                 for m in COMPARE_CLOSE:
                     worst[m] = max(worst[m], abs(b[m] - r[m]) / max(1e-12, abs(r[m])))
             out["layers"].append(dict(layer=layer, plain_s=t_plain, reuse_extra_s=t_reuse - t_plain,
-                                      reuse_per_draw_s=(t_reuse - t_plain) / draws, fresh_per_draw_s=t_fresh))
+                                      reuse_per_draw_s=(t_reuse - t_plain) / draws, fresh_per_draw_s=t_fresh,
+                                      **load.record()))
             print(f"  layer {layer}: plain {t_plain:.2f}s, +{t_reuse - t_plain:.2f}s for {draws} draws "
                   f"({(t_reuse - t_plain) / draws * 1e3:.0f} ms each), fresh {t_fresh * 1e3:.0f} ms per draw",
                   flush=True)
     L = out["layers"]
     med = {k: float(np.median([x[k] for x in L])) for k in ("plain_s", "reuse_extra_s", "reuse_per_draw_s",
                                                             "fresh_per_draw_s")}
-    out.update(median=med, speedup_per_draw=med["fresh_per_draw_s"] / med["reuse_per_draw_s"],
+    out.update(median=med, summary={k: B.summary(L, k) for k in med},
+               speedup_per_draw_rounds=B.ratio([dict(x, s=x["fresh_per_draw_s"]) for x in L],
+                                               [dict(x, s=x["reuse_per_draw_s"]) for x in L], "s"),
+               speedup_per_draw=med["fresh_per_draw_s"] / med["reuse_per_draw_s"],
                intervals_over_plain=med["reuse_extra_s"] / med["plain_s"],
                compared_draws=len(L) * fresh_draws, exact_mismatches=int(mismatches),
                max_rel_diff={k: float(v) for k, v in worst.items()})
@@ -98,6 +106,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench/results/intervals.json"))
     args = ap.parse_args()
+    where = B.machine()
     from bench_geometry import synthetic_h5
 
     cases = {}
@@ -119,7 +128,7 @@ def main() -> None:
                                                       max(2, args.draws // 4), args.threads,
                                                       min(args.fresh_draws, 3))
     result = dict(machine=f"{platform.processor() or platform.machine()}, {args.threads} threads, CPU only",
-                  date=time.strftime("%Y-%m-%d"), cases=cases)
+                  date=time.strftime("%Y-%m-%d"), machine_record=where, cases=cases)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'case':24s} {'n x d':>12s} {'plain s/layer':>14s} {'+ intervals':>12s} {'per draw: read':>15s} "

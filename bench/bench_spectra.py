@@ -1,11 +1,11 @@
 """Benchmark: whole-model weight spectra with llmscape vs weightwatcher 0.7.7 ``analyze()``, same machine,
-same process, one run.
+same process, ``--repeats`` alternated rounds (bench/common.py: medians, spread, load, busy runs marked).
 
     python3 bench/bench_spectra.py                       # the embedded SmolLM2-135M, CPU
     python3 bench/bench_spectra.py --random-like DIR     # a random model with the folder's config (e.g. on a GPU box)
 
-Times (wall and process CPU) of llmscape are taken before and after weightwatcher, to bracket load from
-other processes on a shared machine; the reported llmscape time is their mean. weightwatcher's time
+Times (wall and process CPU) of the two alternate, so a slow spell of a shared machine hits both; the
+reported times are medians and the speed-up is also given per round. weightwatcher's time
 excludes loading the torch model (llmscape's includes reading the safetensors). Agreement is checked on
 the matrices both analyse, for the metrics whose definitions are the same: alpha (our alpha_ks, the KS
 x_min scan), stable rank, squared norms, alpha_weighted, log_alpha_norm, x_min, D, tail size, rank and
@@ -25,6 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import common as B  # noqa: E402  (bench/common.py: alternation, load, median and spread)
 
 
 def timed(fn):
@@ -50,6 +53,7 @@ def main() -> None:
     ap.add_argument("--random-like", default=None, help="config.json folder: benchmark a random model of that shape")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds; each runs both, alternating")
     ap.add_argument("--out", default=str(ROOT / "bench/results"))
     args = ap.parse_args()
 
@@ -71,7 +75,6 @@ def main() -> None:
         return stream.compute_spectra(folder, label, "base", device=dev, include_embeddings=True)
 
     ours()  # warm-up (imports, LAPACK/cuSOLVER initialisation); not timed
-    df, w1, c1 = timed(ours)
 
     import weightwatcher as ww
     from transformers import AutoModelForCausalLM
@@ -80,11 +83,22 @@ def main() -> None:
     if dev.startswith("cuda"):
         model.to(dev)
     watcher = ww.WeightWatcher(model=model)
-    details, w_ww, c_ww = timed(lambda: watcher.analyze())
-    del model, watcher
+    kept = {}
 
-    df2, w2, c2 = timed(ours)
-    w_ours, c_ours = (w1 + w2) / 2, (c1 + c2) / 2
+    def with_cpu(fn, key):
+        def go():
+            c0 = time.process_time()
+            kept[key] = fn()
+            return dict(cpu_s=time.process_time() - c0)
+        return go
+
+    where = B.machine()
+    runs = B.alternate({"weightwatcher": with_cpu(lambda: watcher.analyze(), "details"),
+                        "llmscape": with_cpu(ours, "df")}, args.repeats)
+    del model, watcher
+    df, details = kept["df"], kept["details"]
+    w_ours, c_ours = B.summary(runs["llmscape"])["median"], B.summary(runs["llmscape"], "cpu_s")["median"]
+    w_ww, c_ww = B.summary(runs["weightwatcher"])["median"], B.summary(runs["weightwatcher"], "cpu_s")["median"]
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     df["longname"] = df["name"].str.replace(r"\.weight$", "", regex=True)
@@ -116,12 +130,16 @@ def main() -> None:
         weightwatcher=ww.__version__, torch=torch.__version__,
         llmscape_matrices=int(len(df)), weightwatcher_layers=int(len(details)), matched=int(len(m)),
         weightwatcher_only=ww_only,
-        llmscape_wall_s=[w1, w2], llmscape_cpu_s=[c1, c2], weightwatcher_wall_s=w_ww, weightwatcher_cpu_s=c_ww,
+        repeats=args.repeats, machine_record=where, runs=runs,
+        seconds={m: B.summary(r) for m, r in runs.items()}, cpu_seconds={m: B.summary(r, "cpu_s") for m, r in runs.items()},
+        speedup_wall_rounds=B.ratio(runs["weightwatcher"], runs["llmscape"]),
+        speedup_cpu_rounds=B.ratio(runs["weightwatcher"], runs["llmscape"], "cpu_s"),
+        llmscape_wall_s=w_ours, llmscape_cpu_s=c_ours, weightwatcher_wall_s=w_ww, weightwatcher_cpu_s=c_ww,
         speedup_wall=w_ww / w_ours, speedup_cpu=c_ww / c_ours if c_ours > 0 else None,
         speedup_wall_per_matrix=(w_ww / len(details)) / (w_ours / len(df)),
         peak_rss_mb=peak_rss_mb, agreement=agreement,
-        note="weightwatcher timed without model loading; llmscape includes safetensors reading, all "
-             "llmscape metrics (3 alphas, MP fits, spikes) and a warm-up run was excluded.",
+        note="medians of alternated rounds; weightwatcher timed without model loading; llmscape includes "
+             "safetensors reading and all llmscape metrics (3 alphas, MP fits, spikes); a warm-up run was excluded.",
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -132,9 +150,11 @@ def main() -> None:
     print(f"\n{label} on {dev} ({args.threads} torch threads), {len(df)} llmscape matrices, "
           f"{len(details)} weightwatcher layers ({len(m)} matched; weightwatcher only: {', '.join(ww_only) or '-'})")
     print(f"{'':24s}{'wall s':>10s}{'cpu s':>10s}")
-    print(f"{'llmscape (mean of 2)':24s}{w_ours:10.2f}{c_ours:10.2f}")
+    print(f"{'llmscape (median)':24s}{w_ours:10.2f}{c_ours:10.2f}")
     print(f"{'weightwatcher analyze()':24s}{w_ww:10.2f}{c_ww:10.2f}")
     print(f"{'speed-up':24s}{w_ww / w_ours:10.1f}x{(c_ww / c_ours if c_ours else float('nan')):9.1f}x")
+    print(f"speed-up per alternated round, wall: {B.fmt(result['speedup_wall_rounds'], 'x')}; "
+          f"CPU: {B.fmt(result['speedup_cpu_rounds'], 'x')}")
     print(f"\n{'metric (ww vs ours)':40s}{'n':>5s}{'max rel err':>14s}{'median':>12s}")
     for k, v in agreement.items():
         print(f"{k:40s}{v['n']:5d}{v['max_rel_err']:14.2e}{v['median_rel_err']:12.2e}")
