@@ -200,10 +200,11 @@ def test_an_extraction_under_another_name_is_refused(extraction, tiny_card, tmp_
 
 # --- the rebuild hint reruns one job ------------------------------------------------------------------
 
-def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+def snakemake(workdir: Path, *args: str, overrides: tuple = ()) -> subprocess.CompletedProcess:
+    """Snakemake on the CI config, with the config files ``overrides`` merged over it."""
     cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(ROOT / "config" / "ci.yaml"), "--config", f"resources_dir={ROOT / 'resources'}",
-           *args]
+           "--configfile", str(ROOT / "config" / "ci.yaml"), *map(str, overrides),
+           "--config", f"resources_dir={ROOT / 'resources'}", *args]
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
@@ -213,18 +214,24 @@ def job_counts(stdout: str) -> dict:
 
 
 @pytest.mark.slow  # builds the CI DAG three times (about 2 minutes on 2 busy cores)
-def test_the_printed_rebuild_command_schedules_one_extraction(tmp_path, monkeypatch):
+@pytest.mark.parametrize("per_variant", [False, True], ids=["per_shots", "per_variant"])
+def test_the_printed_rebuild_command_schedules_one_extraction(tmp_path, monkeypatch, per_variant):
     """On a finished CI DAG (every output present and up to date, made with --touch), an extraction
     that fails its checks prints a command; that command, followed as printed, schedules exactly one
-    job: the extraction of that file (the old `--forcerun extract <file>` scheduled 23)."""
-    plan = snakemake(tmp_path, "--summary", "--cores", "1")
+    job: the extraction of that file, or of its variant's shot counts where one job writes them all
+    (the old `--forcerun extract <file>` scheduled 23)."""
+    config = ()
+    if per_variant:  # one job writes every shot count of a variant
+        config = (tmp_path / "per_variant.yaml",)
+        config[0].write_text("extract:\n  one_job_per_variant: true\n")
+    plan = snakemake(tmp_path, "--summary", "--cores", "1", overrides=config)
     assert plan.returncode == 0, plan.stderr[-3000:]
     outputs = [line.split("\t")[0] for line in plan.stdout.splitlines()[1:] if "\t" in line]
     assert any(o.endswith("0shot.h5") for o in outputs)
     for o in outputs:
         (tmp_path / o).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / o).touch()
-    touched = snakemake(tmp_path, "--touch", "--cores", "1")
+    touched = snakemake(tmp_path, "--touch", "--cores", "1", overrides=config)
     assert touched.returncode == 0, touched.stderr[-3000:]
 
     monkeypatch.chdir(tmp_path)  # the job's view: the path relative to the working directory
@@ -232,7 +239,7 @@ def test_the_printed_rebuild_command_schedules_one_extraction(tmp_path, monkeypa
         G.read_labels("results/reps/smollm2-135m/base/0shot.h5")
     printed = re.search(r"`(snakemake [^`]*)`", str(e.value)).group(1)
     args = shlex.split(printed)[1:]
-    dry = snakemake(tmp_path, *args, "-n")
+    dry = snakemake(tmp_path, *args, "-n", overrides=config)
     assert dry.returncode == 0, dry.stderr[-3000:]
     assert job_counts(dry.stdout) == {"extract": 1, "total": 1}, dry.stdout[-3000:]
 
