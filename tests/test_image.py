@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def make_run(wd: Path, seconds: float, state_delta: float = 0.0, accuracy: float = 0.5) -> Path:
     """A small results tree of the kinds the DAG writes: HDF5 states, a parquet table with a timing
-    column, a JSON summary with a timing key, an npz and a figure."""
+    column, a JSON summary with a timing key, an npz, a figure and a TensorBoard event log."""
     rng = np.random.default_rng(0)
     reps = wd / "results" / "reps" / "m" / "base"
     reps.mkdir(parents=True)
@@ -32,6 +32,9 @@ def make_run(wd: Path, seconds: float, state_delta: float = 0.0, accuracy: float
                  ).to_parquet(geo / "0shot.parquet")
     np.savez(geo / "0shot_knn.npz", idx=np.arange(6).reshape(2, 3))
     (geo / "id.png").write_bytes(b"png" + str(seconds).encode())
+    tb = wd / "results" / "finetune" / "tb"  # TensorBoard names its logs by wall-clock time and host
+    tb.mkdir(parents=True)
+    (tb / f"events.out.tfevents.{seconds}.host").write_bytes(b"event")
     return wd
 
 
