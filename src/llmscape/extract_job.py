@@ -88,7 +88,9 @@ def run(card: dict, rows: pd.DataFrame, pool: pd.DataFrame, params: dict, shots:
     qids = rows.sort_values("question_id").question_id.to_numpy()
     several = len(shots) > 1
     tok = model = None
-    for cfg, h5, acc in zip(cfgs, map(Path, h5s), map(Path, accuracies)):
+    # the most shots first: a prompt past the model's context is refused before any file is written
+    work = sorted(zip(cfgs, map(Path, h5s), map(Path, accuracies)), key=lambda w: -w[0].shots)
+    for cfg, h5, acc in work:
         if several and take_back(h5, acc, fingerprint(card["checksum"], qids, cfg, seed)):
             continue
         if model is None:
