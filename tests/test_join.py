@@ -356,7 +356,7 @@ def test_join_rules_and_report_end_to_end(tmp_path, root):
     import subprocess
     import sys
 
-    from llmscape.join.report import check_report
+    from llmscape.join.report import JOIN_ENTRIES, JOIN_RULES, check_report
 
     write_constructed_inputs(tmp_path)
     cfg = join_test_config(tmp_path, root)
@@ -378,5 +378,6 @@ def test_join_rules_and_report_end_to_end(tmp_path, root):
     rep = subprocess.run(base + ["--cores", "1", "join_all", "--report", str(tmp_path / "report.html"), *allowed],
                          capture_output=True, text=True)
     assert rep.returncode == 0, rep.stdout[-3000:] + rep.stderr[-3000:]
-    assert check_report(tmp_path / "report.html") == []
+    assert check_report(tmp_path / "report.html", JOIN_ENTRIES, JOIN_RULES) == []  # the join rules only ran
+    assert check_report(tmp_path / "report.html") != []  # the whole DAG's report would hold the paired entries
     assert check_report(tmp_path / "nothing.html") != []  # the check itself can fail
