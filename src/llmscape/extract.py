@@ -749,6 +749,20 @@ def check_finite(states: np.ndarray, logits: np.ndarray, computed: torch.Tensor,
                        f"Cause: {cause}.")
 
 
+def load_model(card: dict, cfg: ExtractConfig):
+    """(tokenizer, model) of a card for an extraction: on the GPUs planned from their free memory when
+    sharded (checked before any weight is read), else on the configured device."""
+    from . import models
+
+    device = models.pick_device(cfg.device)
+    placed = models.fit_on_gpus(card, cfg)
+    return models.load(card["path"], dtype=models.pick_dtype(cfg.dtype, device), device=device,
+                       trust_remote_code=card.get("trust_remote_code", False),
+                       device_map=placed if placed is not None else cfg.device_map,
+                       max_memory=None if placed is not None else cfg.max_memory,
+                       offload_folder=cfg.offload_folder, adapter=card.get("adapter"))
+
+
 def extract(card: dict, rows: pd.DataFrame, pool: pd.DataFrame, cfg: ExtractConfig, out_h5: str | Path,
             out_json: str | Path | None = None, *, seed: int = 42, threads: int | None = None,
             model=None, tok=None, stop_after_batches: int | None = None) -> dict:
@@ -767,10 +781,7 @@ def extract(card: dict, rows: pd.DataFrame, pool: pd.DataFrame, cfg: ExtractConf
     device = models.pick_device(cfg.device)
     dtype = models.pick_dtype(cfg.dtype, device)
     if model is None:
-        tok, model = models.load(card["path"], dtype=dtype, device=device,
-                                 trust_remote_code=card.get("trust_remote_code", False), device_map=cfg.device_map,
-                                 max_memory=cfg.max_memory, offload_folder=cfg.offload_folder,
-                                 adapter=card.get("adapter"))
+        tok, model = load_model(card, cfg)
     capture = LastTokenCapture(model, cfg.site)
     d = int(model.config.hidden_size)
     n = len(rows)

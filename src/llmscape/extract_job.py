@@ -17,9 +17,9 @@ from typing import Sequence
 
 import h5py
 import pandas as pd
+import torch
 
-from . import models
-from .extract import ExtractConfig, extract, fingerprint
+from .extract import ExtractConfig, extract, fingerprint, load_model
 
 log = logging.getLogger(__name__)
 
@@ -28,22 +28,6 @@ def kept_name(path: str | Path) -> Path:
     """The hidden second name of a finished output: ``.0shot.h5.kept`` next to ``0shot.h5``."""
     path = Path(path)
     return path.with_name(f".{path.name}.kept")
-
-
-def load_model(card: dict, cfg: ExtractConfig, threads: int | None = None):
-    """(tokenizer, model) placed as ``extract()`` would place it: on the GPUs planned from the free
-    memory when sharded (checked before any weight is read), else on the configured device."""
-    import torch
-
-    if threads:
-        torch.set_num_threads(int(threads))
-    device = models.pick_device(cfg.device)
-    placed = models.fit_on_gpus(card, cfg)
-    return models.load(card["path"], dtype=models.pick_dtype(cfg.dtype, device), device=device,
-                       trust_remote_code=card.get("trust_remote_code", False),
-                       device_map=placed if placed is not None else cfg.device_map,
-                       max_memory=None if placed is not None else cfg.max_memory,
-                       offload_folder=cfg.offload_folder, adapter=card.get("adapter"))
 
 
 def take_back(h5: Path, accuracy: Path, fp: str) -> bool:
@@ -94,7 +78,9 @@ def run(card: dict, rows: pd.DataFrame, pool: pd.DataFrame, params: dict, shots:
         if several and take_back(h5, acc, fingerprint(card["checksum"], qids, cfg, seed)):
             continue
         if model is None:
-            tok, model = load_model(card, cfg, threads)
+            if threads:
+                torch.set_num_threads(int(threads))
+            tok, model = load_model(card, cfg)
         log.info("%d analysis questions, %d-shot, site %s, order %s, prefix sharing %s",
                  len(rows), cfg.shots, cfg.site, cfg.shot_order, cfg.shares_prefix)
         extract(card, rows, pool, cfg, h5, acc, seed=seed, threads=threads, model=model, tok=tok)
