@@ -101,6 +101,11 @@ def test_report_of_the_ci_run_is_complete(ci_run):
     assert check_report(report) == []
     text = report.read_text(errors="replace")
     assert "Geometry" in text and "spectra" in text.lower()
+    # the front page names the model that ran and shows the headline figure (inlined, with its caption)
+    front = text.split("workflow_desc")[1][:400_000] if "workflow_desc" in text else text
+    assert "llmscape run on the embedded model" in front
+    assert "smollm2-135m: adjusted Rand index between the density-peak clusters and the MMLU subjects" in front
+    assert "data:image/png;base64," in front
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@
 
 localrules:
     plot_geometry,
+    geometry_headline,
 
 
 rule geometry:
@@ -77,6 +78,27 @@ rule plot_geometry:
         "../../envs/geometry.yaml"
     script:
         "../../scripts/plot_geometry.py"
+
+
+rule geometry_headline:
+    input:
+        tables=lambda wc: [f"results/geometry/{wc.model}/base/{k}shot.parquet" for k in shots_of("base")],
+    output:
+        png="results/figures/geometry/{model}/headline.png",
+        html=report(
+            "results/figures/geometry/{model}/headline.html",
+            caption="../report/geometry_headline.rst",
+            category="Geometry",
+            subcategory="{model} headline",
+        ),
+    log:
+        "logs/geometry_headline/{model}.log",
+    conda:
+        "../../envs/geometry.yaml"
+    params:
+        model=lambda wc: wc.model,
+    script:
+        "../../scripts/geometry_headline.py"
 
 
 rule geometry_resolution:

@@ -142,3 +142,31 @@ def plot_resolution(summary: pd.DataFrame, dest: str | Path, *, resolution_size:
              f"{n_subjects} subjects; bands: range over subsamples", ha="center", va="bottom", fontsize=7,
              color="0.3")
     _save(fig, dest, title)
+
+
+def plot_headline(table: pd.DataFrame, dest: str | Path, *, model: str) -> None:
+    """The report's front-page figure: subject ARI per layer, one line per shot count, with the bands
+    of its intervals, titled with the model that ran."""
+    fig, (a,) = _axes(1, width=7.0)
+    below = _lines(a, table, "ari_subjects")
+    top = float(np.nanmax(table["ari_subjects"].to_numpy(dtype=float), initial=0))
+    a.set_ylim(-0.05, max(0.5, top) + 0.08)
+    a.set_ylabel("ARI of density peaks with subjects")
+    a.legend(fontsize=8)
+    _note(fig, below, table)
+    _save(fig, dest, f"{model}: subject ARI per layer and shot count")
+
+
+def write_figure_html(png: str | Path, dest: str | Path, caption: str) -> None:
+    """A self-contained HTML figure (the PNG inlined as a data URI) with its caption, for a page that
+    cannot link files, such as the report's front page."""
+    import base64
+    import html
+
+    from ..io import atomic_path
+
+    data = base64.b64encode(Path(png).read_bytes()).decode("ascii")
+    text = (f'<figure style="margin:0">\n<img alt="{html.escape(caption)}" style="max-width:100%" '
+            f'src="data:image/png;base64,{data}">\n<figcaption>{html.escape(caption)}</figcaption>\n</figure>\n')
+    with atomic_path(dest, suffix=".tmp.html") as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")

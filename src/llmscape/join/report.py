@@ -19,10 +19,12 @@ JOIN_ENTRIES = (
 #: the geometry's paired differences (rule geometry_paired), shown beside the join's entries
 PAIRED_ENTRIES = ("paired_summary.csv", "paired_accuracy.csv", "paired_shots.png", "paired_shots_step.png",
                   "paired_variant.png", "paired_layer.png")
-REPORT_ENTRIES = JOIN_ENTRIES + PAIRED_ENTRIES
+#: the front page's headline figure (rule geometry_headline), also listed as a result
+HEADLINE_ENTRIES = ("headline.html",)
+REPORT_ENTRIES = JOIN_ENTRIES + PAIRED_ENTRIES + HEADLINE_ENTRIES
 #: rules whose runtimes the report's statistics must list
 JOIN_RULES = ("join_tables", "correlate", "plot_join")
-REPORT_RULES = JOIN_RULES + ("geometry_paired",)
+REPORT_RULES = JOIN_RULES + ("geometry_paired", "geometry_headline")
 
 
 def write_csv(df, dest) -> Path:

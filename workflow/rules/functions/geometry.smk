@@ -138,4 +138,5 @@ def geometry_targets():
             variant=variant,
             fig=["ari", "id", "clusters"],
         )
+    out.append(f"results/figures/geometry/{MODEL}/headline.html")  # the report's front page
     return out + resolution_targets() + paired_targets()
