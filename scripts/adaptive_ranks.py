@@ -4,14 +4,12 @@ from llmscape import rulekit
 
 log = rulekit.start(snakemake, "spectra")  # noqa: F821
 
-import pandas as pd  # noqa: E402
-
-from llmscape.io import write_json  # noqa: E402
+from llmscape.io import read_parquet, write_json  # noqa: E402
 from llmscape.spectra import adaptive  # noqa: E402
 
 cfg = dict(snakemake.params.adaptive)  # noqa: F821
 r, lora_alpha = cfg.pop("r"), cfg.pop("lora_alpha")
-spectra = pd.read_parquet(snakemake.input.table)  # noqa: F821
+spectra = read_parquet(snakemake.input.table)  # noqa: F821
 ranks = adaptive.compute_adaptive_ranks(spectra, **cfg)
 out = adaptive.return_peft_config(ranks, r=r, lora_alpha=lora_alpha, settings=cfg,
                                   model=snakemake.wildcards.model, variant="base")  # noqa: F821

@@ -5,9 +5,7 @@ from llmscape import rulekit
 
 log = rulekit.start(snakemake, "join")  # noqa: F821
 
-import json  # noqa: E402
-
-from llmscape.io import read_parquet, write_json, write_parquet  # noqa: E402
+from llmscape.io import read_json, read_parquet, write_json, write_parquet  # noqa: E402
 from llmscape.join import correlate  # noqa: E402
 from llmscape.join.columns import spec_col  # noqa: E402
 from llmscape.join.report import write_csv as to_csv  # noqa: E402
@@ -41,7 +39,7 @@ iv = correlate.intervention_table(joined, geometry)
 write_parquet(smk.output.interventions, iv)
 to_csv(correlate.intervention_effects(iv, geometry), smk.output.intervention_effects)
 
-runs = {r: json.loads(open(p).read()) for r, p in zip(smk.params.runs, smk.input.finetune)}
+runs = {r: read_json(p) for r, p in zip(smk.params.runs, smk.input.finetune)}
 ckpts = {(r, int(s)): read_parquet(p) for (r, s), p in zip(smk.params.checkpoints, smk.input.checkpoints)}
 base_spectra = read_parquet(smk.input.base_spectra) if ckpts else None
 traj = correlate.trajectories(ckpts, runs, modules=cfg["modules"], window=int(cfg["gap_window"]),

@@ -4,9 +4,7 @@ from llmscape import rulekit
 
 log = rulekit.start(snakemake, "join")  # noqa: F821
 
-import pandas as pd  # noqa: E402
-
-from llmscape.io import read_parquet  # noqa: E402
+from llmscape.io import read_csv, read_parquet  # noqa: E402
 
 from llmscape.join import plots  # noqa: E402
 
@@ -17,7 +15,7 @@ corr = read_parquet(smk.input.correlations)
 plots.correlation_heatmap(corr, smk.output.heatmap, method=hm["method"], module=hm["module"], stat=hm["stat"])
 plots.id_alpha_overlay(joined, smk.output.id_alpha)
 plots.ari_panels(joined, smk.output.ari)
-plots.accuracy_vs_trainable(pd.read_csv(smk.input.variants), smk.output.accuracy_trainable)
+plots.accuracy_vs_trainable(read_csv(smk.input.variants), smk.output.accuracy_trainable)
 plots.intervention_plot(read_parquet(smk.input.interventions), smk.output.interventions)
 plots.trajectory_plot(read_parquet(smk.input.trajectories), smk.output.trajectories)
 log.info("wrote %d figures", len(smk.output))

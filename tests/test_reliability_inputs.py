@@ -91,3 +91,92 @@ def test_an_empty_or_malformed_csv_names_the_file_and_the_row(tmp_path, bad, whe
     msg = str(e.value)
     assert msg.startswith(str(folder / "test" / where)) and what in msg and "Fix:" in msg, msg
     assert not (tmp_path / "out" / "mmlu.parquet").exists()
+
+
+def three_geometry_files(folder: Path) -> tuple[Path, Path, Path]:
+    """The files of one geometry job as the paired-differences rule reads them (table, subsample values,
+    neighbour lists with their question ids and the record of the subsamples)."""
+    stem = folder / "0shot"
+    table, boot, knn = Path(f"{stem}.parquet"), Path(f"{stem}_boot.parquet"), Path(f"{stem}_knn.npz")
+    write_parquet(table, pd.DataFrame(dict(layer=np.arange(30), ari=np.linspace(0, 1, 30))))
+    write_parquet(boot, pd.DataFrame(dict(layer=np.repeat(np.arange(30), 20), draw=np.tile(np.arange(20), 30))))
+    write_knn(knn, dict(question_id=np.arange(50), draws_digest=np.array("d" * 64),
+                        knn=np.arange(30 * 50 * 8).reshape(30, 50, 8)))
+    return table, boot, knn
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_the_paired_rule_names_a_damaged_geometry_file(tmp_path, which):
+    from llmscape.geometry import paired
+
+    files = three_geometry_files(tmp_path)
+    intact = paired.read_extraction(*files, variant="base", shots=0)
+    assert intact.question_id.tolist() == list(range(50)) and intact.draws_digest == "d" * 64
+    assert len(intact.table) == 30 and len(intact.boot) == 600
+    truncate(files[which])
+    kind = "an .npz archive" if which == 2 else "a parquet table"
+    with pytest.raises(DamagedFileError, match=f"{files[which]} cannot be read as {kind}.*{REBUILD} {files[which]}"):
+        paired.read_extraction(*files, variant="base", shots=0)
+
+
+def test_a_damaged_spectra_table_is_named_where_srank_calibrated_reads_it(tmp_path):
+    from llmscape.finetune import srank_calibrated as m
+    from llmscape.finetune.common import Context
+
+    names = [f"model.layers.{i}.self_attn.q_proj" for i in range(4)]
+    table = tmp_path / "base.parquet"
+    write_parquet(table, pd.DataFrame(dict(variant="base", name=[n + ".weight" for n in names],
+                                           stable_rank=[4.0, 3.0, 2.0, 1.0])))
+    ctx = Context(inputs={"sranks": str(table)})
+    assert m.stable_ranks(names, ctx) == dict(zip(names, [4.0, 3.0, 2.0, 1.0], strict=True))
+    truncate(table)
+    with pytest.raises(DamagedFileError, match=f"{table} cannot be read as a parquet table.*{REBUILD} {table}"):
+        m.stable_ranks(names, ctx)
+
+
+@pytest.mark.parametrize("damage", [b"", b'{"path": "/models/x", "checks'])
+def test_an_empty_or_truncated_model_card_names_the_file(tmp_path, damage):
+    from llmscape import models
+
+    card = tmp_path / "model.json"
+    card.write_bytes(damage)
+    with pytest.raises(DamagedFileError, match=f"{card} cannot be read as JSON.*{REBUILD} {card}"):
+        models.read_card(card)
+
+
+def test_an_empty_table_of_the_join_names_the_file(tmp_path):
+    from llmscape.io import read_csv
+
+    table = tmp_path / "variants.csv"
+    table.write_text("")
+    with pytest.raises(DamagedFileError, match=f"{table} cannot be read as a CSV table.*{REBUILD} {table}"):
+        read_csv(table)
+
+
+#: raw readers of tables and arrays: a damaged file read with them is a library's traceback without its name
+RAW_READERS = {("pd", "read_parquet"), ("pandas", "read_parquet"), ("pd", "read_csv"), ("pandas", "read_csv"),
+               ("np", "load"), ("numpy", "load"), ("pq", "read_table")}
+#: the only places allowed to use them, and why
+RAW_ALLOWED = {
+    "src/llmscape/io.py": "the checked readers themselves",
+    "src/llmscape/data.py": "MMLU's own CSV files, checked row by row (the file and the row named)",
+    "scripts/image_check.py": "compares two finished result trees file by file; a damaged file is a difference",
+}
+
+
+def test_the_pipeline_reads_its_own_files_through_the_checked_readers():
+    """Every rule script and library module reads parquet, CSV, .npy and .npz files with llmscape.io's
+    readers, which name a damaged file and the command that rebuilds it."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    raw = []
+    for path in sorted([*root.joinpath("src", "llmscape").rglob("*.py"), *root.joinpath("scripts").glob("*.py")]):
+        rel = path.relative_to(root).as_posix()
+        for node in ast.walk(ast.parse(path.read_text(), rel)):
+            func = getattr(node, "func", None) if isinstance(node, ast.Call) else None
+            if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) \
+                    and (func.value.id, func.attr) in RAW_READERS and rel not in RAW_ALLOWED:
+                raw.append(f"{rel}:{node.lineno} {func.value.id}.{func.attr}")
+    assert raw == [], "read with llmscape.io's checked readers instead: " + ", ".join(raw)
+    assert all((root / rel).exists() for rel in RAW_ALLOWED)

@@ -160,14 +160,16 @@ def read_parquet(path: str | os.PathLike, **kw):
         raise _damaged(path, "a parquet table", e) from None
 
 
-def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Every array of an .npz archive, read in full here (so a damaged member fails here, named)."""
+def read_npz(path: str | os.PathLike, keys=None) -> dict[str, np.ndarray]:
+    """The arrays of an .npz archive, read in full here (so a damaged member fails here, named): every
+    member, or those of ``keys`` that the archive holds (a caller that needs two small members of a large
+    archive reads only those)."""
     import zipfile
     import zlib
 
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+            return {k: z[k] for k in z.files if keys is None or k in keys}
     except FileNotFoundError:
         raise
     except (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError, KeyError) as e:
@@ -182,6 +184,29 @@ def read_npy(path: str | os.PathLike) -> np.ndarray:
         raise
     except (OSError, ValueError, EOFError) as e:
         raise _damaged(path, "an .npy array", e) from None
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file the pipeline wrote (a run's metrics, an intervention's record), with a truncated or
+    overwritten file named with its rebuild instead of the decoder's bare position."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _damaged(path, "JSON", e) from None
+
+
+def read_csv(path: str | os.PathLike, **kw):
+    """A CSV table the pipeline wrote, with an empty or malformed file named with its rebuild."""
+    import pandas as pd
+
+    try:
+        return pd.read_csv(path, **kw)
+    except FileNotFoundError:
+        raise
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, ValueError, OSError) as e:
+        raise _damaged(path, "a CSV table", e) from None
 
 
 def _json_default(o: Any):

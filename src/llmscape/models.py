@@ -24,7 +24,7 @@ from pathlib import Path
 from . import assets, gpufit
 from .adapters import apply_adapter, variant_checksum
 from .devices import pick_device, pick_dtype
-from .io import atomic_dir, write_json
+from .io import atomic_dir, read_json, rebuild_hint, write_json
 from .weightfiles import ModelError, check_weight_files, read_safetensors_header, weight_files, weights_checksum
 
 log = logging.getLogger("llmscape.models")
@@ -165,13 +165,13 @@ def read_card(card: str | Path) -> dict:
     """A model card, after the weight check every job that reads weights makes, and logs: the quick one
     (headers parse, no file truncated: milliseconds) or, with ``LLMSCAPE_VERIFY_WEIGHTS=1``, the full one
     (the checksum over every tensor, of the base folder and the adapter, equals the card's)."""
-    info = json.loads(Path(card).read_text())
+    info = read_json(card)  # a truncated card is named with the command that rebuilds it
     if not (Path(info["path"]) / "config.json").exists():
         raise ModelError(f"model card {card} points at {info['path']}, which holds no model anymore. "
-                         "Fix: rerun the rule that made it (snakemake --forcerun prepare_model).")
+                         f"{rebuild_hint(card)}")
     if info.get("adapter") and not (Path(info["adapter"]) / "adapter.safetensors").exists():
         raise ModelError(f"model card {card} points at the adapter {info['adapter']}, which is gone. "
-                         "Fix: rerun the fine-tuning job that wrote it (snakemake --forcerun finetune).")
+                         f"{rebuild_hint(card)}")
     n = check_weight_files(info["path"]) + (check_weight_files(info["adapter"]) if info.get("adapter") else 0)
     if os.environ.get("LLMSCAPE_VERIFY_WEIGHTS") != "1":
         log.info("weight check of %s: quick (%d tensor headers, no file truncated; LLMSCAPE_VERIFY_WEIGHTS=1 "
@@ -181,8 +181,7 @@ def read_card(card: str | Path) -> dict:
     if got != info["checksum"]:
         raise ModelError(f"{info.get('adapter') or info['path']}: the weights' checksum {got[:12]}... is not the "
                          f"card's {info['checksum'][:12]}... ({card}): the files changed after the card was written. "
-                         "Fix: rerun the rule that made the card (snakemake --forcerun prepare_model, or the "
-                         "variant's rule).")
+                         f"{rebuild_hint(card)}")
     log.info("weight check of %s: full (checksum of every tensor%s equals the card's)", card,
              ", base and adapter," if info.get("adapter") else "")
     return info

@@ -109,12 +109,16 @@ def return_draws_digest(question_id: np.ndarray, draws: list[np.ndarray]) -> str
 def read_extraction(table_path, boot_path, knn_path, *, variant: str, shots: int) -> Extraction:
     """The files of one geometry job (the layer table, ``_boot.parquet`` and ``_knn.npz``), reading only
     the question ids and the subsample record of the neighbour lists."""
-    with np.load(knn_path, allow_pickle=False) as z:
-        qid = np.asarray(z["question_id"], dtype=np.int64)
-        digest = str(z["draws_digest"]) if "draws_digest" in z.files else None
+    from ..io import read_npz, read_parquet, rebuild_hint  # a damaged file is named with its rebuild
+
+    knn = read_npz(knn_path, keys=("question_id", "draws_digest"))
+    if "question_id" not in knn:
+        raise GeometryError(f"{knn_path} holds no question_id: not the neighbour lists of a geometry job. "
+                            f"{rebuild_hint(knn_path)}")
+    qid = np.asarray(knn["question_id"], dtype=np.int64)
+    digest = str(knn["draws_digest"]) if "draws_digest" in knn else None
     files = ", ".join(str(p) for p in (table_path, boot_path, knn_path))
-    return Extraction(variant, int(shots), pd.read_parquet(table_path), pd.read_parquet(boot_path), qid, digest,
-                      files)
+    return Extraction(variant, int(shots), read_parquet(table_path), read_parquet(boot_path), qid, digest, files)
 
 
 def check_pairing(this: Extraction, ref: Extraction) -> None:

@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import re
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

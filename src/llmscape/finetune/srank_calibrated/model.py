@@ -62,9 +62,9 @@ def stable_ranks(names, ctx=None, weights=None) -> dict[str, float]:
     from ``weights(name)`` (a callable returning the weight tensor)."""
     pq = ctx.path("sranks") if ctx else None
     if pq and Path(pq).exists():
-        import pandas as pd
+        from ...io import read_parquet  # a damaged table is named with the command that rebuilds it
 
-        df = pd.read_parquet(pq)
+        df = read_parquet(pq)
         if "variant" in df.columns:
             df = df[df.variant == "base"]
         key = {str(n).removesuffix(".weight"): float(s) for n, s in zip(df["name"], df["stable_rank"])}
