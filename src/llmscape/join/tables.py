@@ -30,6 +30,7 @@ import re
 import numpy as np
 import pandas as pd
 
+from ..io import read_json
 from .columns import (ACCURACY_FIELDS, BASE_METHOD, DECODER_MODULES, FT_ACCURACY, FT_SCALARS, FT_SPEC_FIELDS,
                       FT_TRAIN_LOSS, FT_VAL_LOSS, GEOMETRY_INFO, GEOMETRY_KEY, GEOMETRY_METRICS, MODULE_GROUPS,
                       SPECTRA_KEY, SPECTRA_NON_METRIC, SRANK_GROUPS, SRANK_METHOD, STATS, JoinError, spec_col)
@@ -150,7 +151,7 @@ def read_accuracy(paths: dict) -> pd.DataFrame:
     """{(variant, shots): path of the extraction's accuracy JSON} -> (variant, shots, accuracy, ...)."""
     rows = []
     for (v, k), p in paths.items():
-        d = json.loads(Path(p).read_text())
+        d = read_json(p)
         rows.append(dict(variant=v, shots=int(k), **{f: float(d.get(f, math.nan)) for f in ACCURACY_FIELDS}))
     return pd.DataFrame(rows, columns=["variant", "shots", *ACCURACY_FIELDS])
 
