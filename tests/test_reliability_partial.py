@@ -197,6 +197,30 @@ def test_a_reused_pid_is_not_taken_for_the_owner(tmp_path):
         other.wait()
 
 
+
+def test_a_slurm_job_stops_waiting_for_a_live_owner_after_a_bounded_time(tmp_path, monkeypatch):
+    """A job in a Slurm allocation (GPUs held) does not wait for hours behind a live owner: with
+    LLMSCAPE_OWNER_WAIT_S unset it waits SLURM_WAIT_S, then stops naming the owner and the fix; outside
+    Slurm it waits until the owner ends; the variable overrides both."""
+    monkeypatch.delenv(owner.WAIT_ENV, raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert owner.default_wait_s() is None
+    monkeypatch.setenv("SLURM_JOB_ID", "4711")
+    assert owner.default_wait_s() == owner.SLURM_WAIT_S == 600
+    monkeypatch.setenv(owner.WAIT_ENV, "7")
+    assert owner.default_wait_s() == 7
+    monkeypatch.delenv(owner.WAIT_ENV)
+    monkeypatch.setattr(owner, "SLURM_WAIT_S", 0.0)  # the bound, shortened: claim() must read it
+    partial = tmp_path / "x.h5.partial"
+    _record(partial, host="gpu-node-3", pid=4242)  # another host, its heartbeat fresh: live
+    with pytest.raises(owner.OwnerBusyError) as e:
+        owner.claim(partial)
+    said = str(e.value)
+    assert "being written by pid 4242 on host gpu-node-3" in said and "waited 0 s" in said, said
+    assert "Fix: let that job finish" in said and "kill 4242 on gpu-node-3" in said, said
+    assert json.loads(owner.record_path(partial).read_text())["pid"] == 4242  # the owner's record kept
+
+
 @pytest.mark.slow
 def test_an_orphan_of_a_killed_head_and_the_rerun_do_not_destroy_each_others_work(tmp_path):
     """The cluster case, on the local executor: the head is SIGKILLed while its extraction job holds

@@ -9,7 +9,8 @@ and when it claimed the file. While the job runs, a thread refreshes the record'
 * on another host: is its Slurm job still active (``squeue``, else ``sacct``), and where Slurm cannot
   say (no Slurm job, no Slurm commands), was the heartbeat refreshed within ``stale_after`` seconds.
 
-A live owner is waited for (``LLMSCAPE_OWNER_WAIT_S`` seconds at most, unset: until it ends; 0 stops
+A live owner is waited for (``LLMSCAPE_OWNER_WAIT_S`` seconds at most; unset: until it ends, except in a
+Slurm job, which would hold its allocation, GPUs included, idle meanwhile: ``SLURM_WAIT_S`` there; 0 stops
 at once) with a message naming it; a dead owner's record is taken over and its partial file resumed.
 The record is read and written under an exclusive ``flock`` (released by the kernel when a process
 dies), so two reruns that find the same dead owner cannot both take it over.
@@ -37,6 +38,9 @@ log = logging.getLogger("llmscape.owner")
 SUFFIX = ".owner"
 WAIT_ENV = "LLMSCAPE_OWNER_WAIT_S"
 HEARTBEAT_ENV = "LLMSCAPE_HEARTBEAT_S"
+#: the longest a Slurm job waits for a live owner when $LLMSCAPE_OWNER_WAIT_S is unset (it then stops,
+#: naming the owner, rather than hold its allocation idle for the hours an extraction may take)
+SLURM_WAIT_S = 600.0
 #: Slurm job states in which the job may still be writing
 ACTIVE_STATES = {"RUNNING", "PENDING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING",
                  "STAGE_OUT", "SIGNALING", "STOPPED", "REQUEUE_HOLD", "REQUEUE_FED"}
@@ -48,6 +52,15 @@ class OwnerBusyError(LlmscapeError, RuntimeError):
 
 def heartbeat_s() -> float:
     return float(os.environ.get(HEARTBEAT_ENV, "30"))
+
+
+def default_wait_s() -> float | None:
+    """How long a job waits for a live owner: $LLMSCAPE_OWNER_WAIT_S seconds; unset, ``SLURM_WAIT_S`` in a
+    Slurm job ($SLURM_JOB_ID set) and until the owner ends elsewhere (None)."""
+    value = os.environ.get(WAIT_ENV, "")
+    if value != "":
+        return float(value)
+    return SLURM_WAIT_S if os.environ.get("SLURM_JOB_ID") else None
 
 
 def _proc_stat(pid: int) -> list[str] | None:
@@ -188,12 +201,11 @@ def _write(fd: int, rec: Owner) -> None:
 
 def claim(partial: str | os.PathLike, wait_s: float | None = None) -> "Claim":
     """Make this process the owner of ``partial`` (a file it is about to resume or begin). A live owner
-    is waited for, ``wait_s`` seconds at most (default: $LLMSCAPE_OWNER_WAIT_S, unset = until it ends),
-    then :class:`OwnerBusyError` names it; a dead owner is taken over (its partial file stays)."""
+    is waited for, ``wait_s`` seconds at most (default: :func:`default_wait_s`), then
+    :class:`OwnerBusyError` names it; a dead owner is taken over (its partial file stays)."""
     partial = Path(partial)
     record, me = record_path(partial), Owner.me()
-    if wait_s is None and os.environ.get(WAIT_ENV, "") != "":
-        wait_s = float(os.environ[WAIT_ENV])
+    wait_s = default_wait_s() if wait_s is None else wait_s
     started, told, waited = time.monotonic(), None, False
     while True:
         with _locked(record) as fd:
@@ -207,10 +219,12 @@ def claim(partial: str | os.PathLike, wait_s: float | None = None) -> "Claim":
         busy = f"{partial} is being written by {rec.describe()}"
         if wait_s is not None and time.monotonic() - started >= wait_s:
             raise OwnerBusyError(
-                f"{busy}; two jobs must not write one file. Fix: let that job finish (its output then "
-                f"stands), or stop it ({rec.how_to_stop()}) and rerun, which resumes its partial file.")
+                f"{busy}; this job waited {wait_s:.0f} s for it ({WAIT_ENV} sets how long) and stops, as two "
+                f"jobs must not write one file. Fix: let that job finish, then rerun (its output then stands), "
+                f"or stop it ({rec.how_to_stop()}) and rerun, which resumes its partial file.")
         if told is None or time.monotonic() - told > 600:
-            log.warning("%s; waiting for it to end (%s=0 stops at once instead)", busy, WAIT_ENV)
+            limit = "" if wait_s is None else f", {wait_s:.0f} s at most"
+            log.warning("%s; waiting for it to end%s (%s=0 stops at once instead)", busy, limit, WAIT_ENV)
             told = time.monotonic()
         waited = True
         time.sleep(min(5.0, heartbeat_s()))
