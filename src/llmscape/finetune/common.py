@@ -10,12 +10,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
 from ..errors import LlmscapeError
 from ..partitioned import full_ndim, full_numel
+from ..projections import PROJECTIONS
 
-# Llama-style projection names; a target ``q`` matches ``q_proj`` (and ``q_proj`` itself).
-DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-COMPONENTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# a target ``q`` matches ``q_proj`` (and ``q_proj`` itself); by default all seven projections
+DEFAULT_TARGETS = PROJECTIONS
 
 
 class FinetuneError(LlmscapeError, ValueError):

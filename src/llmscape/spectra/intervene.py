@@ -1,5 +1,6 @@
-"""Controlled stable-rank intervention (after the correlation/intervention design built on Liu et al. 2024; docs/spectra.md): a new model variant whose matrices in one module
-group have a chosen stable rank ``s*``, everything else unchanged.
+"""Controlled stable-rank intervention (after the correlation/intervention design built on Liu et al. 2024;
+docs/spectra.md): a new model variant whose matrices in one module group have a chosen stable rank ``s*``,
+everything else unchanged.
 
 For each matrix ``W = sum_i s_i u_i v_i^T`` of the group, with ``R = sum_{j>=2} s_j^2``, the top
 singular value is replaced by ``s_1' = sqrt(R / (s* - 1))`` and nothing else:
@@ -37,17 +38,14 @@ from pathlib import Path
 import numpy as np
 
 from ..io import atomic_dir, write_json
-from .stream import DECODER_MODULES, SpectraError, list_weight_files, parse_name
+from ..projections import PROJECTION_GROUPS
+from ..weightfiles import weights_checksum
 from .esd import stable_rank
+from .stream import SpectraError, list_weight_files, parse_name
 
 log = logging.getLogger("llmscape.spectra")
 
-GROUPS = {
-    "q": ("q_proj",), "k": ("k_proj",), "v": ("v_proj",), "o": ("o_proj",),
-    "gate": ("gate_proj",), "up": ("up_proj",), "down": ("down_proj",),
-    "attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj"),
-    "all": DECODER_MODULES,
-}
+GROUPS = PROJECTION_GROUPS  # q k v o gate up down (one module each), attn, mlp, all
 _VARIANT_RE = re.compile(r"srank-([a-z]+)-([0-9]+(?:\.[0-9]+)?)")
 
 
@@ -171,8 +169,6 @@ def intervene_folder(src: str | Path, dest: str | Path, group: str, target: floa
 def make_variant(base_card: dict, variant: str, hf_dir: str | Path, card_out: str | Path,
                  summary_out: str | Path, device: str = "cpu") -> dict:
     """The ``intervene`` rule: write the variant folder, its summary and its model card."""
-    from ..models import weights_checksum
-
     group, target = parse_variant(variant)
     summary = intervene_folder(base_card["path"], hf_dir, group, target, device)
     summary.update(base_variant=base_card["variant"], base_checksum=base_card["checksum"], variant=variant)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..io import atomic_path
-from .stream import DECODER_MODULES
+from ..projections import DECODER_MODULES
 
 DEFAULT_METRICS = ("alpha_ks", "stable_rank", "num_spikes", "entropy")
 
