@@ -245,13 +245,14 @@ def stable_rank(W) -> float:
 def compute_metrics(evals, n_rows: int, n_cols: int, *, min_evals: int = 10, tw_scale: float = 2.0,
                     ks: str = "ww", peak_bins: int = 100, peak_window: tuple[float, float] = (0.95, 1.5),
                     mp_quantiles: tuple[float, float] = (0.05, 0.95), name: str = "") -> dict:
-    """All metrics of :data:`METRICS` for one matrix from its eigenvalues (squared singular values).
+    """All metrics of :data:`METRICS` for one matrix from its eigenvalues (squared singular values): the
+    norms, rank and entropy, then (given enough non-zero eigenvalues) the power-law fits and the
+    Marchenko-Pastur bulk and spikes; a metric the spectrum does not support stays NaN, with a warning.
 
     ``evals`` may be in any order; tiny negative values (Gram rounding) are clipped to 0.
     """
     out: dict = {k: math.nan for k in METRICS}
     lam = np.sort(np.asarray(evals, dtype=np.float64).ravel())
-    n_big, n_small = max(n_rows, n_cols), min(n_rows, n_cols)
     out["n_evals"] = int(lam.size)
     label = f" {name}" if name else ""
     if lam.size == 0 or not np.all(np.isfinite(lam)) or lam[-1] <= 0:
@@ -260,6 +261,21 @@ def compute_metrics(evals, n_rows: int, n_cols: int, *, min_evals: int = 10, tw_
         out["rank"] = 0 if lam.size and np.all(np.isfinite(lam)) else math.nan
         return out
     lam = np.clip(lam, 0.0, None)
+    n_big, n_small = max(n_rows, n_cols), min(n_rows, n_cols)
+    nz = _norm_metrics(lam, n_big, out)
+    if nz.size < max(min_evals, 2):
+        warnings.warn(f"matrix{label} ({n_rows}x{n_cols}) has {nz.size} non-zero eigenvalues (< min_evals="
+                      f"{min_evals}): power-law and Marchenko-Pastur metrics are NaN", DegenerateMatrixWarning,
+                      stacklevel=2)
+        return out
+    _powerlaw_metrics(nz, float(lam[-1]), out, ks=ks, peak_bins=peak_bins, peak_window=peak_window)
+    _mp_metrics(lam, n_big, n_small, out, tw_scale=tw_scale, mp_quantiles=mp_quantiles)
+    return out
+
+
+def _norm_metrics(lam: np.ndarray, n_big: int, out: dict) -> np.ndarray:
+    """Fill the norms, stable rank, eigenvalue ratio, numerical rank and entropy of the ascending,
+    non-negative eigenvalues ``lam`` (largest > 0) into ``out``; the non-zero eigenvalues."""
     lmax = float(lam[-1])
     total = float(lam.sum())
     tail = total - lmax
@@ -272,12 +288,13 @@ def compute_metrics(evals, n_rows: int, n_cols: int, *, min_evals: int = 10, tw_
     if nz.size >= 2:
         p = nz / nz.sum()
         out["entropy"] = float(-(p * np.log(p)).sum() / math.log(nz.size))
-    if nz.size < max(min_evals, 2):
-        warnings.warn(f"matrix{label} ({n_rows}x{n_cols}) has {nz.size} non-zero eigenvalues (< min_evals="
-                      f"{min_evals}): power-law and Marchenko-Pastur metrics are NaN", DegenerateMatrixWarning,
-                      stacklevel=2)
-        return out
+    return nz
 
+
+def _powerlaw_metrics(nz: np.ndarray, lmax: float, out: dict, *, ks: str, peak_bins: int,
+                      peak_window: tuple[float, float]) -> None:
+    """Fill the Hill power-law fits of the non-zero eigenvalues ``nz`` (x_min at the median, by KS, in the
+    peak window) and the alpha-weighted norms into ``out``."""
     med = compute_powerlaw(nz, "median", ks=ks)
     ksf = compute_powerlaw(nz, "ks", ks=ks)
     pk = compute_powerlaw(nz, "peak", ks=ks, peak_bins=peak_bins, peak_window=peak_window)
@@ -290,6 +307,13 @@ def compute_metrics(evals, n_rows: int, n_cols: int, *, min_evals: int = 10, tw_
         # log10 sum lambda^a computed stably around lambda_max
         out["log_alpha_norm"] = a * math.log10(lmax) + math.log10(float(np.sum((nz / lmax) ** a)))
 
+
+def _mp_metrics(lam: np.ndarray, n_big: int, n_small: int, out: dict, *, tw_scale: float,
+                mp_quantiles: tuple[float, float]) -> None:
+    """Fill the Marchenko-Pastur entry scales (from the mean eigenvalue and fitted to the bulk), bulk
+    edges, Tracy-Widom scale, spike counts above the edge and the MP soft rank of ``lam`` into ``out``."""
+    lmax = float(lam[-1])
+    total = float(lam.sum())
     c = n_small / n_big
     edge_unit = (1 + math.sqrt(c)) ** 2
     tw = compute_tw_scale(n_big, n_small)
@@ -303,4 +327,3 @@ def compute_metrics(evals, n_rows: int, n_cols: int, *, min_evals: int = 10, tw_
         out["mp_edge_fit"] = n_big * s_fit ** 2 * edge_unit
         out["num_spikes"] = int(np.sum(lam / (n_big * s_fit ** 2) > thr))
         out["mp_softrank"] = out["mp_edge_fit"] / lmax
-    return out
