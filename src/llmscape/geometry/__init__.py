@@ -37,28 +37,24 @@ Output tables (column names are a contract with the join stage; keep them stable
 
     model, variant, shots, layer (int, index into ``hidden``), layer_name,
     status          "ok", or why the metrics are NaN: "non_finite", "constant", "too_few_points", "failed"
-    n_questions     rows in the extraction; n_points: distinct vectors analysed; n_duplicates: identical rows
+    n_questions, n_points, n_duplicates   rows in the extraction, distinct vectors analysed, identical rows
     n_dropped_nonfinite   rows with NaN or inf, left out (a layer with more than max_nonfinite_fraction is
                     non_finite instead)
+    {metric}        every metric of the layer (params.METRICS whose source is "graph" or "next_layer"; the
+                    table at the end names each with its range), next to the settings it was computed with:
     maxk            neighbours given to DADApy (min(config maxk, n_points - 1))
-    id_2nn          2NN intrinsic dimension (DADApy, linear fit on 90% of the ratios)
-    id_gride, id_gride_err   Gride ID at the headline scale (id_scale_n1, 2 id_scale_n1)
-    id_scale_n1     n1 of the headline scale (16)
-    density_k, log_density_mean   kNN density parameters and the mean log density
-    z, n_clusters   ADP merging parameter and number of clusters (halo off)
+    id_scale_n1     n1 of the headline Gride scale (16)
+    density_k, z, label_fraction, overlap_k   the density's k, ADP's merging parameter, the label
+                    overlap's class fraction and the data overlap's k
     n_adp_repaired  ADP assignments (the layer's and its subsamples') that failed the check of
                     geometry.adp and were recomputed with DADApy's pure-Python ADP (0 normally)
-    core_fraction   fraction of points outside the halo (ADP with halo on)
-    ari_subjects, ari_letters     ARI of the ADP assignment (halo off) with subject / answer letter
-    label_fraction, overlap_subjects, overlap_letters   class-balanced label overlap
-    overlap_k, overlap_next_layer data overlap of layer l with layer l + 1 (NaN for the last layer)
-    seconds_graph, seconds_metrics, device
+    seconds_graph, seconds_metrics, seconds_boot, device
     subject_size_min, subject_size_median, letter_size_min, letter_size_median   classes of the points analysed
-    resolution_size 2 x max(density_k, 2 id_scale): the smallest class the scales resolve
+    resolution_size   2 x max(density_k, 2 id_scale): the smallest class the scales resolve
     resolution      "resolved", or "below_subjects", "below_letters", "below_both" (numbers kept, marked)
     n_boot, boot_fraction, confidence   subsamples used for the intervals (0: none), their share of every
                     subject, the coverage
-    {metric}_lo, {metric}_hi   interval of every metric of INTERVAL_METRICS (NaN without subsamples)
+    {metric}_lo, {metric}_hi   interval of every metric with one (INTERVAL_METRICS; NaN without subsamples)
 
 ``{shots}shot_boot.parquet``: one row per (layer, subsample): model, variant, shots, layer, draw,
     n_points and the value of every metric of INTERVAL_METRICS in that subsample
@@ -87,24 +83,54 @@ paired bootstrap interval).
 
 ``resolution/{variant}_{shots}shot.parquet`` (:mod:`resolution`): one row per (layer, questions per
 subject, subsample), columns ``resolution.STUDY_COLUMNS``.
+
+A new metric is one entry of ``params.METRICS`` (and the code that computes it): its lists, the
+layer table's columns, its interval's range and the join's geometry columns follow from there.
 """
 
 from .files import read_knn, read_labels, write_knn
 from .graph import blas_single_thread, compute_neighbour_graph, return_unique_rows
-from .metrics import (LayerResult, compute_layer_geometry, compute_layer_graph, compute_layer_metrics,
-                      return_ari, return_class_sizes, return_core_fraction, return_data_overlap,
-                      return_label_overlap_k, return_resolution)
-from .params import (BOOT_COLUMNS, GRIDE_COLUMNS, INTERVAL_METRICS, OVERLAP_COLUMNS, RESOLUTION_FACTOR, RESOLVED,
-                     STATUS_OK, TABLE_COLUMNS, GeometryError, GeometryParams)
+from .metrics import (
+    LayerGraph,
+    LayerResult,
+    compute_layer_geometry,
+    compute_layer_graph,
+    compute_layer_metrics,
+    return_ari,
+    return_class_sizes,
+    return_core_fraction,
+    return_data_overlap,
+    return_label_overlap_k,
+    return_resolution,
+)
+from .params import (
+    BOOT_COLUMNS,
+    GRIDE_COLUMNS,
+    INTERVAL_METRICS,
+    METRICS,
+    OVERLAP_COLUMNS,
+    POINT_METRICS,
+    RESOLUTION_FACTOR,
+    RESOLVED,
+    STATUS_OK,
+    TABLE_COLUMNS,
+    GeometryError,
+    GeometryParams,
+    Metric,
+    describe_metrics,
+)
 from .pipeline import ExtractionGeometry, compute_geometry, compute_pair_overlaps
 from .resample import draw_members, return_interval, return_member_knn, return_subgraph
 
+if __doc__:  # the metric table, from its one declaration (None under python -OO)
+    __doc__ += describe_metrics()
+
 __all__ = [
-    "BOOT_COLUMNS", "GRIDE_COLUMNS", "INTERVAL_METRICS", "OVERLAP_COLUMNS", "RESOLUTION_FACTOR", "RESOLVED",
-    "STATUS_OK", "TABLE_COLUMNS", "ExtractionGeometry", "GeometryError", "GeometryParams", "LayerResult",
-    "blas_single_thread", "compute_geometry", "compute_layer_geometry", "compute_layer_graph",
-    "compute_layer_metrics", "compute_neighbour_graph", "compute_pair_overlaps", "draw_members", "read_knn",
-    "read_labels", "return_ari", "return_class_sizes", "return_core_fraction",
-    "return_data_overlap", "return_interval", "return_label_overlap_k", "return_member_knn", "return_resolution",
-    "return_subgraph", "return_unique_rows", "write_knn",
+    "BOOT_COLUMNS", "GRIDE_COLUMNS", "INTERVAL_METRICS", "METRICS", "OVERLAP_COLUMNS", "POINT_METRICS",
+    "RESOLUTION_FACTOR", "RESOLVED", "STATUS_OK", "TABLE_COLUMNS", "ExtractionGeometry", "GeometryError",
+    "GeometryParams", "LayerGraph", "LayerResult", "Metric", "blas_single_thread", "compute_geometry",
+    "compute_layer_geometry", "compute_layer_graph", "compute_layer_metrics", "compute_neighbour_graph",
+    "compute_pair_overlaps", "draw_members", "read_knn", "read_labels", "return_ari", "return_class_sizes",
+    "return_core_fraction", "return_data_overlap", "return_interval", "return_label_overlap_k",
+    "return_member_knn", "return_resolution", "return_subgraph", "return_unique_rows", "write_knn",
 ]

@@ -7,6 +7,7 @@ import logging
 import math
 import time
 import warnings
+from dataclasses import dataclass, field
 from functools import partial
 from typing import NamedTuple
 
@@ -14,7 +15,16 @@ import numpy as np
 
 from .adp import checked_adp
 from .graph import compute_neighbour_graph, cpu_threads, return_unique_rows, worker_pool
-from .params import INTERVAL_METRICS, RESOLUTION_FACTOR, RESOLVED, STATUS_OK, GeometryParams
+from .params import (
+    GRAPH,
+    INTERVAL_METRICS,
+    POINT_METRICS,
+    RESOLUTION_FACTOR,
+    RESOLVED,
+    STATUS_OK,
+    GeometryParams,
+    metric_names,
+)
 from .resample import boot_graph_k, keep_freed_memory, return_metric_interval, return_subgraph
 
 log = logging.getLogger("llmscape.geometry")
@@ -83,10 +93,6 @@ def return_core_fraction(data, z: float) -> float:
     return float(np.mean(~(rho_c + log_den_min - 1 < level[labels])))
 
 
-POINT_METRICS = ("id_2nn", "id_gride", "id_gride_err", "log_density_mean", "n_clusters", "core_fraction",
-                 "ari_subjects", "ari_letters", "overlap_subjects", "overlap_letters")
-
-
 def _nan_row() -> dict:
     return dict.fromkeys(POINT_METRICS, math.nan)
 
@@ -145,86 +151,139 @@ def compute_layer_geometry(X: np.ndarray, subjects: np.ndarray, letters: np.ndar
     return result
 
 
+@dataclass
+class LayerGraph:
+    """One layer between :func:`compute_layer_graph` and :func:`compute_layer_metrics`.
+
+    name: the layer in messages. row: the layer table's columns so far. knn: each question's saved
+    neighbour lists ((n, K) question rows, -1 for none). draws: the subsamples (sorted question rows).
+    The rest is None (graph) or empty when the layer is degenerate (``row["status"]`` says why):
+    graph: (dist, ind) over the distinct points, DADApy layout, graph_k columns after the point itself;
+    maxk: DADApy's maxk; X, subjects, letters: the distinct points and their labels; keep: their
+    question rows; inverse: each question row's distinct point (-1 for a row left out)."""
+
+    name: str
+    row: dict
+    knn: np.ndarray
+    draws: list = field(default_factory=list)
+    graph: tuple | None = None
+    maxk: int = 0
+    graph_k: int = 0
+    X: np.ndarray | None = None
+    subjects: np.ndarray | None = None
+    letters: np.ndarray | None = None
+    keep: np.ndarray | None = None
+    inverse: np.ndarray | None = None
+
+
 def compute_layer_graph(X: np.ndarray, subjects: np.ndarray, letters: np.ndarray, params: GeometryParams,
                         *, name: str = "layer", draws: list[np.ndarray] | None = None,
-                        complete: bool = False) -> dict:
+                        complete: bool = False) -> LayerGraph:
     """First half of :func:`compute_layer_geometry`: checks, deduplication and the neighbour graph (the
-    heavy, GIL-free part). Returns the state :func:`compute_layer_metrics` finishes. ``complete``: every
-    other point in each neighbour list, so that any subsample's graph can be read from it."""
-    n = X.shape[0]
-    p = params
+    heavy, GIL-free part). Returns the :class:`LayerGraph` :func:`compute_layer_metrics` finishes.
+    ``complete``: every other point in each neighbour list, so that any subsample's graph can be read
+    from it."""
+    n, p = X.shape[0], params
     draws = list(draws or [])
-    s_min, s_med = return_class_sizes(subjects)
-    l_min, l_med = return_class_sizes(letters)
-    row = dict(n_questions=n, n_points=0, n_duplicates=0, status=STATUS_OK, maxk=0,
-               id_scale_n1=p.id_scale, density_k=p.density_k, z=p.z, label_fraction=p.label_fraction,
-               overlap_k=p.overlap_k, seconds_graph=0.0, seconds_metrics=0.0, seconds_boot=0.0, **_nan_row(),
-               subject_size_min=s_min, subject_size_median=s_med, letter_size_min=l_min,
-               letter_size_median=l_med, resolution_size=p.resolution_size(),
-               resolution=return_resolution(s_min, l_min, p), n_boot=0, boot_fraction=p.boot_fraction,
-               n_dropped_nonfinite=0, n_adp_repaired=0,
-               confidence=p.confidence)
     save_k = p.overlap_k if not draws else max(p.overlap_k, boot_graph_k(p.overlap_k, p.boot_fraction, n))
-    knn = np.full((n, save_k), -1, dtype=np.int32)
-    state = dict(row=row, knn=knn, name=name, graph=None, draws=draws)
+    layer = LayerGraph(name, _first_row(n, subjects, letters, p), np.full((n, save_k), -1, dtype=np.int32), draws)
+    finite = _finite_rows(X, layer, p)
+    if finite is None:
+        return layer
+    X = np.asarray(X, dtype=np.float32 if X.dtype != np.float64 else np.float64)
+    if not _distinct_points(X, finite, layer, p):
+        return layer
+    keep = layer.keep
+    layer.X, layer.subjects, layer.letters = X[keep], subjects[keep], letters[keep]
+    if keep.shape[0] < n:  # the classes of the points analysed (no duplicate, no non-finite row)
+        layer.row.update(_class_columns(layer.subjects, layer.letters, p))
+    layer.maxk, layer.graph_k = _graph_columns(layer, p, complete)
+    layer.row["maxk"] = int(layer.maxk)
+    t0 = time.perf_counter()
+    dist, ind = compute_neighbour_graph(layer.X, layer.graph_k, device=p.device, precision=p.precision,
+                                        block_rows=p.block_rows, refine_tol=p.refine_tol)
+    layer.row["seconds_graph"] = time.perf_counter() - t0
+    ok_knn = min(save_k, layer.graph_k)
+    layer.knn[keep, :ok_knn] = keep[ind[:, 1:ok_knn + 1]].astype(np.int32)
+    layer.graph = (dist, ind)
+    return layer
 
+
+def _class_columns(subjects: np.ndarray, letters: np.ndarray, p: GeometryParams) -> dict:
+    """The layer table's class-size and resolution columns for these labels."""
+    (s_min, s_med), (l_min, l_med) = return_class_sizes(subjects), return_class_sizes(letters)
+    return dict(subject_size_min=s_min, subject_size_median=s_med, letter_size_min=l_min, letter_size_median=l_med,
+                resolution=return_resolution(s_min, l_min, p))
+
+
+def _first_row(n: int, subjects: np.ndarray, letters: np.ndarray, p: GeometryParams) -> dict:
+    """The layer's row before any metric: the settings, NaN metrics, the classes of all n questions."""
+    return dict(n_questions=n, n_points=0, n_duplicates=0, status=STATUS_OK, maxk=0,
+                id_scale_n1=p.id_scale, density_k=p.density_k, z=p.z, label_fraction=p.label_fraction,
+                overlap_k=p.overlap_k, seconds_graph=0.0, seconds_metrics=0.0, seconds_boot=0.0, **_nan_row(),
+                **_class_columns(subjects, letters, p), resolution_size=p.resolution_size(), n_boot=0,
+                boot_fraction=p.boot_fraction, n_dropped_nonfinite=0, n_adp_repaired=0, confidence=p.confidence)
+
+
+def _finite_rows(X: np.ndarray, layer: LayerGraph, p: GeometryParams) -> np.ndarray | None:
+    """The question rows without NaN or inf; None (status non_finite) when more than
+    max_nonfinite_fraction of them hold some."""
+    n, name = X.shape[0], layer.name
     finite = np.isfinite(X).all(axis=1)
     bad = int(n - finite.sum())
-    row["n_dropped_nonfinite"] = bad
+    layer.row["n_dropped_nonfinite"] = bad
     if bad and bad > p.max_nonfinite_fraction * n:
         log.warning("%s: %d of %d vectors hold NaN or inf, more than geometry.max_nonfinite_fraction = %g; "
                     "metrics set to NaN. Fix: look at the extraction (a corrupt file or an unstable model)",
                     name, bad, n, p.max_nonfinite_fraction)
-        row["status"] = "non_finite"
-        return state
+        layer.row["status"] = "non_finite"
+        return None
     if bad:
         log.warning("%s: dropped %d of %d vectors holding NaN or inf (rows %s); the others are analysed",
                     name, bad, n, np.flatnonzero(~finite)[:10].tolist())
+    return np.flatnonzero(finite)
 
-    X = np.asarray(X, dtype=np.float32 if X.dtype != np.float64 else np.float64)
-    rows = np.flatnonzero(finite)  # the analysed question rows; a non-finite row is left out like a duplicate
+
+def _distinct_points(X: np.ndarray, rows: np.ndarray, layer: LayerGraph, p: GeometryParams) -> bool:
+    """Deduplicate the analysed question ``rows`` (a non-finite row is left out like a duplicate):
+    sets layer.keep and layer.inverse; False (status constant or too_few_points) when too few points
+    are distinct for the neighbour scales."""
+    n, name, row = X.shape[0], layer.name, layer.row
     keep_f, inverse_f = return_unique_rows(X[rows], return_inverse=True)
-    keep = rows[keep_f]
-    inverse = np.full(n, -1, dtype=np.int64)
-    inverse[rows] = inverse_f
-    m = keep.shape[0]
+    layer.keep = rows[keep_f]
+    layer.inverse = np.full(n, -1, dtype=np.int64)
+    layer.inverse[rows] = inverse_f
+    m = layer.keep.shape[0]
     row.update(n_points=int(m), n_duplicates=int(rows.size - m))
     if m < rows.size:
         log.info("%s: dropped %d identical vectors, %d distinct left", name, rows.size - m, m)
     if m == 1:
         log.warning("%s: all %d vectors are identical; metrics set to NaN", name, n)
         row["status"] = "constant"
-        return state
+        return False
     if m < p.min_points():
         log.warning("%s: only %d distinct vectors, fewer than the %d the neighbour scales need "
                     "(id_scale=%d, density_k=%d); metrics set to NaN", name, m, p.min_points(),
                     p.id_scale, p.density_k)
         row["status"] = "too_few_points"
-        return state
+        return False
+    return True
 
-    Xu, sub_u, let_u = X[keep], subjects[keep], letters[keep]
-    if m < n:  # the classes of the points analysed (no duplicate, no non-finite row)
-        (s_min, s_med), (l_min, l_med) = return_class_sizes(sub_u), return_class_sizes(let_u)
-        row.update(subject_size_min=s_min, subject_size_median=s_med, letter_size_min=l_min,
-                   letter_size_median=l_med, resolution=return_resolution(s_min, l_min, p))
+
+def _graph_columns(layer: LayerGraph, p: GeometryParams, complete: bool) -> tuple[int, int]:
+    """(maxk, graph_k): DADApy's neighbours and the graph's columns, enough for the label overlaps and
+    for reading every subsample's graph and neighbour lists from this one (all with ``complete``)."""
+    m = layer.keep.shape[0]
     maxk = min(p.maxk, m - 1)
-    k_label = max(return_label_overlap_k(sub_u, p.label_fraction), return_label_overlap_k(let_u, p.label_fraction))
+    k_label = max(return_label_overlap_k(layer.subjects, p.label_fraction),
+                  return_label_overlap_k(layer.letters, p.label_fraction))
     graph_k = min(m - 1, max(maxk, p.overlap_k, k_label))
-    if draws:  # enough columns to read every subsample's graph and neighbour lists (save_k) from this one
-        k_draw = max(min(p.maxk, min(d.size for d in draws) - 1), p.overlap_k, k_label)
+    if layer.draws:
+        k_draw = max(min(p.maxk, min(d.size for d in layer.draws) - 1), p.overlap_k, k_label)
         graph_k = max(graph_k, boot_graph_k(k_draw, p.boot_fraction, m))
     if complete:
         graph_k = m - 1
-    row["maxk"] = int(maxk)
-    t0 = time.perf_counter()
-    dist, ind = compute_neighbour_graph(Xu, graph_k, device=p.device, precision=p.precision,
-                                        block_rows=p.block_rows, refine_tol=p.refine_tol)
-    row["seconds_graph"] = time.perf_counter() - t0
-    ok_knn = min(save_k, graph_k)
-    knn[keep, :ok_knn] = keep[ind[:, 1:ok_knn + 1]].astype(np.int32)
-    state.update(graph=(dist, ind), maxk=maxk, graph_k=graph_k, subjects=sub_u, letters=let_u, X=Xu, keep=keep,
-                 inverse=inverse)
-    return state
+    return maxk, graph_k
 
 
 _DADAPY_QUIET = False
@@ -259,7 +318,8 @@ def _graph_metrics(dist: np.ndarray, ind: np.ndarray, maxk: int, graph_k: int, s
     out["id_2nn"] = float(data.compute_id_2NN()[0])
     if profile:
         ids, errs, n2s = data.return_id_scaling_gride(range_max=min(p.id_range_max, maxk), return_ranks=True)
-        gride = [dict(n1=int(b // 2), n2=int(b), id=float(i), err=float(e)) for i, e, b in zip(ids, errs, n2s)]
+        gride = [dict(n1=int(b // 2), n2=int(b), id=float(i), err=float(e))
+                 for i, e, b in zip(ids, errs, n2s, strict=True)]
         head = [(g["id"], g["err"]) for g in gride if g["n1"] == n1]
         if not head:
             raise ValueError(f"the headline scale ({n1}, {2 * n1}) is outside the Gride range "
@@ -283,41 +343,34 @@ def _graph_metrics(dist: np.ndarray, ind: np.ndarray, maxk: int, graph_k: int, s
     return out, gride
 
 
-def _draw_metrics(state: dict, members: np.ndarray, p: GeometryParams) -> dict:
+def _draw_metrics(layer: LayerGraph, members: np.ndarray, p: GeometryParams) -> dict:
     """POINT_METRICS of one subsample (distinct-row positions ``members``), from the layer's graph."""
-    dist, ind = state["graph"]
+    dist, ind = layer.graph
     m = members.size
     if m < p.min_points():
         return _nan_row()
-    sub, let = state["subjects"][members], state["letters"][members]
+    sub, let = layer.subjects[members], layer.letters[members]
     maxk = min(p.maxk, m - 1)
     k = min(m - 1, max(maxk, p.overlap_k, return_label_overlap_k(sub, p.label_fraction),
                        return_label_overlap_k(let, p.label_fraction)))
-    gd, gi = return_subgraph(state["X"], dist, ind, members, k)
+    gd, gi = return_subgraph(layer.X, dist, ind, members, k)
     values, _ = _graph_metrics(gd, gi, maxk, k, sub, let, p, profile=False)
     return values
 
 
-#: the range a metric can take: its interval is clipped to it (the scaled spread can reach past it)
-METRIC_RANGE = {"ari_subjects": (-0.5, 1.0), "ari_letters": (-0.5, 1.0), "overlap_subjects": (0.0, 1.0),
-                "overlap_letters": (0.0, 1.0), "overlap_next_layer": (0.0, 1.0), "overlap": (0.0, 1.0),
-                "core_fraction": (0.0, 1.0), "n_clusters": (1.0, math.inf), "id_2nn": (0.0, math.inf),
-                "id_gride": (0.0, math.inf)}
-
-
-def draw_points(state: dict, rows: np.ndarray) -> np.ndarray:
+def draw_points(layer: LayerGraph, rows: np.ndarray) -> np.ndarray:
     """The distinct points (positions into the layer's deduplicated points) of a subsample of question
     rows: each row's own vector, duplicates counted once, as a fresh computation on X[rows] would
     keep them."""
-    u = np.unique(state["inverse"][rows])
+    u = np.unique(layer.inverse[rows])
     return u[u >= 0]  # rows left out (non-finite) have no point
 
 
-def _one_draw(state: dict, p: GeometryParams, j: int) -> tuple[str, dict]:
-    """(why it failed or "", the boot row) of subsample j of the layer in ``state``."""
-    members = draw_points(state, state["draws"][j])
+def _one_draw(layer: LayerGraph, p: GeometryParams, j: int) -> tuple[str, dict]:
+    """(why it failed or "", the boot row) of subsample j of ``layer``."""
+    members = draw_points(layer, layer.draws[j])
     try:
-        values, err = _draw_metrics(state, members, p), ""
+        values, err = _draw_metrics(layer, members, p), ""
     except Exception as e:  # one bad subsample costs one draw, never the layer
         values, err = _nan_row(), f"{type(e).__name__}: {e}"
     return err, dict(draw=j, n_points=int(members.size), n_adp_repaired=values.get("n_adp_repaired", 0),
@@ -337,22 +390,21 @@ def fill_intervals(row: dict, boot: list[dict], params: GeometryParams, metrics)
     row["n_boot"] = max(int(row.get("n_boot") or 0), used)
 
 
-def compute_layer_metrics(state: dict, params: GeometryParams) -> LayerResult:
+def compute_layer_metrics(layer: LayerGraph, params: GeometryParams) -> LayerResult:
     """Second half of :func:`compute_layer_geometry`: every DADApy metric on the layer's graph, then on
     each subsample's graph read from it (intervals of every metric but overlap_next_layer, which
     needs the next layer: see pipeline.py)."""
-    row, knn, name, p = state["row"], state["knn"], state["name"], params
+    row, knn, name, p = layer.row, layer.knn, layer.name, params
     gride: list[dict] = []
     boot: list[dict] = []
     for metric in INTERVAL_METRICS:
         row.setdefault(f"{metric}_lo", math.nan)
         row.setdefault(f"{metric}_hi", math.nan)
-    if state["graph"] is None:
+    if layer.graph is None:
         return LayerResult(row, gride, knn, boot)
     t1 = time.perf_counter()
     try:
-        values, gride = _graph_metrics(*state["graph"], state["maxk"], state["graph_k"], state["subjects"],
-                                       state["letters"], p)
+        values, gride = _graph_metrics(*layer.graph, layer.maxk, layer.graph_k, layer.subjects, layer.letters, p)
         row.update(values)
     except Exception as e:  # a failure in one layer must not lose the other layers
         log.warning("%s: geometry failed (%s: %s); metrics set to NaN", name, type(e).__name__, e,
@@ -360,18 +412,25 @@ def compute_layer_metrics(state: dict, params: GeometryParams) -> LayerResult:
         row.update(_nan_row())
         row["status"] = "failed"
     row["seconds_metrics"] = time.perf_counter() - t1
-    if state["draws"] and row["status"] == STATUS_OK:
-        t2 = time.perf_counter()
-        keep_freed_memory()
-        # draws are independent: the gathers release the GIL, DADApy mostly holds it (1.4x on 2 threads)
-        done = list(worker_pool(cpu_threads(), "boot").map(partial(_one_draw, state, p),
-                                                             range(len(state["draws"]))))
-        boot = [b for _, b in done]
-        row["n_adp_repaired"] += sum(b.pop("n_adp_repaired") for b in boot)  # the subsamples' ADP repairs too
-        errors = [e for e, _ in done if e]
-        if errors:
-            log.warning("%s: %d of %d subsamples failed (the first: %s); the intervals use the others", name,
-                        len(errors), len(state["draws"]), errors[0])
-        fill_intervals(row, boot, p, [m for m in INTERVAL_METRICS if m != "overlap_next_layer"])
-        row["seconds_boot"] = time.perf_counter() - t2
+    if layer.draws and row["status"] == STATUS_OK:
+        boot = _subsample_metrics(layer, p)
     return LayerResult(row, gride, knn, boot)
+
+
+def _subsample_metrics(layer: LayerGraph, p: GeometryParams) -> list[dict]:
+    """The boot rows of every subsample of ``layer`` (metrics on graphs read from the layer's), and
+    the intervals of the graph's metrics from them in layer.row."""
+    row = layer.row
+    t2 = time.perf_counter()
+    keep_freed_memory()
+    # draws are independent: the gathers release the GIL, DADApy mostly holds it (1.4x on 2 threads)
+    done = list(worker_pool(cpu_threads(), "boot").map(partial(_one_draw, layer, p), range(len(layer.draws))))
+    boot = [b for _, b in done]
+    row["n_adp_repaired"] += sum(b.pop("n_adp_repaired") for b in boot)  # the subsamples' ADP repairs too
+    errors = [e for e, _ in done if e]
+    if errors:
+        log.warning("%s: %d of %d subsamples failed (the first: %s); the intervals use the others", layer.name,
+                    len(errors), len(layer.draws), errors[0])
+    fill_intervals(row, boot, p, metric_names(GRAPH, interval=True))  # NEXT_LAYER ones: pipeline.py
+    row["seconds_boot"] = time.perf_counter() - t2
+    return boot

@@ -39,7 +39,7 @@ class GeometryParams:
     max_nonfinite_fraction: float = 0.01  # a layer with more NaN/inf rows is marked non_finite, fewer are dropped
 
     @classmethod
-    def from_config(cls, cfg: dict | None) -> "GeometryParams":
+    def from_config(cls, cfg: dict | None) -> GeometryParams:
         cfg = dict(cfg or {})
         names = {f.name for f in fields(cls)}
         unknown = set(cfg) - names
@@ -69,12 +69,6 @@ class GeometryParams:
         return RESOLUTION_FACTOR * max(self.density_k, 2 * self.id_scale)
 
 
-
-#: metrics that get an interval: columns ``{metric}_lo`` and ``{metric}_hi`` of the layer table
-INTERVAL_METRICS = ("id_2nn", "id_gride", "log_density_mean", "n_clusters", "core_fraction", "ari_subjects",
-                    "ari_letters", "overlap_subjects", "overlap_letters", "overlap_next_layer")
-
-
 class IntervalMethod(NamedTuple):
     """How one metric's interval is made from its subsample values (llmscape.geometry.resample).
 
@@ -91,26 +85,112 @@ class IntervalMethod(NamedTuple):
     bounds: tuple = (-math.inf, math.inf)
 
 
+#: where a metric is computed, and so which table holds it
+GRAPH = "graph"  # on a layer's neighbour graph, and on each subsample's graph read from it
+NEXT_LAYER = "next_layer"  # from the neighbour lists of a layer and of the next one, once every layer is done
+PAIR = "pair"  # from the saved neighbour lists of two extractions (the pair-overlap table)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One geometry metric, declared once: the lists of metrics, the layer table's columns, the ranges
+    the intervals are clipped to and the join's geometry columns are all read from :data:`METRICS`.
+
+    name: its column. source: GRAPH, NEXT_LAYER or PAIR (above). bounds: its range (an interval's
+    ends are clipped to it). integer: a count (an interval's ends are rounded outwards). interval: it
+    gets ``{name}_lo`` and ``{name}_hi`` from the subsamples, made on the ``transform`` scale with the
+    half-width divided by ``deflation`` (:class:`IntervalMethod`). before, after: the columns of the
+    settings it was computed with (or of its bookkeeping), written next to it in the layer table."""
+
+    name: str
+    description: str
+    source: str = GRAPH
+    bounds: tuple = (-math.inf, math.inf)
+    integer: bool = False
+    interval: bool = True
+    transform: str = "none"
+    deflation: float = 1.0
+    before: tuple = ()
+    after: tuple = ()
+
+    def __post_init__(self):
+        if self.source not in (GRAPH, NEXT_LAYER, PAIR) or self.transform not in ("none", "logit", "fisher"):
+            raise ValueError(f"metric {self.name!r}: source {self.source!r} must be one of {GRAPH!r}, "
+                             f"{NEXT_LAYER!r}, {PAIR!r} and transform {self.transform!r} one of 'none', 'logit', "
+                             "'fisher'")
+
+    @property
+    def method(self) -> IntervalMethod:
+        """The interval method :mod:`resample` applies to this metric."""
+        return IntervalMethod(self.transform, self.deflation, self.integer, self.bounds)
+
+
+_ID = (0.0, math.inf)
+_ARI = (-0.5, 1.0)
+_SHARE = (0.0, 1.0)
+#: every geometry metric, in the order of the tables' columns; the interval methods (transform,
+#: deflation) come from the coverage study (docs/geometry.md)
+METRICS = (
+    Metric("id_2nn", "2NN intrinsic dimension (DADApy, linear fit on 90% of the ratios)", bounds=_ID,
+           deflation=1.5, before=("maxk",)),
+    Metric("id_gride", "Gride intrinsic dimension at the headline scale (id_scale_n1, 2 id_scale_n1)",
+           bounds=_ID, deflation=1.2),
+    Metric("id_gride_err", "DADApy's error of id_gride", bounds=_ID, interval=False, after=("id_scale_n1",)),
+    Metric("log_density_mean", "mean kNN log density (k = density_k) at the headline ID", deflation=1.15,
+           before=("density_k",)),
+    Metric("n_clusters", "ADP clusters (merging parameter z, halo off)", bounds=(1.0, math.inf), integer=True,
+           deflation=1.6, before=("z",), after=("n_adp_repaired",)),
+    Metric("core_fraction", "share of points outside the halo (ADP with the halo on)", bounds=_SHARE,
+           deflation=1.5),
+    # ARIs on their own scale: on the atanh scale, near 1, one draw at 1 stretched the interval to 3x ideal
+    Metric("ari_subjects", "ARI of the ADP assignment (halo off) with the subjects", bounds=_ARI, deflation=1.35),
+    Metric("ari_letters", "ARI of the ADP assignment (halo off) with the answer letters", bounds=_ARI,
+           deflation=1.6),
+    Metric("overlap_subjects", "class-balanced label overlap of the subjects (class fraction label_fraction)",
+           bounds=_SHARE, transform="logit", before=("label_fraction",)),
+    Metric("overlap_letters", "class-balanced label overlap of the answer letters", bounds=_SHARE,
+           transform="logit", deflation=1.5),
+    Metric("overlap_next_layer", "data overlap (k = overlap_k) of layer l with layer l + 1 (NaN for the last)",
+           source=NEXT_LAYER, bounds=_SHARE, transform="logit", before=("overlap_k",)),
+    Metric("overlap", "data overlap (k) of one extraction with a reference, layer by layer", source=PAIR,
+           bounds=_SHARE, transform="logit"),
+)
+
+
+def metric_names(*sources: str, interval: bool | None = None) -> tuple[str, ...]:
+    """Names of the metrics computed at ``sources``, in METRICS' order; ``interval``: only those with
+    (True) or without (False) an interval, None for all."""
+    return tuple(m.name for m in METRICS if m.source in sources and interval in (None, m.interval))
+
+
+#: the metrics of one neighbour graph (a layer's, a subsample's)
+POINT_METRICS = metric_names(GRAPH)
+#: metrics of the layer table that get an interval: columns ``{metric}_lo`` and ``{metric}_hi``
+INTERVAL_METRICS = metric_names(GRAPH, NEXT_LAYER, interval=True)
+def describe_metrics() -> str:
+    """The metric table in words (the end of the package docstring): each metric's column, the table
+    that holds it, its range, its interval's method, and what it is."""
+    import textwrap
+
+    table = {GRAPH: "layer table", NEXT_LAYER: "layer table", PAIR: "overlap table"}
+    scale = {"none": "its own", "logit": "the logit", "fisher": "the atanh"}
+    lines = ["", "Metrics (params.METRICS)", "------------------------"]
+    for m in METRICS:
+        lo, hi = m.bounds
+        span = ("any value" if (lo, hi) == (-math.inf, math.inf) else f">= {lo:g}" if hi == math.inf
+                else f"in [{lo:g}, {hi:g}]")
+        how = (f"interval on {scale[m.transform]} scale" + (f", deflation {m.deflation:g}" if m.deflation != 1 else "")
+               + (", ends rounded outwards" if m.integer else "") if m.interval else "no interval")
+        lines += textwrap.wrap(f"``{m.name}`` ({table[m.source]}; {span}{', a count' if m.integer else ''}; {how}): "
+                               f"{m.description}", width=104, subsequent_indent="    ")
+    return "\n".join(lines) + "\n"
+
+
 #: the subsample share at which the deflation factors were measured; another boot_fraction gets none
 #: (a wider, conservative interval) and a warning
 CALIBRATED_FRACTION = 0.8
-_ARI = (-0.5, 1.0)
-_SHARE = (0.0, 1.0)
-#: the interval method of every metric with an interval, from the coverage study (docs/geometry.md)
-INTERVAL_METHODS = {
-    "id_2nn": IntervalMethod(deflation=1.5, bounds=(0.0, math.inf)),
-    "id_gride": IntervalMethod(deflation=1.2, bounds=(0.0, math.inf)),
-    "log_density_mean": IntervalMethod(deflation=1.15),
-    "n_clusters": IntervalMethod(deflation=1.6, integer=True, bounds=(1.0, math.inf)),
-    "core_fraction": IntervalMethod(deflation=1.5, bounds=_SHARE),
-    # ARIs on their own scale: on the atanh scale, near 1, one draw at 1 stretched the interval to 3x ideal
-    "ari_subjects": IntervalMethod(deflation=1.35, bounds=_ARI),
-    "ari_letters": IntervalMethod(deflation=1.6, bounds=_ARI),
-    "overlap_subjects": IntervalMethod(transform="logit", bounds=_SHARE),
-    "overlap_letters": IntervalMethod(transform="logit", deflation=1.5, bounds=_SHARE),
-    "overlap_next_layer": IntervalMethod(transform="logit", bounds=_SHARE),
-    "overlap": IntervalMethod(transform="logit", bounds=_SHARE),  # the pair overlaps (k-shot vs 0-shot, ...)
-}
+#: the interval method of every metric with an interval, the pair overlaps' included
+INTERVAL_METHODS = {m.name: m.method for m in METRICS if m.interval}
 
 
 def min_n_boot(confidence: float) -> int:
@@ -138,11 +218,11 @@ def n_boot_problem(n_boot: int, confidence: float) -> str:
                 f"geometry.n_boot: {need} or more (100 as the shipped configs), or 0 for no intervals.")
     return ""
 
+
+#: the layer table's metric columns: each metric of the layer (GRAPH, NEXT_LAYER) with its settings
+METRIC_COLUMNS = [c for m in METRICS if m.source in (GRAPH, NEXT_LAYER) for c in (*m.before, m.name, *m.after)]
 TABLE_COLUMNS = ["model", "variant", "shots", "layer", "layer_name", "status", "n_questions", "n_points",
-                 "n_duplicates", "n_dropped_nonfinite", "maxk", "id_2nn", "id_gride", "id_gride_err", "id_scale_n1",
-                 "density_k",
-                 "log_density_mean", "z", "n_clusters", "n_adp_repaired", "core_fraction", "ari_subjects", "ari_letters",
-                 "label_fraction", "overlap_subjects", "overlap_letters", "overlap_k", "overlap_next_layer",
+                 "n_duplicates", "n_dropped_nonfinite", *METRIC_COLUMNS,
                  "seconds_graph", "seconds_metrics", "seconds_boot", "device",
                  # resolution: the classes of the points analysed against the neighbourhood scales
                  "subject_size_min", "subject_size_median", "letter_size_min", "letter_size_median",

@@ -128,9 +128,9 @@ def _study_point(X, state, rows, sub, let, p, complete, name) -> tuple[dict, int
     """Metrics of the subsample of question ``rows``, its number of distinct points and its smallest
     subject and letter class (distinct points): read from the layer's complete graph, else computed on
     X[rows] afresh (the same points: duplicates once, see metrics.draw_points)."""
-    if complete and state["graph"] is not None:
+    if complete and state.graph is not None:
         u = draw_points(state, rows)
-        s_min, l_min = return_class_sizes(state["subjects"][u])[0], return_class_sizes(state["letters"][u])[0]
+        s_min, l_min = return_class_sizes(state.subjects[u])[0], return_class_sizes(state.letters[u])[0]
         try:
             return _draw_metrics(state, u, p), int(u.size), s_min, l_min
         except Exception as e:  # noqa: BLE001  (one failed subsample is NaN, like a failed layer)
