@@ -6,7 +6,9 @@ docstrings of ``llmscape.geometry``, ``llmscape.spectra``, ``llmscape.finetune.t
 """
 
 from __future__ import annotations
+
 from ..errors import LlmscapeError
+from ..geometry.params import INTERVAL_METRICS
 
 
 class JoinError(LlmscapeError, ValueError):
@@ -15,10 +17,9 @@ class JoinError(LlmscapeError, ValueError):
 
 # --- geometry: results/geometry/{model}/{variant}/{shots}shot.parquet, one row per layer ---------------
 GEOMETRY_KEY = ("model", "variant", "shots", "layer")
-GEOMETRY_METRICS = (
-    "id_2nn", "id_gride", "log_density_mean", "n_clusters", "core_fraction",
-    "ari_subjects", "ari_letters", "overlap_subjects", "overlap_letters", "overlap_next_layer",
-)
+#: the metrics correlated with spectra: every metric of the layer table with an interval, as declared in
+#: llmscape.geometry.params.METRICS (a metric added there is joined without an edit here)
+GEOMETRY_METRICS = INTERVAL_METRICS
 #: carried along, not correlated: identity, resolution, and each metric's interval where the table has one
 GEOMETRY_INFO = ("layer_name", "status", "n_points", "subject_size_min", "resolution",
                  *(f"{m}_{end}" for m in GEOMETRY_METRICS for end in ("lo", "hi")))
