@@ -136,3 +136,19 @@ def test_pair_overlap_is_declared_for_the_pair_table():
     pair = [m for m in G.METRICS if m.source == PAIR]
     assert [m.name for m in pair] == ["overlap"]
     assert {f"{m.name}_{e}" for m in pair for e in ("lo", "hi")} <= set(G.OVERLAP_COLUMNS)
+
+
+def test_docs_interval_table_matches_the_declaration():
+    """docs/geometry.md's table of interval methods: each metric's scale and deflation as declared."""
+    text = (ROOT / "docs/geometry.md").read_text()
+    rows = re.findall(r"^\| (`[^|]+) \| ([^|]+) \| ([0-9.]+) \| [^|]+ \|$", text, flags=re.M)
+    named = {}
+    for names, scale, deflation in rows:
+        for name in re.findall(r"`(\w+)`", names):
+            named[name] = (scale.strip(), float(deflation))
+    assert set(named) == {m.name for m in G.METRICS if m.interval}
+    for m in G.METRICS:
+        if m.interval:
+            scale, deflation = named[m.name]
+            assert deflation == m.deflation, m.name
+            assert (scale == "logit") == (m.transform == "logit"), m.name
