@@ -3,6 +3,7 @@ fine-tuning split left empty by the analysis subset, a config file that is missi
 (with its line and column). The checks are called as the DAG build calls them, and once through a
 real Snakemake dry run each; the job-side device check as the jobs call it."""
 import copy
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -106,3 +107,24 @@ def test_the_dag_build_stops_before_any_job(tmp_path, change, said):
     out = r.stdout + r.stderr  # Snakemake prints the error on stdout
     assert r.returncode != 0 and said in out, out[-3000:]
     assert "Job stats" not in out
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--configfile", "{missing}"], "config file {missing} does not exist"),
+    (["--profile", "p", "--configfiles", "{ok}", "{bad}", "--cores", "1"], "{bad}, line 4, column 13: not valid YAML"),
+    (["--configfile={bad}"], "{bad}, line 4, column 13: not valid YAML"),
+])
+def test_the_head_job_script_names_a_bad_config_file_before_submitting(tmp_path, args, said):
+    """scripts/submit.sbatch, the cluster route, reads every --configfile as the workflow would before
+    it submits anything (Snakemake itself would print a traceback for a missing file, or 'not valid
+    JSON or YAML' without a line): the file, line and column, and exit status 2."""
+    files = dict(missing=tmp_path / "nope.yaml", ok=tmp_path / "ok.yaml", bad=tmp_path / "bad.yaml")
+    files["ok"].write_text("model: m\n")
+    files["bad"].write_text("model: m\ndata:\n  per_subject: 24\n   pool_size: 5\n")
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_JOB_ID"}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), "/usr/bin", "/bin"])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "submit.sbatch"), *(a.format(**files) for a in args)],
+                       capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert r.returncode == 2 and said.format(**files) in r.stderr, r.stderr
+    assert "Fix:" in r.stderr and not (tmp_path / "logs").exists()  # nothing submitted
