@@ -14,6 +14,7 @@ from dadapy import Data
 from sklearn.metrics import adjusted_rand_score
 
 from llmscape import geometry as G
+from llmscape.configcheck import GEOMETRY_SECTIONS
 from llmscape.integrity import seal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -388,11 +389,12 @@ def test_pair_overlaps_check_alignment(tmp_path):
 def test_schema_defaults_match_the_library():
     schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
     props = schema["properties"]["geometry"]["properties"]
-    defaults = {k: v["default"] for k, v in props.items() if k != "resolution_study"}  # the study's own rule
+    # the study and the replication have rules of their own (llmscape.configcheck.GEOMETRY_SECTIONS)
+    defaults = {k: v["default"] for k, v in props.items() if k not in GEOMETRY_SECTIONS}
     assert G.GeometryParams.from_config(defaults) == G.GeometryParams()
     for cfg in ("config.yaml", "ci.yaml", "llama3-8b.yaml"):
         geometry = yaml.safe_load((ROOT / "config" / cfg).read_text())["geometry"]
-        G.GeometryParams.from_config({k: v for k, v in geometry.items() if k != "resolution_study"})
+        G.GeometryParams.from_config({k: v for k, v in geometry.items() if k not in GEOMETRY_SECTIONS})
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")

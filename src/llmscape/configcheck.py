@@ -84,6 +84,10 @@ RULE_GROUPS = {"prepare_model": "prepare", "prepare_data": "prepare", "extract":
                "join_tables": "join", "correlate": "join", "finetune": "finetune"}
 
 
+#: sections of geometry: read by their own rules, not by the geometry jobs (GeometryParams)
+GEOMETRY_SECTIONS = ("resolution_study", "replication")
+
+
 def _raise(lines: list[str]) -> None:
     if lines:
         raise ConfigError("the configuration has {} error(s):\n{}".format(len(lines), "\n".join(lines)))
@@ -130,7 +134,7 @@ def check_intervals(geometry: dict, subject_sizes: dict | None) -> None:
     _raise([line for line in [n_boot_problem(n_boot, float(geometry.get("confidence", 0.95)))] if line])
     if not n_boot or not subject_sizes:
         return
-    p = GeometryParams.from_config({k: v for k, v in geometry.items() if k != "resolution_study"})
+    p = GeometryParams.from_config({k: v for k, v in geometry.items() if k not in GEOMETRY_SECTIONS})
     f = p.boot_fraction
     kept = sum(max(1, round(f * n)) for n in subject_sizes.values())
     if kept < p.min_points():
@@ -171,7 +175,7 @@ def check_geometry_scales(geometry: dict, subject_sizes: dict | None) -> None:
     maxk above the points is fine (each layer caps it at n - 1); what fails or gives only NaN is not."""
     from .geometry.params import GeometryParams
 
-    p = GeometryParams.from_config({k: v for k, v in geometry.items() if k != "resolution_study"})
+    p = GeometryParams.from_config({k: v for k, v in geometry.items() if k not in GEOMETRY_SECTIONS})
     lines = _scale_lines(p)
     need = p.min_points()
     why = f"the {need} that id_scale = {p.id_scale} and density_k = {p.density_k} need (max(2 id_scale, density_k) + 1)"
