@@ -10,7 +10,16 @@ min_version("9.0")
 
 # The embedded default, unless config files are given on the command line: a cluster config then
 # stands alone (with the schema's defaults), instead of inheriting the laptop-sized settings.
+# It is read with llmscape's reader first, which names the line and column of a YAML error (Snakemake's
+# own reader says only "not valid JSON or YAML"); config files given on the command line are read by
+# Snakemake before this file (scripts/submit.sbatch and make plan read them the same way first).
 if not workflow.overwrite_configfiles:
+    try:
+        from llmscape.configcheck import read_config_file
+    except ImportError:  # workflow/rules/common.smk says how to install it
+        pass
+    else:
+        read_config_file("config/config.yaml")
     workflow.configfile("config/config.yaml")
 
 

@@ -128,3 +128,17 @@ def test_the_head_job_script_names_a_bad_config_file_before_submitting(tmp_path,
                        capture_output=True, text=True, cwd=tmp_path, env=env)
     assert r.returncode == 2 and said.format(**files) in r.stderr, r.stderr
     assert "Fix:" in r.stderr and not (tmp_path / "logs").exists()  # nothing submitted
+
+
+def test_an_embedded_default_config_that_does_not_parse_is_named_with_line_and_column(tmp_path):
+    """`make run` and a plain `snakemake` read config/config.yaml from the Snakefile, through llmscape's
+    reader: a YAML error is named with the file, line and column before Snakemake's own reader sees it."""
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text("model: m\ndata:\n  per_subject: 24\n   pool_size: 5\n")
+    r = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory",
+                        str(tmp_path), "-n"], capture_output=True, text=True)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out[-3000:]
+    assert "config/config.yaml, line 4, column 13: not valid YAML: mapping values are not allowed here" in out, \
+        out[-3000:]
+    assert "not valid JSON or YAML" not in out
