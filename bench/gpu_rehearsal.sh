@@ -95,7 +95,7 @@ for name in ("torch", "transformers", "peft", "accelerate", "numpy", "pandas", "
     try:
         m = importlib.import_module(name)
         print(f"{name:14s} {getattr(m, '__version__', '?'):12s} {getattr(m, '__file__', '')}")
-    except Exception as e:  # noqa: BLE001 - what is missing is the finding
+    except Exception as e:  # what is missing is the finding
         print(f"{name:14s} MISSING ({type(e).__name__}: {e})")
 import torch
 print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")

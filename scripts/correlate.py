@@ -3,14 +3,14 @@ eigenvalue-ratio trajectories during fine-tuning."""
 
 from llmscape import rulekit
 
-log = rulekit.start(snakemake, "join")  # noqa: F821
+log = rulekit.start(snakemake, "join")
 
-from llmscape.io import read_json, read_parquet, write_json, write_parquet  # noqa: E402
-from llmscape.join import correlate  # noqa: E402
-from llmscape.join.columns import spec_col  # noqa: E402
-from llmscape.join.report import write_csv as to_csv  # noqa: E402
+from llmscape.io import read_json, read_parquet, write_json, write_parquet
+from llmscape.join import correlate
+from llmscape.join.columns import spec_col
+from llmscape.join.report import write_csv as to_csv
 
-smk = snakemake  # noqa: F821
+smk = snakemake
 cfg = smk.params.join
 joined = read_parquet(smk.input.joined)
 spectral = [spec_col(m, mod, s) for m in cfg["spectral_metrics"] for mod in cfg["modules"] for s in cfg["stats"]]
@@ -39,8 +39,8 @@ iv = correlate.intervention_table(joined, geometry)
 write_parquet(smk.output.interventions, iv)
 to_csv(correlate.intervention_effects(iv, geometry), smk.output.intervention_effects)
 
-runs = {r: read_json(p) for r, p in zip(smk.params.runs, smk.input.finetune)}
-ckpts = {(r, int(s)): read_parquet(p) for (r, s), p in zip(smk.params.checkpoints, smk.input.checkpoints)}
+runs = {r: read_json(p) for r, p in zip(smk.params.runs, smk.input.finetune, strict=True)}
+ckpts = {(r, int(s)): read_parquet(p) for (r, s), p in zip(smk.params.checkpoints, smk.input.checkpoints, strict=True)}
 base_spectra = read_parquet(smk.input.base_spectra) if ckpts else None
 traj = correlate.trajectories(ckpts, runs, modules=cfg["modules"], window=int(cfg["gap_window"]),
                               base_spectra=base_spectra)
@@ -49,7 +49,8 @@ tcorr = correlate.trajectory_correlations(traj)
 to_csv(tcorr, smk.output.trajectory_correlations)
 
 write_json(smk.output.summary, dict(
-    n_rows=len(joined), variants=sorted(joined["variant"].unique()), shots=sorted(int(k) for k in joined["shots"].unique()),
+    n_rows=len(joined), variants=sorted(joined["variant"].unique()),
+    shots=sorted(int(k) for k in joined["shots"].unique()),
     n_correlations=len(corr), top=top.head(10).to_dict(orient="records"),
     n_deltas=len(deltas), n_intervention_rows=len(iv), n_checkpoints=len(ckpts), config=cfg))
 log.info("wrote %d correlations, %d delta rows, %d intervention rows, %d trajectory rows",

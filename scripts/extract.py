@@ -2,7 +2,7 @@
 at every shot count of the variant in one job (extract.one_job_per_variant), the weights read once."""
 from llmscape import data, extract_job, models, rulekit
 
-smk = snakemake  # noqa: F821
+smk = snakemake
 log = rulekit.start(smk, "extract")
 shots = [int(smk.wildcards.shots)] if "shots" in smk.wildcards.keys() else [int(k) for k in smk.params.shots]
 h5s, accuracies = ([f] if isinstance(f, str) else list(f) for f in (smk.output.h5, smk.output.accuracy))

@@ -2,14 +2,14 @@
 
 from llmscape import rulekit
 
-log = rulekit.start(snakemake, "geometry")  # noqa: F821
+log = rulekit.start(snakemake, "geometry")
 
-import torch  # noqa: E402
+import torch
 
-from llmscape import geometry  # noqa: E402
-from llmscape.io import write_parquet  # noqa: E402
+from llmscape import geometry
+from llmscape.io import write_parquet
 
-smk = snakemake  # noqa: F821
+smk = snakemake
 torch.set_num_threads(max(1, int(smk.threads)))
 params = geometry.GeometryParams.from_config(dict(smk.params.geometry))
 log.info("parameters %s", params)
@@ -18,7 +18,7 @@ result = geometry.compute_geometry(smk.input.h5, params, model=smk.wildcards.mod
 table = result.table
 bad = table[table["status"] != geometry.STATUS_OK]
 if len(bad):
-    log.warning("layers without metrics: %s", dict(zip(bad["layer"], bad["status"])))
+    log.warning("layers without metrics: %s", dict(zip(bad["layer"], bad["status"], strict=True)))
 geometry.write_knn(smk.output.knn, result.knn)
 write_parquet(smk.output.gride, result.gride)
 write_parquet(smk.output.boot, result.boot)

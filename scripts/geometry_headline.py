@@ -3,14 +3,14 @@ its bands) for the base model that ran, as a PNG and as a self-contained HTML sn
 
 from llmscape import rulekit
 
-log = rulekit.start(snakemake, "geometry_headline")  # noqa: F821  (Snakemake's script global)
+log = rulekit.start(snakemake, "geometry_headline")
 
-import pandas as pd  # noqa: E402  (after the log is set up, so that an import error is logged)
+import pandas as pd  # after the log is set up, so that an import error is logged
 
-from llmscape.geometry import plots as geometry_plots  # noqa: E402  (as above)
-from llmscape.io import read_parquet  # noqa: E402  (as above)
+from llmscape.geometry import plots as geometry_plots
+from llmscape.io import read_parquet
 
-smk = snakemake  # noqa: F821  (Snakemake's script global)
+smk = snakemake
 table = pd.concat([read_parquet(p) for p in smk.input.tables], ignore_index=True)
 model = smk.params.model
 geometry_plots.plot_headline(table, smk.output.png, model=model)

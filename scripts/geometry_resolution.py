@@ -2,15 +2,15 @@
 
 from llmscape import rulekit
 
-log = rulekit.start(snakemake, "geometry_resolution")  # noqa: F821
+log = rulekit.start(snakemake, "geometry_resolution")
 
-import torch  # noqa: E402
+import torch
 
-from llmscape import geometry  # noqa: E402
-from llmscape.geometry import plots, resolution  # noqa: E402
-from llmscape.io import atomic_path, write_parquet  # noqa: E402
+from llmscape import geometry
+from llmscape.geometry import plots, resolution
+from llmscape.io import atomic_path, write_parquet
 
-smk = snakemake  # noqa: F821
+smk = snakemake
 wc = smk.wildcards
 torch.set_num_threads(max(1, int(smk.threads)))
 params = geometry.GeometryParams.from_config(dict(smk.params.geometry))

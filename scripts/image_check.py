@@ -10,8 +10,8 @@ What must be equal (exit 1 otherwise):
   * JSON: every value, apart from timing and peak-memory keys.
 Timing means wall time, seconds, rates and peak memory: they measure the run, not its result. Figures and
 other files are compared byte for byte and only reported; TensorBoard's event logs (under ``tb/``, named
-and stamped with wall-clock times) are left out. The comparison is exact (NaN equal to NaN): the same pinned wheels on the same CPU give
-the same floating-point operations.
+and stamped with wall-clock times) are left out. The comparison is exact (NaN equal to NaN): the same pinned
+wheels on the same CPU give the same floating-point operations.
 """
 
 from __future__ import annotations

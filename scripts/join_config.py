@@ -3,10 +3,10 @@ HTML page for the report."""
 
 from llmscape import rulekit
 
-log = rulekit.start(snakemake, "join")  # noqa: F821
+log = rulekit.start(snakemake, "join")
 
-from llmscape.join.report import config_html  # noqa: E402
+from llmscape.join.report import config_html
 
-smk = snakemake  # noqa: F821
+smk = snakemake
 config_html(dict(smk.params.config), list(smk.params.configfiles), smk.output.html)
 log.info("wrote %s", smk.output.html)

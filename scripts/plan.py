@@ -12,7 +12,6 @@ import json
 import sys
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -38,9 +37,8 @@ def main() -> None:
     ap.add_argument("configfiles", nargs="+")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    from llmscape.plan import PlanError, format_plan, plan
-
     from llmscape.configcheck import ConfigError
+    from llmscape.plan import PlanError, format_plan, plan
 
     try:
         p = plan([Path(f).resolve() for f in a.configfiles], ROOT, merged_config(a.configfiles))

@@ -2,15 +2,14 @@
 
 from llmscape import rulekit
 
-log = rulekit.start(snakemake, "plot_geometry")  # noqa: F821
+log = rulekit.start(snakemake, "plot_geometry")
 
-import pandas as pd  # noqa: E402
+import pandas as pd
 
-from llmscape.io import read_parquet  # noqa: E402
+from llmscape.geometry import plots as geometry_plots
+from llmscape.io import read_parquet
 
-from llmscape.geometry import plots as geometry_plots  # noqa: E402
-
-smk = snakemake  # noqa: F821
+smk = snakemake
 table = pd.concat([read_parquet(p) for p in smk.input.tables], ignore_index=True)
 title = f"{smk.wildcards.model} / {smk.wildcards.variant}"
 geometry_plots.plot_ari(table, smk.output.ari, title=title)

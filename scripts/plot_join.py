@@ -2,13 +2,12 @@
 
 from llmscape import rulekit
 
-log = rulekit.start(snakemake, "join")  # noqa: F821
+log = rulekit.start(snakemake, "join")
 
-from llmscape.io import read_csv, read_parquet  # noqa: E402
+from llmscape.io import read_csv, read_parquet
+from llmscape.join import plots
 
-from llmscape.join import plots  # noqa: E402
-
-smk = snakemake  # noqa: F821
+smk = snakemake
 hm = smk.params.heatmap
 joined = read_parquet(smk.input.joined)
 corr = read_parquet(smk.input.correlations)

@@ -2,13 +2,13 @@
 
 from llmscape import rulekit
 
-log = rulekit.start(snakemake, "spectra")  # noqa: F821
+log = rulekit.start(snakemake, "spectra")
 
-import pandas as pd  # noqa: E402
+import pandas as pd
 
-from llmscape.io import read_parquet  # noqa: E402
-from llmscape.spectra import plots  # noqa: E402
+from llmscape.io import read_parquet
+from llmscape.spectra import plots
 
-df = pd.concat([read_parquet(p) for p in snakemake.input.tables], ignore_index=True)  # noqa: F821
-plots.plot_depth(df, snakemake.output.png, metrics=snakemake.params.metrics)  # noqa: F821
-log.info("figure of %d matrices, %d variants -> %s", len(df), df["variant"].nunique(), snakemake.output.png)  # noqa: F821
+df = pd.concat([read_parquet(p) for p in snakemake.input.tables], ignore_index=True)
+plots.plot_depth(df, snakemake.output.png, metrics=snakemake.params.metrics)
+log.info("figure of %d matrices, %d variants -> %s", len(df), df["variant"].nunique(), snakemake.output.png)
