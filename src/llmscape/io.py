@@ -76,6 +76,52 @@ def _room_line(code: int, folder: Path) -> str:
             f"(`ls -ld {folder}`), or run the workflow from a folder it may write.")
 
 
+def _nearest_existing(path: Path) -> Path:
+    """``path`` if it exists, else its nearest existing ancestor (the folder a job would create it in)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _why_not_writable(folder: Path) -> str:
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    return "a read-only file system" if read_only else "no write permission for this user"
+
+
+def _listed(paths, limit: int = 5) -> str:
+    paths = sorted(set(map(str, paths)))
+    return ", ".join(paths[:limit]) + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def unwritable_outputs(paths) -> str | None:
+    """Checked before any job runs, on the outputs of the jobs about to run: the folders they go to that
+    cannot be written (a chmod'ed or read-only results folder; each job would fail at its first write),
+    and existing outputs that are write-protected (Snakemake refuses to replace them, with a bare
+    ProtectedOutputException). One message naming them, why, and the fix; None when all can be written."""
+    folders, protected = {}, []
+    for p in map(Path, paths):
+        if p.exists() and not p.is_symlink() and not os.access(p, os.W_OK):
+            protected.append(p)
+        folder = _nearest_existing(p.parent)
+        if folder not in folders:
+            folders[folder] = None if os.access(folder, os.W_OK | os.X_OK) else _why_not_writable(folder)
+    blocked = {f: why for f, why in folders.items() if why}
+    parts = []
+    if blocked:
+        where = "; ".join(f"{f} ({why})" for f, why in sorted(blocked.items())[:5])
+        parts.append(f"the jobs to run write into folders that cannot be written: {where}. Fix: make them writable "
+                     f"(`chmod -R u+w {_listed(blocked)}`, or remount the file system read-write), or run the "
+                     "workflow from a writable copy of the checkout")
+    if protected:
+        parts.append(f"{len(protected)} output(s) of the jobs to run exist write-protected and would be rebuilt: "
+                     f"{_listed(protected)}. Fix: if they are to be rebuilt, `chmod u+w` them (`chmod -R u+w "
+                     "results` for the whole folder); to keep them, ask only for targets that do not rebuild them")
+    return ("Nothing was run: " + "; and ".join(parts) + ".") if parts else None
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; rename it to ``dest`` only if the block succeeds."""
