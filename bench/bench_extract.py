@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -29,11 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "bench"))
+import common as B  # bench/common.py: alternation, load, median and spread
 
-import common as B  # noqa: E402  (bench/common.py: alternation, load, median and spread)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def worker(method: str, data_dir: str, card: str, shots: int, out: str, threads: int, budget: int,
@@ -172,13 +169,15 @@ def main() -> None:
 
 
 def report(s: dict) -> None:
-    print(f"{s['machine']['date']}, {s['machine']['cores']} cores ({s['machine']['cpu']}), {s['repeats']} alternated rounds")
+    mach = s["machine"]
+    print(f"{mach['date']}, {mach['cores']} cores ({mach['cpu']}), {s['repeats']} alternated rounds")
     print(f"{'method':<10} {'tokens':>7} {'GFLOP':>7}  seconds (median, min-max, spread)          tokens/s  GFLOP/s")
     for m in ("published", "llmscape"):
         print(f"{m:<10} {s['tokens'][m]:7d} {s['flops'][m] / 1e9:7.0f}  {B.fmt(s['seconds'][m]):<42} "
               f"{s['tokens_per_s'][m]['median']:8.0f} {s['gflops_per_s'][m]['median']:8.1f}")
-    print(f"speedup {B.fmt(s['speedup'], 'x')}; tokens {s['token_ratio']:.2f}x fewer, FLOPs {s['flop_ratio']:.2f}x fewer "
-          f"(the ceiling); per token llmscape is {B.fmt(s['per_token_speed'], 'x')} the published rate; "
+    print(f"speedup {B.fmt(s['speedup'], 'x')}; tokens {s['token_ratio']:.2f}x fewer, "
+          f"FLOPs {s['flop_ratio']:.2f}x fewer (the ceiling); "
+          f"per token llmscape is {B.fmt(s['per_token_speed'], 'x')} the published rate; "
           f"max |dev| {s['max_abs_deviation']:.2e} (relative {s['max_rel_deviation']:.2e})")
 
 

@@ -30,11 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "bench"))
+import common as B  # bench/common.py: alternation, load, median and spread
 
-import common as B  # noqa: E402  (bench/common.py: alternation, load, median and spread)
+ROOT = Path(__file__).resolve().parents[1]
 
 PLAN = [  # (label, method, rank, options)
     ("lora (peft, r=8)", "lora", 8, {}),
@@ -142,8 +140,9 @@ def main():
     runs: dict[int, list[dict]] = {i: [] for i in range(len(PLAN))}
     for rnd in range(a.repeats):  # every method once per round, so a slow spell of the machine hits all
         for i in range(len(PLAN)):
+            passed = {k: v for k, v in vars(a).items() if k not in ("worker", "tag", "random_init", "repeats")}
             cmd = [sys.executable, __file__, "--worker", str(i)] + [
-                x for k, v in vars(a).items() if k not in ("worker", "tag", "random_init", "repeats") for x in (f"--{k}", str(v))]
+                x for k, v in passed.items() for x in (f"--{k}", str(v))]
             if a.random_init:
                 cmd.append("--random-init")
             with B.LoadSampler() as load:
@@ -153,11 +152,12 @@ def main():
                 sys.exit(f"{PLAN[i][0]} failed:\n{res.stderr[-3000:]}")
             r = dict(json.loads(line[-1][7:]), **load.record())
             runs[i].append(r)
-            print(f"round {rnd + 1}/{a.repeats} {r['label']:<36} {r['trainable']:>9,} params {r['tokens_per_s']:>9.1f} tok/s "
-                  f"{r['peak_memory_mb']:>8.0f} MB, load {r['load_before']:.2f} -> max {r['load_during_max']:.2f}"
+            print(f"round {rnd + 1}/{a.repeats} {r['label']:<36} {r['trainable']:>9,} params "
+                  f"{r['tokens_per_s']:>9.1f} tok/s {r['peak_memory_mb']:>8.0f} MB, "
+                  f"load {r['load_before']:.2f} -> max {r['load_during_max']:.2f}"
                   f"{' BUSY' if r['busy'] else ''}", flush=True)
     rows = []
-    for i, rs in runs.items():  # the median run by throughput, with the spread over rounds
+    for rs in runs.values():  # the median run by throughput, with the spread over rounds
         row = dict(sorted(rs, key=lambda r: r["tokens_per_s"])[len(rs) // 2])
         row.update(tokens_per_s_summary=B.summary(rs, "tokens_per_s"), runs=rs,
                    vs_lora_rounds=B.ratio([dict(r, s=1 / r["tokens_per_s"]) for r in runs[0]],
@@ -198,7 +198,8 @@ def main():
     for x in ax:
         x.invert_yaxis()
     where = env["gpu"] or f"CPU, {env['cpu_threads']} threads"
-    fig.suptitle(f"SmolLM2-135M fine-tuning, batch {a.batch}, equal trainable budget (~{rows[0]['trainable']/1e6:.2f} M); {where}")
+    fig.suptitle(f"SmolLM2-135M fine-tuning, batch {a.batch}, "
+                 f"equal trainable budget (~{rows[0]['trainable']/1e6:.2f} M); {where}")
     fig.tight_layout()
     fig.savefig(out / f"{stem}.png", dpi=120)
     print(f"wrote {out / stem}.json and .png")

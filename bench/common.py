@@ -14,7 +14,7 @@ import os
 import platform
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -41,7 +41,7 @@ class LoadSampler:
         while not self._stop.wait(self.every):
             self.peak = max(self.peak, os.getloadavg()[0])
 
-    def __enter__(self) -> "LoadSampler":
+    def __enter__(self) -> LoadSampler:
         self._thread.start()
         return self
 
@@ -80,13 +80,15 @@ def summary(runs: list[dict], key: str = "seconds") -> dict:
     """Median, min, max and spread of ``key`` over runs, and how many of them were busy."""
     x = np.array([r[key] for r in runs], dtype=float)
     med = float(np.median(x))
-    return dict(median=med, min=float(x.min()), max=float(x.max()), spread=float((x.max() - x.min()) / med) if med else 0.0,
-                n=len(x), n_busy=int(sum(r.get("busy", False) for r in runs)))
+    spread = float((x.max() - x.min()) / med) if med else 0.0
+    return dict(median=med, min=float(x.min()), max=float(x.max()), spread=spread, n=len(x),
+                n_busy=int(sum(r.get("busy", False) for r in runs)))
 
 
 def ratio(runs_a: list[dict], runs_b: list[dict], key: str = "seconds") -> dict:
     """a / b per round (runs of one round were alternated, so they shared the machine's state), summarised."""
-    per = [dict(r=a[key] / b[key], busy=a.get("busy", False) or b.get("busy", False)) for a, b in zip(runs_a, runs_b)]
+    per = [dict(r=a[key] / b[key], busy=a.get("busy", False) or b.get("busy", False))
+           for a, b in zip(runs_a, runs_b, strict=True)]
     return dict(summary(per, "r"), per_round=[round(p["r"], 3) for p in per])
 
 
@@ -97,7 +99,7 @@ def machine() -> dict:
         cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
     except OSError:
         pass
-    return dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), cores=cores(),
+    return dict(date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), cores=cores(),
                 cpu=cpu, platform=platform.platform(), load_at_start=[round(x, 2) for x in os.getloadavg()],
                 busy_rule=f"a run is busy when the 1-minute load average before it or during it exceeds "
                           f"{BUSY_PER_CORE} x {cores()} cores")
@@ -105,4 +107,5 @@ def machine() -> dict:
 
 def fmt(s: dict, unit: str = "s") -> str:
     busy_note = f", {s['n_busy']}/{s['n']} busy" if s["n_busy"] else ""
-    return f"{s['median']:.2f} {unit} (min {s['min']:.2f}, max {s['max']:.2f}, spread {100 * s['spread']:.0f}%{busy_note})"
+    return (f"{s['median']:.2f} {unit} (min {s['min']:.2f}, max {s['max']:.2f}, "
+            f"spread {100 * s['spread']:.0f}%{busy_note})")

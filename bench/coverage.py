@@ -29,7 +29,6 @@ import argparse
 import json
 import math
 import platform
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -38,7 +37,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 #: the three regimes: class separation -> (name by the subject ARI it gives at 100 points per class)
 REGIMES = {"ARI about 0.08": 4.0, "ARI about 0.45": 5.7, "ARI about 0.92": 8.5}
@@ -178,9 +176,9 @@ def plot(result: dict, path: Path) -> None:
     rows = [dict(r, size=s) for s, rs in result["cells"].items() for r in rs]
     metrics = list(dict.fromkeys(r["metric"] for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(metrics) + 1.6), sharey=True)
-    marks = {name: mk for name, mk in zip(REGIMES, "o^s")}
+    marks = dict(zip(REGIMES, "o^s", strict=True))
     sizes = sorted({r["size"] for r in rows}, key=int)
-    colours = {s: c for s, c in zip(sizes, ("tab:blue", "tab:orange", "tab:green", "tab:red"))}
+    colours = dict(zip(sizes, ("tab:blue", "tab:orange", "tab:green", "tab:red"), strict=False))  # up to 4 sizes
     for r in rows:
         y = metrics.index(r["metric"]) + (sizes.index(r["size"]) - (len(sizes) - 1) / 2) * 0.25
         kw = dict(marker=marks[r["regime"]], color=colours[r["size"]], ls="none", ms=6)

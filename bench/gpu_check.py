@@ -2,6 +2,8 @@
 
     python bench/gpu_check.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --mmlu mmlu.jsonl --out OUTDIR
 
+(with PYTHONPATH=src in front where llmscape is not installed, as on a lent GPU machine)
+
 1. extraction in bf16 on CUDA against fp32 on CUDA, same questions (5-shot): per-layer cosine,
    agreement of predicted letters, accuracy, throughput; prefix sharing on and off;
 2. the published way (batch of one, full forward, all hidden states) against llmscape's, bf16 CUDA;
@@ -14,17 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 import traceback
 from pathlib import Path
 
+import numpy as np
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
 
 DEV = "cuda"  # --device cpu runs the same script as a quick local smoke test (no GPU needed)
 QUICK = False
@@ -41,6 +40,17 @@ def timed(fn, *a, **k):
     out = fn(*a, **k)
     _sync()
     return out, time.perf_counter() - t
+
+
+def published(model, tok, texts, store: dict, n_sites: int):
+    """The published way: one prompt at a time, a full forward pass with all hidden states; the last
+    position's state at each hooked site (``store``, filled by forward hooks), as (sites, prompts, d)."""
+    out = []
+    with torch.no_grad():
+        for t in texts:
+            model(**tok(t, return_tensors="pt").to(DEV), output_hidden_states=True)
+            out.append(torch.stack([store[i][0, -1] for i in range(n_sites)]).float().cpu())
+    return torch.stack(out, 1).numpy()
 
 
 def part_extraction(card, work: Path, per_subject: int) -> dict:
@@ -68,38 +78,34 @@ def part_extraction(card, work: Path, per_subject: int) -> dict:
             sub = rows.iloc[: 5 if QUICK else 100]
             _, layers, norm = E.decoder_parts(model)
             store = {}
-            hooks = [m.register_forward_hook(lambda mod, a, o, i=i: store.__setitem__(i, o.detach().clone()))
-                     for i, m in enumerate([b.input_layernorm for b in layers] + [norm])]
+            sites = [b.input_layernorm for b in layers] + [norm]
+            hooks = [m.register_forward_hook(lambda mod, a, o, i=i, s=store: s.__setitem__(i, o.detach().clone()))
+                     for i, m in enumerate(sites)]
             texts = P.build_prompts(sub, pool, 5, "fixed")
-
-            def published():
-                out = []
-                with torch.no_grad():
-                    for t in texts:
-                        model(**tok(t, return_tensors="pt").to(DEV), output_hidden_states=True)
-                        out.append(torch.stack([store[i][0, -1] for i in range(len(hooks))]).float().cpu())
-                return torch.stack(out, 1).numpy()
-
-            pub, sec_pub = timed(published)
+            pub, sec_pub = timed(published, model, tok, texts, store, len(hooks))
             for h in hooks:
                 h.remove()
             ours_acc, sec_ours = timed(E.extract, card, sub, pool, E.ExtractConfig(
-                shots=5, dtype=dt, device=DEV, token_budget=65536, max_batch=256), work / "sub.h5", model=model, tok=tok)
+                shots=5, dtype=dt, device=DEV, token_budget=65536, max_batch=256), work / "sub.h5",
+                model=model, tok=tok)
             ours = E.read_states(work / "sub.h5")["hidden"]
             cos = (pub * ours).sum(-1) / (np.linalg.norm(pub, axis=-1) * np.linalg.norm(ours, axis=-1) + 1e-12)
             res["published_vs_llmscape_100q_5shot_bf16"] = dict(
                 published_s=sec_pub, llmscape_s=sec_ours, speedup=sec_pub / sec_ours, min_cosine=float(cos.min()))
         del model
         torch.cuda.empty_cache()
-    a, b = states[("bfloat16", True)]["hidden"].astype(np.float64), states[("float32", True)]["hidden"].astype(np.float64)
+    a = states[("bfloat16", True)]["hidden"].astype(np.float64)
+    b = states[("float32", True)]["hidden"].astype(np.float64)
     cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
     res["bf16_vs_fp32_cosine_min_per_layer"] = [round(float(x), 5) for x in cos.min(axis=1)]
     res["bf16_vs_fp32_cosine_mean"] = float(cos.mean())
-    res["bf16_vs_fp32_pred_agreement"] = float((states[("bfloat16", True)]["pred"] == states[("float32", True)]["pred"]).mean())
-    s, n = states[("bfloat16", True)]["hidden"].astype(np.float64), states[("bfloat16", False)]["hidden"].astype(np.float64)
+    pred = {key: st["pred"] for key, st in states.items()}
+    res["bf16_vs_fp32_pred_agreement"] = float((pred[("bfloat16", True)] == pred[("float32", True)]).mean())
+    s = states[("bfloat16", True)]["hidden"].astype(np.float64)
+    n = states[("bfloat16", False)]["hidden"].astype(np.float64)
     cos_s = (s * n).sum(-1) / (np.linalg.norm(s, axis=-1) * np.linalg.norm(n, axis=-1) + 1e-12)
     res["bf16_share_vs_noshare_cosine_min"] = float(cos_s.min())
-    res["bf16_share_vs_noshare_pred_agreement"] = float((states[("bfloat16", True)]["pred"] == states[("bfloat16", False)]["pred"]).mean())
+    res["bf16_share_vs_noshare_pred_agreement"] = float((pred[("bfloat16", True)] == pred[("bfloat16", False)]).mean())
     return res
 
 
@@ -130,12 +136,12 @@ def part_finetune(card, work: Path) -> dict:
         t = time.perf_counter()
         try:
             m = train(run, base_path=card["path"], data_dir=work / "data", out_dir=work / f"ft_{run.method}",
-                      train_cfg=dict(max_steps=2 if QUICK else 30, batch_size=8, max_length=256, eval_every=10, val_rows=32,
-                                     n_checkpoints=2, device=DEV),
+                      train_cfg=dict(max_steps=2 if QUICK else 30, batch_size=8, max_length=256, eval_every=10,
+                                     val_rows=32, n_checkpoints=2, device=DEV),
                       eval_cfg=dict(per_subject=5), run_name=run.method)
             keep = {k: m[k] for k in m if isinstance(m[k], (int, float, str)) or k in ("train_loss", "val_loss")}
             out[run.method] = dict(keep, wall_s=time.perf_counter() - t)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # a failed run is recorded, the others still run
             out[run.method] = dict(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-2000:])
     return out
 
@@ -169,7 +175,7 @@ def main() -> None:
         t = time.perf_counter()
         try:
             report[name] = fn()
-        except Exception as e:  # noqa: BLE001 - a failed part is recorded, the others still run
+        except Exception as e:  # a failed part is recorded, the others still run
             report[name] = dict(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-3000:])
         report[name + "_wall_s"] = time.perf_counter() - t
         print(name, json.dumps(report[name], default=str)[:3000], flush=True)

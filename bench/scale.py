@@ -50,8 +50,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "bench"))
 
 SCHEMA = "llmscape.scale/2"
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -218,7 +216,8 @@ def states_vs_plain_forward(model, ids: list[list[int]], h5: Path, n: int) -> di
     worst, cos_min = 0.0, 1.0
     with torch.no_grad():
         for i in range(min(n, len(ids))):
-            hs = model.model(input_ids=torch.tensor([ids[i]], device=model.device), output_hidden_states=True).hidden_states
+            ids_i = torch.tensor([ids[i]], device=model.device)
+            hs = model.model(input_ids=ids_i, output_hidden_states=True).hidden_states
             ref = [layers[j].input_layernorm(hs[j])[0, -1] for j in range(len(layers))] + [hs[-1][0, -1]]
             ref = torch.stack(ref).float().cpu().numpy()
             got = st["hidden"][:, i, :]
@@ -320,7 +319,8 @@ def part_extraction(model, full_layers: int, device: str, a, work: Path) -> dict
               "as run (extract.count_prompt_tokens) / the measured tokens/s of the same shots, order and sharing"
               + (f", scaled by depth {full_layers}/{full_layers / depth:g} (time per token taken proportional to "
                  "the number of blocks)" if depth != 1 else "")),
-        tokenizer=f"SmolLM2-135M's, the embedded model's ({a.tokenizer}); Llama-3's is not at hand and counts otherwise")
+        tokenizer=f"SmolLM2-135M's, the embedded model's ({a.tokenizer}); "
+                  "Llama-3's is not at hand and counts otherwise")
     return dict(measured=measured, extrapolated=extrapolated, published=published_ratio(measured, extrapolated, device,
                                                                                          depth))
 
@@ -336,10 +336,12 @@ def published_ratio(measured: dict, extrapolated: dict, device: str, depth: floa
     est = extrapolated["estimated_seconds"][key]
     out["time_ratio"] = est / (PUBLISHED["minutes"] * 60)
     out["time_basis"] = (f"estimated seconds of the whole test set at 5 shots, permuted, shared (an extrapolation "
-                         f"from {measured['runs'][key]['questions']} questions measured) / {PUBLISHED['minutes']:g} min")
+                         f"from {measured['runs'][key]['questions']} questions measured) "
+                         f"/ {PUBLISHED['minutes']:g} min")
     out["memory_ratio"] = measured["runs"][key]["peak_memory_mb"] / 1024 / PUBLISHED["memory_gb"]
     out["memory_basis"] = (f"peak CUDA memory allocated in the measured 5-shot permuted shared run (token budget "
-                           f"{measured['token_budget']}, batch {measured['max_batch']}) / {PUBLISHED['memory_gb']:g} GB")
+                           f"{measured['token_budget']}, batch {measured['max_batch']}) "
+                           f"/ {PUBLISHED['memory_gb']:g} GB")
     return out
 
 
@@ -347,7 +349,6 @@ def part_geometry(device: str, a, work: Path) -> dict:
     """``compute_geometry`` on synthetic paper-size layers: every layer on ``device``; on a GPU the CPU path
     too, on the first ``geometry_cpu_layers`` layers (the same data: the generator draws layer by layer)."""
     from bench_geometry import synthetic_h5
-
     from llmscape import geometry as G
 
     out = dict(n=a.geometry_n, d=4096, layers=a.geometry_layers)
@@ -395,16 +396,16 @@ def part_spectra(model, full_layers: int, device: str, a) -> dict:
                              stable_rank=float(met["stable_rank"]), alpha_ks=float(met["alpha_ks"])))
     total = time.perf_counter() - t_all
     n_full = full_layers * len(MODULES)
+    per_module = {m: float(np.mean([r["seconds"] for r in rows if r["module"] == m])) for m in mods}
     measured = dict(matrices=len(rows), blocks=len({r["layer"] for r in rows}), seconds=total,
                     method="svd" if device == "cuda" else "gram", budget_seconds=a.spectra_seconds,
-                    per_module_seconds={m: float(np.mean([r["seconds"] for r in rows if r["module"] == m])) for m in mods},
-                    matrices_detail=rows)
+                    per_module_seconds=per_module, matrices_detail=rows)
     out = dict(measured=measured)
     if len(rows) != n_full:
-        per_module = measured["per_module_seconds"]
         out["extrapolated"] = dict(matrices=n_full,
                                    estimated_seconds=full_layers * sum(per_module.get(m, math.nan) for m in MODULES),
-                                   rule=f"mean seconds per module type x {full_layers} blocks (modules not measured: NaN)")
+                                   rule=f"mean seconds per module type x {full_layers} blocks "
+                                        "(modules not measured: NaN)")
     return out
 
 
@@ -491,7 +492,8 @@ def part_training(name: str, depths: list[int], full_layers: int, device: str, a
     top = max(depths)
     measured = dict(rank=64, gradient_checkpointing=True, max_length=a.train_length,
                     **{label: dict(r[top], by_depth={str(L): v for L, v in r.items()}) for label, r in runs.items()})
-    measured["ratio_tokens_per_s"] = runs["llmscape_lora"][top]["tokens_per_s"] / runs["plain_peft"][top]["tokens_per_s"]
+    rates = {label: r[top]["tokens_per_s"] for label, r in runs.items()}
+    measured["ratio_tokens_per_s"] = rates["llmscape_lora"] / rates["plain_peft"]
     measured["ratio_at_layers"] = top
     res = dict(measured=measured)
     if top != full_layers:
@@ -502,9 +504,9 @@ def part_training(name: str, depths: list[int], full_layers: int, device: str, a
         res["extrapolated"] = dict(
             tokens_per_s=rate, ratio_tokens_per_s=rate["llmscape_lora"] / rate["plain_peft"] if ok else None, fit=fits,
             rule=(f"seconds per token fitted as head + layers x block through the measured depths {sorted(depths)} "
-                  f"and evaluated at {full_layers} blocks: at {top} blocks the LM head and embeddings (which llmscape's "
-                  "answer-token loss mostly skips) weigh as much as the blocks, so the measured ratio overstates "
-                  "the full model's"))
+                  f"and evaluated at {full_layers} blocks: at {top} blocks the LM head and embeddings "
+                  "(which llmscape's answer-token loss mostly skips) weigh as much as the blocks, so the measured "
+                  "ratio overstates the full model's"))
     return res
 
 
@@ -553,7 +555,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--model", default="llama3-8b", choices=["llama3-8b", "llama3-70b"])
-    ap.add_argument("--layers", type=int, default=None, help="decoder blocks to build (default: all on a GPU, 2 on CPU)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="decoder blocks to build (default: all on a GPU, 2 on CPU)")
     ap.add_argument("--quick", action="store_true", help="few questions and steps: the test's mode")
     ap.add_argument("--parts", nargs="+", default=["extraction", "geometry", "spectra", "training"])
     ap.add_argument("--tokenizer", default=str(ROOT / "resources/models/smollm2-135m/hf"))
@@ -590,7 +593,6 @@ def run_parts(a, result: dict, out: Path, stem: str) -> None:
     """Every part in turn; the JSON is rewritten after each, so a later crash or timeout keeps the finished
     parts."""
     import torch
-
     from transformers import AutoConfig
 
     full = int(AutoConfig.from_pretrained(ROOT / "bench/configs" / a.model).num_hidden_layers)
