@@ -40,7 +40,7 @@ def return_unique_rows(X: np.ndarray, return_inverse: bool = False):
     starts = np.flatnonzero(np.r_[True, hs[1:] != hs[:-1]])
     sizes = np.diff(np.r_[starts, n])
     keep = list(order[starts])
-    for st, size in zip(starts[sizes > 1], sizes[sizes > 1]):  # duplicates (or a collision): compare rows
+    for st, size in zip(starts[sizes > 1], sizes[sizes > 1], strict=True):  # duplicates (or a collision): compare rows
         group = order[st: st + size]
         reps = [group[0]]
         for i in group[1:]:
@@ -133,21 +133,52 @@ def _knn_numpy(X: np.ndarray, k: int, dev: str, precision: str, B: int, symmetri
 
     The products go through numpy's BLAS (OpenBLAS in the numpy wheel, the BLAS sklearn and so the
     published path use): torch's MKL runs 1.6x slower on AMD EPYC (measured, bench/). The squared
-    norms ride along in the product, [-2x, |x|^2, 1] . [y, 1, |y|^2] = |x - y|^2, one BLAS call per
-    block.
+    norms ride along in the product (:func:`_factors`), one BLAS call per block.
 
     Threads: :func:`cpu_threads` Python workers split every product and every selection by
     rows, each calling a one-thread BLAS (:func:`blas_single_thread`). OpenBLAS's own threads spin
     after each call and stole the cores from what came next (the top-k, the sort, the DADApy metrics
     of the previous layer running beside): on the embedded model's layers the whole geometry ran
     1.5x faster without them (bench/).
+
+    Selection: where k + 1 is at least 1/_PACKED_SHARE of a row, one sort of packed (distance,
+    index) keys (:func:`_select_packed`), else torch's top-k (:func:`_select_topk`); see
+    _PACKED_SHARE for why and where they part.
     """
     dt = np.dtype(precision)
-    as_int = np.int32 if dt == np.float32 else np.int64
-    n, d = X.shape
-    k1 = k + 1
+    n, k1 = X.shape[0], k + 1
     threads = cpu_threads()
     pool = worker_pool(threads)
+    run_v = np.empty((n, k1), dtype=dt)
+    run_i = np.empty((n, k1), dtype=np.int64)
+    packed = dt == np.float32 and _PACKED_SHARE * k1 >= n
+    with blas_single_thread():
+        L, R, sq = _factors(X, dt, pool, threads)
+
+        def put_transpose(out, block):
+            _in_chunks(pool, threads, out.shape[0], lambda r0, r1: np.copyto(out[r0:r1], block[:, r0:r1].T))
+
+        for s, e, strip in _strips(n, B, symmetric, lambda rows: np.empty((rows, n), dtype=dt),
+                                   _product(L, R, pool, threads), np.copy, put_transpose):
+            if packed:
+                _select_packed(strip, s, k1, run_v[s:e], run_i[s:e], pool, threads)
+            else:
+                _select_topk(strip, s, k1, run_v[s:e], run_i[s:e])
+    return run_v, run_i, sq
+
+
+#: a row's k + 1 nearest are taken by one sort of all its packed keys when k + 1 >= n / _PACKED_SHARE,
+#: else by torch's top-k. Measured on one core (AMD EPYC, numpy 1.26's AVX-512 sort, torch 2.13) at
+#: n = 9,181: the sort costs about 5 ns per column whatever k (49 us a row), the top-k 15 us at
+#: k + 1 = 31, 58 us at 301, 84 us at 1,001; they meet near k + 1 = n / 40.
+_PACKED_SHARE = 32
+
+
+def _factors(X: np.ndarray, dt: np.dtype, pool, threads: int):
+    """(L, R, |x|^2) of the centred rows of X in ``dt``: L = [-2x, |x|^2, 1] and R = [x, 1, |x|^2],
+    so that L_i . R_j = |x_i - x_j|^2 in one BLAS product. Centring on the mean keeps the norms, and
+    so the cancellation in the formula, small."""
+    n, d = X.shape
     mean = X.mean(axis=0, dtype=np.float64).astype(dt)
     sq = np.empty(n, dtype=dt)
     L = np.empty((n, d + 2), dtype=dt)
@@ -160,6 +191,15 @@ def _knn_numpy(X: np.ndarray, k: int, dev: str, precision: str, B: int, symmetri
         np.multiply(Xc, -2.0, out=L[r0:r1, :d])
         L[r0:r1, d], L[r0:r1, d + 1] = sq[r0:r1], 1.0
         R[r0:r1, :d], R[r0:r1, d], R[r0:r1, d + 1] = Xc, 1.0, sq[r0:r1]
+
+    _in_chunks(pool, threads, n, prepare)
+    return L, R, sq
+
+
+def _product(L: np.ndarray, R: np.ndarray, pool, threads: int):
+    """product(s, e, s2, e2, out): the squared distances of rows s:e to rows s2:e2 into ``out``, from
+    the factors of :func:`_factors`, clamped at +0.0, split over the pool in fixed chunks of rows."""
+    as_int = np.int32 if L.dtype == np.float32 else np.int64
 
     def product(s, e, s2, e2, out):
         Rt = R[s2:e2].T
@@ -176,22 +216,7 @@ def _knn_numpy(X: np.ndarray, k: int, dev: str, precision: str, B: int, symmetri
         # thread count would make the graph depend on it too
         _in_chunks(pool, threads, e - s, part, chunk_rows=_PRODUCT_ROWS)
 
-    def put_transpose(out, block):
-        _in_chunks(pool, threads, out.shape[0], lambda r0, r1: np.copyto(out[r0:r1], block[:, r0:r1].T))
-
-    run_v = np.empty((n, k1), dtype=dt)
-    run_i = np.empty((n, k1), dtype=np.int64)
-    # where k1 is most of a row, a full sort of packed (distance, index) keys beats a top-k
-    packed = dt == np.float32 and 2 * k1 > n
-    with blas_single_thread():
-        _in_chunks(pool, threads, n, prepare)
-        for s, e, strip in _strips(n, B, symmetric, lambda rows: np.empty((rows, n), dtype=dt), product,
-                                   np.copy, put_transpose):
-            if packed:
-                _select_packed(strip, s, k1, run_v[s:e], run_i[s:e], pool, threads)
-            else:
-                _select_topk(strip, s, k1, run_v[s:e], run_i[s:e])
-    return run_v, run_i, sq
+    return product
 
 
 def cpu_threads() -> int:
@@ -248,9 +273,9 @@ def _select_packed(strip: np.ndarray, s: int, k1: int, out_v: np.ndarray, out_i:
 
     Each entry becomes one int64 key, (bits of d2 as int32) << b | column, with b bits for a column
     index: for d2 >= 0 the bit patterns order like the values, so sorting the keys sorts the distances
-    and carries the indices along, exactly. When k1 is most of the row (the embedded model's layers:
-    1,001 of 1,140), one numpy sort of these keys is about 2x cheaper than torch's top-k. Rows are
-    split over ``threads`` workers of ``pool``.
+    and carries the indices along, exactly, equal distances in column order. Unless k1 is a small share
+    of the row, one numpy sort of these keys is cheaper than torch's top-k (1.7x at 1,001 of 9,181,
+    2x at 1,001 of 1,140; _PACKED_SHARE). Rows are split over ``threads`` workers of ``pool``.
     """
     rows, n = strip.shape
     b = max(1, (n - 1).bit_length())
@@ -267,7 +292,14 @@ def _select_packed(strip: np.ndarray, s: int, k1: int, out_v: np.ndarray, out_i:
         out_v[r0:r1] = (key >> b).astype(np.int32).view(np.float32)
         out_i[r0:r1, 0] = np.arange(s + r0, s + r1)
 
-    _in_chunks(pool, threads, rows, work)  # numpy's sort releases the GIL
+    # numpy's sort releases the GIL; each worker's keys stay within _KEYS_BYTES (a 2,048-row strip of
+    # 9,181 columns would otherwise take 150 MB of keys), in as many chunks for each worker
+    per = -(-rows // threads)
+    parts = -(-per * n * 8 // _KEYS_BYTES)
+    _in_chunks(pool, threads, rows, work, chunk_rows=-(-per // parts))
+
+
+_KEYS_BYTES = 32 << 20  # packed keys one selection worker holds at a time
 
 
 def _select_topk(strip: np.ndarray, s: int, k1: int, out_v: np.ndarray, out_i: np.ndarray) -> None:
