@@ -18,16 +18,13 @@ import argparse
 import json
 import platform
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "bench"))
+import common as B  # bench/common.py: alternation, load, median and spread
 
-import common as B  # noqa: E402  (bench/common.py: alternation, load, median and spread)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def timed(fn):
@@ -47,6 +44,33 @@ def random_like(folder: Path, dest: Path) -> Path:
     return dest
 
 
+def first_blocks(folder: Path, blocks: int, dest: Path) -> Path:
+    """A copy of a model folder with its first ``blocks`` decoder blocks only (the embeddings, the final
+    norm and the head kept): the same real matrices for both tools, in a fraction of the time."""
+    import re
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    cfg = json.loads((folder / "config.json").read_text())
+    if blocks >= int(cfg["num_hidden_layers"]):
+        return folder
+    dest.mkdir(parents=True, exist_ok=True)
+    kept = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        for name, t in load_file(shard).items():
+            m = re.match(r"model\.layers\.(\d+)\.", name)
+            if m is None or int(m.group(1)) < blocks:
+                kept[name] = t
+    save_file(kept, dest / "model.safetensors", metadata={"format": "pt"})
+    cfg["num_hidden_layers"] = blocks
+    (dest / "config.json").write_text(json.dumps(cfg, indent=2))
+    for extra in ("generation_config.json",):
+        if (folder / extra).exists():
+            shutil.copy(folder / extra, dest / extra)
+    return dest
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", default=str(ROOT / "resources/models/smollm2-135m/hf"))
@@ -54,6 +78,9 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="rounds; each runs both, alternating")
+    ap.add_argument("--blocks", type=int, default=None,
+                    help="only the first N decoder blocks (plus the embeddings) for both tools; make bench uses 8 "
+                         "so that every benchmark fits 15 minutes (the speed-up is also given per matrix)")
     ap.add_argument("--out", default=str(ROOT / "bench/results"))
     args = ap.parse_args()
 
@@ -70,6 +97,9 @@ def main() -> None:
         folder = random_like(Path(args.random_like), Path(tempfile.mkdtemp()) / "hf")
         label = f"random-like:{Path(args.random_like).parent.name}"
     dev = pick_device(args.device, key="--device")
+    if args.blocks:
+        folder = first_blocks(folder, args.blocks, Path(tempfile.mkdtemp()) / "hf")
+        label = f"{label} (first {args.blocks} blocks)"
 
     def ours():
         return stream.compute_spectra(folder, label, "base", device=dev, include_embeddings=True)
@@ -93,7 +123,7 @@ def main() -> None:
         return go
 
     where = B.machine()
-    runs = B.alternate({"weightwatcher": with_cpu(lambda: watcher.analyze(), "details"),
+    runs = B.alternate({"weightwatcher": with_cpu(watcher.analyze, "details"),
                         "llmscape": with_cpu(ours, "df")}, args.repeats)
     del model, watcher
     df, details = kept["df"], kept["details"]
@@ -128,7 +158,7 @@ def main() -> None:
         cpu=platform.processor() or platform.machine(),
         gpu=torch.cuda.get_device_name(0) if dev.startswith("cuda") else None,
         weightwatcher=ww.__version__, torch=torch.__version__,
-        llmscape_matrices=int(len(df)), weightwatcher_layers=int(len(details)), matched=int(len(m)),
+        blocks=args.blocks, llmscape_matrices=int(len(df)), weightwatcher_layers=int(len(details)), matched=int(len(m)),
         weightwatcher_only=ww_only,
         repeats=args.repeats, machine_record=where, runs=runs,
         seconds={m: B.summary(r) for m, r in runs.items()}, cpu_seconds={m: B.summary(r, "cpu_s") for m, r in runs.items()},
@@ -169,7 +199,7 @@ def main() -> None:
     ax[0].set_ylabel("wall time (s)")
     ax[0].set_title(f"{label}, {dev}: {w_ww / w_ours:.1f}x faster", fontsize=9)
     for a, (x, y, name) in zip(ax[1:], [("alpha", "alpha_ks", "Hill alpha (KS x_min)"),
-                                         ("stable_rank", "stable_rank", "stable rank")]):
+                                         ("stable_rank", "stable_rank", "stable rank")], strict=True):
         a.scatter(m[f"ww_{x}"], m[y].astype(float), s=8)
         lo, hi = float(np.nanmin(m[f"ww_{x}"])), float(np.nanmax(m[f"ww_{x}"]))
         a.plot([lo, hi], [lo, hi], "k--", lw=0.8)
