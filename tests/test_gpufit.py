@@ -44,7 +44,7 @@ def test_the_70b_config_requests_the_fewest_80gb_gpus_that_hold_it():
 
 
 @pytest.mark.parametrize("r, fits", [
-    ({"gpu": 4, "gpu_model": "a100"}, False),                          # 'a100' admits 40 GB cards: 4 x 40 do not hold it
+    ({"gpu": 4, "gpu_model": "a100"}, False),  # 'a100' admits 40 GB cards: 4 x 40 do not hold it
     ({"gpu": 2, "gpu_model": "a100_80gb"}, True),
     ({"gpu": 2, "gpu_model": "a100", "constraint": "a100_80gb"}, True),  # a site's feature names the 80 GB cards
     ({"gres": "gpu:a100-80gb:2"}, True),
@@ -106,10 +106,11 @@ def test_zero3_launches_that_can_start_pass(tmp_path):
     gpufit.check_zero3_launch({**train, "deepspeed": zero3(tmp_path, 2)}, {"num_processes": 8}, 0, "finetune", [])
     # a relative path is looked up in the workflow's folder too (the repository's own ZeRO-3 file)
     with pytest.raises(gpufit.FitError):
-        gpufit.check_zero3_launch({"deepspeed": "config/deepspeed/zero3.json"}, {"num_processes": 2}, 0, "finetune",
-                                  [ROOT])
+        gpufit.check_zero3_launch({**train, "deepspeed": "config/deepspeed/zero3.json"}, {"num_processes": 2}, 0,
+                                  "finetune", [ROOT])
     with pytest.raises(gpufit.FitError, match="no such file"):
-        gpufit.check_zero3_launch({"deepspeed": "nowhere/zero3.json"}, {"num_processes": 2}, 0, "finetune", [ROOT])
+        gpufit.check_zero3_launch({**train, "deepspeed": "nowhere/zero3.json"}, {"num_processes": 2}, 0, "finetune",
+                                  [ROOT])
 
 
 def test_job_check_before_loading(base_card):

@@ -109,11 +109,12 @@ def _gb(b: float) -> str:
 
 
 def check_extract(extract: dict, r: dict, model_cfg: dict | None, params: float | None) -> str | None:
-    """DAG-build check of an extraction's GPUs (``extract``: the config section, ``r``: the rule's
-    resources). Raises FitError for GPUs the job cannot use or that cannot hold the model; returns a
-    note for what only the job can check (a GPU or model this machine knows nothing about), else None."""
+    """DAG-build check of an extraction's GPUs (``extract``: the config section with the schema's defaults
+    filled in, ``r``: the rule's resources). Raises FitError for GPUs the job cannot use or that cannot hold
+    the model; returns a note for what only the job can check (a GPU or model this machine knows nothing
+    about), else None."""
     n, name = requested(r)
-    device_map, device = extract.get("device_map"), str(extract.get("device", "auto"))
+    device_map, device = extract.get("device_map"), str(extract["device"])
     if device_map and n == 0 and device != "cpu":
         raise FitError(f"extract.device_map = {device_map!r} shards the model over the job's GPUs, but "
                        "resources.extract.gpu requests none (missing or 0), so the job would get no GPU. Fix: "
@@ -130,8 +131,7 @@ def check_extract(extract: dict, r: dict, model_cfg: dict | None, params: float 
     if gpu is None or model_cfg is None or params is None:
         what = f"GPU model {name!r}" if gpu is None else "the model's shape"
         return f"extract: {what} unknown here; the job checks that the model fits its GPUs before loading it"
-    fp = footprint(model_cfg, params, DTYPE_BYTES.get(str(extract.get("dtype", "auto")), 2),
-                   int(extract.get("token_budget", 8192)))
+    fp = footprint(model_cfg, params, DTYPE_BYTES.get(str(extract["dtype"]), 2), int(extract["token_budget"]))
     room, fewest = weights_room(fp, [gpu.memory_gb * GB] * n), gpus_needed(fp, gpu.memory_gb * GB)
     if room < fp.weights:
         fix = (f"request resources.extract.gpu: {fewest} (the fewest {gpu.label} that hold it)" if fewest
@@ -163,8 +163,8 @@ def deepspeed_stage(path: str | Path, search: list[Path]) -> int:
 def check_zero3_launch(train: dict, launch: dict, gpus: int, group: str, search: list[Path]) -> None:
     """ZeRO-3 partitions the model over one process per GPU: more processes than requested GPUs could
     never start (or would share GPUs holding full activations each). CPU runs (gloo) are exempt."""
-    n = int(launch.get("num_processes", 1))
-    if not train.get("deepspeed") or str(train.get("device", "auto")) == "cpu" or n <= max(gpus, 1):
+    n = int(launch["num_processes"])
+    if not train.get("deepspeed") or str(train["device"]) == "cpu" or n <= max(gpus, 1):
         return
     if deepspeed_stage(train["deepspeed"], search) != 3:
         return
