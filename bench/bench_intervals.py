@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -31,11 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "bench"))
+import common as B  # bench/common.py: alternation, load, median and spread
 
-import common as B  # noqa: E402  (bench/common.py: load, median and spread)
+ROOT = Path(__file__).resolve().parents[1]
 
 COMPARE_EXACT = ["n_clusters", "ari_subjects", "ari_letters"]
 COMPARE_CLOSE = ["id_gride", "id_2nn", "log_density_mean", "overlap_subjects", "overlap_letters", "core_fraction"]
@@ -74,7 +71,7 @@ def bench_case(h5: str, layers: list[int], draws: int, threads: int, fresh_draws
                      for d in members[:fresh_draws]]
             t_fresh = (time.perf_counter() - t0) / fresh_draws
             load.__exit__()
-            for b, r in zip(res.boot, fresh):
+            for b, r in zip(res.boot[:len(fresh)], fresh, strict=True):
                 mismatches += any(b[m] != r[m] and not (abs(b[m] - r[m]) < 1e-9) for m in COMPARE_EXACT)
                 for m in COMPARE_CLOSE:
                     worst[m] = max(worst[m], abs(b[m] - r[m]) / max(1e-12, abs(r[m])))
@@ -150,7 +147,7 @@ def plot(result: dict, dest: Path) -> None:
 
     cases = result["cases"]
     fig, axes = plt.subplots(1, len(cases), figsize=(5 * len(cases), 3.6), squeeze=False)
-    for ax, (name, c) in zip(axes[0], cases.items()):
+    for ax, (name, c) in zip(axes[0], cases.items(), strict=True):
         m = c["median"]
         bars = [m["plain_s"], m["reuse_per_draw_s"], m["fresh_per_draw_s"]]
         ax.bar(["plain pass\n(one layer)", "one subsample,\ngraph read", "one subsample,\ngraph afresh"], bars,
