@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
+
 from .errors import LlmscapeError
 
 
@@ -126,12 +127,12 @@ def check_intervals(geometry: dict, subject_sizes: dict | None) -> None:
 
     n_boot = int(geometry["n_boot"])
     if n_boot == 1:
-        _raise([f"  geometry.n_boot = 1: an interval is the spread of at least 2 subsamples (one subsample "
+        _raise(["  geometry.n_boot = 1: an interval is the spread of at least 2 subsamples (one subsample "
                 "has no spread, every {metric}_lo/_hi would be NaN). Fix: geometry.n_boot: 0 for no "
                 "intervals, or 2 or more (100 as the shipped configs)."])
     from .geometry.params import n_boot_problem
 
-    _raise([line for line in [n_boot_problem(n_boot, float(geometry.get("confidence", 0.95)))] if line])
+    _raise([line for line in [n_boot_problem(n_boot, float(geometry["confidence"]))] if line])
     if not n_boot or not subject_sizes:
         return
     p = GeometryParams.from_config({k: v for k, v in geometry.items() if k not in GEOMETRY_SECTIONS})
@@ -249,7 +250,7 @@ def check_finetune_split(finetune: dict, data: dict, runs) -> None:
     (in its launched processes, saying little). Sizes from llmscape.data, before any data is read."""
     from .data import analysis_subject_sizes, finetune_subject_sizes
 
-    split = finetune.get("data", {}).get("split", "finetune")
+    split = finetune["data"]["split"]
     sizes = {"finetune": finetune_subject_sizes, "analysis": analysis_subject_sizes}.get(split, lambda d: None)(data)
     if not runs or sizes is None or sum(sizes.values()) > 0:
         return
