@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..errors import LlmscapeError
 from ..geometry.params import INTERVAL_METRICS
+from ..projections import DECODER_MODULES, MODULE_GROUPS, PROJECTION_GROUPS  # noqa: F401 (re-exported)
 
 
 class JoinError(LlmscapeError, ValueError):
@@ -27,19 +28,10 @@ GEOMETRY_INFO = ("layer_name", "status", "n_points", "subject_size_min", "resolu
 # --- spectra: results/spectra/{model}/{variant}.parquet, one row per weight matrix ---------------------
 SPECTRA_KEY = ("model", "variant", "layer", "module")
 SPECTRA_NON_METRIC = ("name", "shape_out", "shape_in", "seconds")  # everything else numeric is a metric
-DECODER_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-#: module groups aggregated besides the single module types
-MODULE_GROUPS = {
-    "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "mlp": ("gate_proj", "up_proj", "down_proj"),
-    "all": DECODER_MODULES,
-}
-#: the stable-rank intervention's module groups (``srank-{group}-{target}``), as in llmscape.spectra.intervene
-SRANK_GROUPS = {
-    "q": ("q_proj",), "k": ("k_proj",), "v": ("v_proj",), "o": ("o_proj",),
-    "gate": ("gate_proj",), "up": ("up_proj",), "down": ("down_proj",),
-    **MODULE_GROUPS,
-}
+#: the decoder's module types (DECODER_MODULES), the groups aggregated besides them (MODULE_GROUPS: attn,
+#: mlp, all) and the stable-rank intervention's groups (SRANK_GROUPS, ``srank-{group}-{target}``) are
+#: llmscape.projections'
+SRANK_GROUPS = PROJECTION_GROUPS
 STATS = ("mean", "median")
 
 
