@@ -7,19 +7,20 @@ layer is checked when it is read, not all at once), every other dataset (labels,
 token counts, layer names) by a sha256 of its values stored in the dataset's ``sha256`` attribute,
 written by :func:`seal` when the extraction is finished and compared by :func:`verify` on every read.
 A damaged file is refused naming the file, the dataset and the command that rebuilds exactly this file
-(:func:`rebuild_command`). :func:`check_identity` refuses a file whose own attributes (model, variant,
+(:func:`llmscape.io.rebuild_command`). :func:`check_identity` refuses a file whose own attributes (model, variant,
 shots, prompt template) disagree with the path it was read under (a file copied over another).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
 from .errors import LlmscapeError
+from .io import rebuild_command
 
 #: attribute of every dataset but ``hidden``: sha256 of its dtype, shape and values (:func:`dataset_digest`)
 DIGEST_ATTR = "sha256"
@@ -29,13 +30,6 @@ CHUNKED = "hidden"
 
 class DamagedExtraction(LlmscapeError, OSError):
     """An extraction that is damaged, unsealed, or not the one its path names."""
-
-
-def rebuild_command(h5_path: str | Path) -> str:
-    """The Snakemake command that reruns the one job writing ``h5_path`` and nothing else: ``--force``
-    with the file as the target (``--forcerun extract`` would force every extraction and all that
-    follows from them). With one extraction job per variant that job is the one forced; either way one job."""
-    return f"snakemake --cores 1 --force {h5_path}"
 
 
 def rebuild_hint(h5_path: str | Path) -> str:

@@ -9,10 +9,12 @@ import errno
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
+
 from .errors import LlmscapeError
 
 
@@ -179,10 +181,15 @@ def write_npy(dest: str | os.PathLike, arr: np.ndarray) -> None:
             np.save(f, arr)
 
 
+def rebuild_command(path: str | os.PathLike) -> str:
+    """The Snakemake command that reruns the one job writing ``path`` and nothing else: ``--force`` with the
+    file as the target (``--forcerun <rule>`` would force every job of the rule and all that follows from
+    them). Where one job writes several files (an extraction job per variant) that job is the one forced."""
+    return f"snakemake --cores 1 --force {path}"
+
+
 def rebuild_hint(path: str | os.PathLike) -> str:
     """The command that rebuilds exactly ``path`` (the job that writes it, not its whole rule)."""
-    from .integrity import rebuild_command
-
     return (f"Fix: rebuild it with `{rebuild_command(path)}` (with your run's --configfile and --profile), "
             "then run the workflow as before: what was made from it is redone.")
 
