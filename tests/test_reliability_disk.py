@@ -115,3 +115,77 @@ def test_the_line_says_what_the_errno_means():
     assert denied.startswith("Permission denied in /r") and "cannot be written" not in denied
     assert no_room(ValueError("errno = 3 in some text")) is None
     assert no_room(FileNotFoundError(errno.ENOENT, "missing", "/r/a.h5")) is None
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def remount_read_only(folder: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+
+
+def test_unwritable_outputs_and_folders_are_named_with_the_fix(tmp_path, small_fs):
+    """The two checks before any job: the folders the jobs to run would write into (outputs in folders
+    still to be made under a writable one pass), and, when the workflow is read, every folder and
+    write-protected file under the results folder."""
+    from llmscape.io import unwritable_outputs, unwritable_under
+
+    writable = tmp_path / "ok"
+    (writable / "a").mkdir(parents=True)
+    (writable / "a" / "kept.json").write_text("{}")
+    assert unwritable_outputs([writable / "a" / "b" / "x.parquet", writable / "y.json"]) is None
+    assert unwritable_under(writable) is None and unwritable_under(tmp_path / "absent") is None
+    results = small_fs("64k")
+    (results / "data").mkdir()
+    (results / "data" / "summary.json").write_text("{}")
+    remount_read_only(results.parent)
+    note = unwritable_outputs([results / "data" / "summary.json", results / "reps" / "m" / "0shot.h5",
+                               writable / "y.json"])
+    assert note == (f"Nothing was run: the jobs to run write into folders that cannot be written: {results} (a "
+                    f"read-only file system); {results / 'data'} (a read-only file system). Fix: make them writable "
+                    f"(`chmod -R u+w {results}, {results / 'data'}`, or remount the file system read-write), or run "
+                    "the workflow from a writable copy of the checkout.")
+    warned = unwritable_under(results)  # the top folder only: all below it is blocked too
+    assert warned.startswith(f"{results} holds folders that cannot be written: {results} (a read-only file "
+                             "system). A job that must write there fails"), warned
+    assert f"Fix: if they are to be rebuilt, make them writable (`chmod -R u+w {results}`" in warned
+
+
+def snakemake_ci(work: Path, *args: str) -> str:
+    """The real workflow on the CI config in ``work``; its output (it has failed)."""
+    r = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(work),
+                        "--configfile", str(ROOT / "config" / "ci.yaml"), "--config",
+                        f"resources_dir={ROOT / 'resources'}", "--cores", "1", *args], capture_output=True, text=True)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out[-3000:]
+    return out
+
+
+@pytest.mark.slow  # builds the CI DAG twice (about a minute on 2 busy cores)
+def test_a_read_only_results_folder_is_named_before_any_job(tmp_path, small_fs):
+    """The real workflow on the CI config with its results folder on a file system that turned read-only.
+    Outputs still to be made: the run stops after the DAG is built and before any job, naming the folder
+    and the fix. An output to be rebuilt: Snakemake stops while building the DAG with its
+    ProtectedOutputException, and the warning printed before it names the folder, why and the fix."""
+    for case in ("missing", "to_rebuild"):
+        work = tmp_path / case
+        work.mkdir()
+        results = small_fs("64k")
+        (work / "results").symlink_to(results)
+        if case == "to_rebuild":
+            (results / "data").mkdir()
+            (results / "data" / "summary.json").write_text('{"before": true}')
+        remount_read_only(results.parent)
+        out = snakemake_ci(work, "--forcerun", "prepare_data", "results/data/summary.json")
+        warning = "Warning: results holds folders that cannot be written: results (a read-only file system)"
+        assert warning in out and "Fix: if they are to be rebuilt, make them writable" in out, out[-3000:]
+        assert out.index(warning) < out.index("Building DAG of jobs"), out[-3000:]
+        if case == "missing":
+            assert "Nothing was run: the jobs to run write into folders that cannot be written: results (a " \
+                   "read-only file system). Fix: make them writable" in out, out[-3000:]
+            assert "rule prepare_data:" not in out, out[-3000:]  # no job started
+        else:
+            assert "ProtectedOutputException" in out and "results/data/summary.json" in out, out[-3000:]
+            assert (results / "data" / "summary.json").read_text() == '{"before": true}'
+        assert "Traceback" not in out, out[-3000:]
+        assert not list((work / ".snakemake" / "locks").glob("*"))  # the stop released the lock

@@ -99,29 +99,54 @@ def _listed(paths, limit: int = 5) -> str:
 
 
 def unwritable_outputs(paths) -> str | None:
-    """Checked before any job runs, on the outputs of the jobs about to run: the folders they go to that
-    cannot be written (a chmod'ed or read-only results folder; each job would fail at its first write),
-    and existing outputs that are write-protected (Snakemake refuses to replace them, with a bare
-    ProtectedOutputException). One message naming them, why, and the fix; None when all can be written."""
-    folders, protected = {}, []
+    """Checked after the DAG is built and before any job runs, on the outputs and logs of the jobs about
+    to run: the folders they go to that cannot be written (a chmod'ed or read-only results folder, where
+    every job would fail at its first write). One message naming them, why, and the fix; None when all
+    can be written. (An existing output that is write-protected never gets here: Snakemake refuses it
+    while building the DAG; :func:`unwritable_under` warns about it before.)"""
+    folders = {}
     for p in map(Path, paths):
-        if p.exists() and not p.is_symlink() and not os.access(p, os.W_OK):
-            protected.append(p)
         folder = _nearest_existing(p.parent)
         if folder not in folders:
             folders[folder] = None if os.access(folder, os.W_OK | os.X_OK) else _why_not_writable(folder)
     blocked = {f: why for f, why in folders.items() if why}
-    parts = []
-    if blocked:
-        where = "; ".join(f"{f} ({why})" for f, why in sorted(blocked.items())[:5])
-        parts.append(f"the jobs to run write into folders that cannot be written: {where}. Fix: make them writable "
-                     f"(`chmod -R u+w {_listed(blocked)}`, or remount the file system read-write), or run the "
-                     "workflow from a writable copy of the checkout")
-    if protected:
-        parts.append(f"{len(protected)} output(s) of the jobs to run exist write-protected and would be rebuilt: "
-                     f"{_listed(protected)}. Fix: if they are to be rebuilt, `chmod u+w` them (`chmod -R u+w "
-                     "results` for the whole folder); to keep them, ask only for targets that do not rebuild them")
-    return ("Nothing was run: " + "; and ".join(parts) + ".") if parts else None
+    if not blocked:
+        return None
+    where = "; ".join(f"{f} ({why})" for f, why in sorted(blocked.items())[:5])
+    return (f"Nothing was run: the jobs to run write into folders that cannot be written: {where}"
+            + (f" and {len(blocked) - 5} more" if len(blocked) > 5 else "")
+            + f". Fix: make them writable (`chmod -R u+w {_listed(blocked)}`, or remount the file system "
+            "read-write), or run the workflow from a writable copy of the checkout.")
+
+
+def unwritable_under(root: str | os.PathLike) -> str | None:
+    """Checked when the workflow is read, before Snakemake builds the DAG (where it stops at the first
+    write-protected output it must rebuild, with a bare ProtectedOutputException): the folders under
+    ``root`` that cannot be written (the top one of each such subtree) and the write-protected files in
+    the others. One warning naming them, why, and the fix; None when all can be written (or no ``root``)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    folders, files = [], []
+    for here, subdirs, names in os.walk(root):
+        if not os.access(here, os.W_OK | os.X_OK):
+            folders.append(Path(here))
+            subdirs[:] = []  # everything below it is blocked too
+            continue
+        files += [Path(here, n) for n in names if not os.path.islink(Path(here, n))
+                  and not os.access(Path(here, n), os.W_OK)]
+    if not folders and not files:
+        return None
+    said = []
+    if folders:
+        said.append(f"folders that cannot be written: {'; '.join(f'{f} ({_why_not_writable(f)})' for f in folders[:5])}"
+                    + (f" and {len(folders) - 5} more" if len(folders) > 5 else ""))
+    if files:
+        said.append(f"{len(files)} write-protected file(s): {_listed(files)}")
+    return (f"{root} holds {' and '.join(said)}. A job that must write there fails (Snakemake stops with "
+            "ProtectedOutputException where it must rebuild a protected output). Fix: if they are to be rebuilt, "
+            f"make them writable (`chmod -R u+w {_listed(folders + files)}`, or remount the file system "
+            "read-write); if they are kept on purpose, nothing.")
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ from llmscape.configcheck import (
 )
 from llmscape.finetune.registry import METHODS as FT_METHODS
 from llmscape.data import check_data_config
+from llmscape.io import unwritable_outputs, unwritable_under
 from llmscape.models import check_model_spec, local_config_dir, model_label
 from llmscape.plan import model_shape
 
@@ -158,3 +159,25 @@ include: "functions/finetune.smk"
 _check_geometry_config()  # after every stage's functions: it needs the whole list of variants
 check_finetune_split(config["finetune"], config["data"], _stage_list("finetune_variants"))
 check_join_names(config["join"], model_variants() + _stage_list("checkpoint_variants"))
+
+
+# Before Snakemake builds the DAG: a results folder or file that cannot be written is named with the fix
+# (Snakemake then stops with its bare ProtectedOutputException where it must rebuild such an output).
+_unwritable = unwritable_under("results")
+if _unwritable:
+    print(f"Warning: {_unwritable}", file=sys.stderr)
+
+
+def _check_outputs_writable():
+    """Every output and log of the jobs about to run can be written (llmscape.io.unwritable_outputs): a
+    results folder that turned read-only or lost its permissions stops the run here, before any job,
+    named with the fix, instead of failing every job at its first write."""
+    paths = [f for job in workflow.dag.needrun_jobs() for f in (*job.output, *job.log)]
+    note = unwritable_outputs(paths)
+    if note:
+        raise WorkflowError(note)
+
+
+# After the DAG is built and before any job starts (not in dry runs; the jobs' own runs skip it).
+onstart:
+    _check_outputs_writable()
