@@ -82,7 +82,7 @@ _PER_SHOT = re.compile(r"extract_\d+shot")
 RULE_GROUPS = {"prepare_model": "prepare", "prepare_data": "prepare", "extract": "extract", "spectra": "spectra",
                "spectra_run": "spectra_run", "adaptive_ranks": "spectra", "intervene": "spectra",
                "geometry": "geometry", "geometry_resolution": "geometry", "geometry_overlap": "default",
-               "join_tables": "join", "correlate": "join", "finetune": "finetune"}
+               "join_tables": "join", "correlate": "join", "finetune": "finetune", "replication_subset": "default"}
 
 
 #: sections of geometry: read by their own rules, not by the geometry jobs (GeometryParams)

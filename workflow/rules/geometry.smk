@@ -194,3 +194,78 @@ rule geometry_paired:
         seed=GEOMETRY_PARAMS.get("seed", 0),
     script:
         "../../scripts/geometry_paired.py"
+
+
+# Replication (geometry.replication): each subject set's questions cut from an extraction into a file of its own
+# (temporary; checksummed and complete like an extraction), its geometry computed by the geometry rule with the
+# same intervals, and per model which findings hold in every set (docs/geometry.md, "Replication").
+# Defined only when sets are given, so that every rule listed is in the DAG (as extract_variants).
+if replication_sets():
+
+    localrules:
+        replication_summary,
+
+    rule replication_subset:
+        input:
+            h5="results/reps/{model}/{variant}/{shots}shot.h5",
+        output:
+            h5=temp("results/reps/{model}/replication/{rset}/{variant}/{shots}shot.h5"),
+        log:
+            "logs/replication_subset/{model}/{rset}/{variant}/{shots}shot.log",
+        benchmark:
+            "benchmarks/replication_subset/{model}/{rset}/{variant}/{shots}shot.tsv"
+        wildcard_constraints:
+            rset=REPLICATION_SET_NAME,
+        conda:
+            "../../envs/geometry.yaml"
+        resources:
+            **res("default"),
+        params:
+            subjects=lambda wc: list(REPLICATION["sets"][wc.rset]),
+        script:
+            "../../scripts/replication_subset.py"
+
+    use rule geometry as replication_geometry with:
+        input:
+            h5="results/reps/{model}/replication/{rset}/{variant}/{shots}shot.h5",
+        output:
+            table="results/geometry/{model}/replication/{rset}/{variant}/{shots}shot.parquet",
+            gride="results/geometry/{model}/replication/{rset}/{variant}/{shots}shot_gride.parquet",
+            knn="results/geometry/{model}/replication/{rset}/{variant}/{shots}shot_knn.npz",
+            boot="results/geometry/{model}/replication/{rset}/{variant}/{shots}shot_boot.parquet",
+        log:
+            "logs/replication_geometry/{model}/{rset}/{variant}/{shots}shot.log",
+        benchmark:
+            "benchmarks/replication_geometry/{model}/{rset}/{variant}/{shots}shot.tsv"
+        wildcard_constraints:
+            rset=REPLICATION_SET_NAME,
+
+    rule replication_summary:
+        input:
+            unpack(replication_summary_inputs),
+        output:
+            table="results/geometry/{model}/replication/replication.parquet",
+            summary=report(
+                "results/geometry/{model}/replication/replication.csv",
+                caption="../report/replication_table.rst",
+                category="Geometry",
+                subcategory="Replication",
+            ),
+            paired="results/geometry/{model}/replication/paired_differences.parquet",
+            figure=report(
+                "results/figures/geometry/{model}/replication_ari.png",
+                caption="../report/replication_ari.rst",
+                category="Geometry",
+                subcategory="Replication",
+            ),
+        log:
+            "logs/replication_summary/{model}.log",
+        benchmark:
+            "benchmarks/replication_summary/{model}.tsv"
+        conda:
+            "../../envs/geometry.yaml"
+        params:
+            runs=lambda wc: [[s, k] for s, k in replication_runs()],
+            variant=REPLICATION["variant"],
+        script:
+            "../../scripts/replication_summary.py"

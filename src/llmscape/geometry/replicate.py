@@ -22,7 +22,8 @@ verdict of each finding over the sets:
 
 * ``replicates``: it holds in every set (a category: every set gives the same one);
 * ``specific to A, ...``: it holds in some sets only (those named); ``differs between sets`` for a category;
-* ``holds in no set``; ``undetermined`` where a set has no interval (a degenerate table).
+* ``holds in no set``; ``undetermined`` where a set has no interval (a degenerate table);
+* ``one set: ...`` when a single set is given (nothing to replicate across; the command line allows it).
 
 and whether the sets' values differ: per pair of sets, the difference of the two values with the
 interval of a difference of independent estimates from each one's own interval (MOVER: Zou and Donner
@@ -160,8 +161,9 @@ class SetGeometry:
 def read_set(table_path, boot_path, knn_path, *, set_name: str, variant: str, shots: int) -> SetGeometry:
     """The files of one set's geometry job (layer table, subsample values, neighbour lists)."""
     e = paired.read_extraction(table_path, boot_path, knn_path, variant=variant, shots=shots)
-    with np.load(knn_path, allow_pickle=False) as z:
-        _, sizes = np.unique(np.asarray(z["subject"]), return_counts=True)
+    from ..io import read_npz  # a damaged archive is named with the command that rebuilds it
+
+    _, sizes = np.unique(read_npz(knn_path, keys=("subject",))["subject"], return_counts=True)
     return SetGeometry(set_name, e, sizes)
 
 
@@ -339,6 +341,9 @@ def return_verdict(holds: list, categories: list | None = None, names: list | No
     """The verdict of one finding over the sets (module docstring): from each set's ``holds`` (True,
     False or None), or, for a category finding, from each set's category."""
     names = names or [str(i) for i in range(len(holds))]
+    if len(holds) == 1:  # nothing to replicate across: say only what the one set shows
+        one = categories[0] if categories is not None else {True: "holds", False: "does not hold"}.get(holds[0])
+        return f"one set: {one}" if one else UNDETERMINED
     if categories is not None:
         if any(not c for c in categories):
             return UNDETERMINED

@@ -1,10 +1,11 @@
 # Functions and settings of the geometry rules (workflow/rules/geometry.smk): targets, inputs, checks.
-from llmscape.configcheck import check_geometry_scales, check_intervals
+from llmscape.configcheck import GEOMETRY_SECTIONS, check_geometry_scales, check_intervals, check_replication
 from llmscape.data import analysis_subject_sizes
 from llmscape.geometry import GeometryParams
+from llmscape.geometry.replicate import replication_shots as replication_shots_of
 
 # the keys of geometry: that the geometry jobs read (the study's own section goes to its rule only)
-GEOMETRY_PARAMS = {k: v for k, v in config["geometry"].items() if k != "resolution_study"}
+GEOMETRY_PARAMS = {k: v for k, v in config["geometry"].items() if k not in GEOMETRY_SECTIONS}
 STUDY = config["geometry"]["resolution_study"]
 STUDY_SHOTS = max(SHOTS) if STUDY["shots"] is None else int(STUDY["shots"])
 
@@ -12,6 +13,7 @@ STUDY_SHOTS = max(SHOTS) if STUDY["shots"] is None else int(STUDY["shots"])
 def _check_geometry_config():
     """Errors and warnings a researcher should see at DAG build, before any job runs."""
     params = GeometryParams.from_config(GEOMETRY_PARAMS)  # (the schema has checked every value)
+    check_replication_config()
     sizes = analysis_subject_sizes(config["data"])
     check_geometry_scales(config["geometry"], sizes)  # what would fail every layer or give only NaN
     check_intervals(config["geometry"], sizes)
@@ -139,4 +141,51 @@ def geometry_targets():
             fig=["ari", "id", "clusters"],
         )
     out.append(f"results/figures/geometry/{MODEL}/headline.html")  # the report's front page
-    return out + resolution_targets() + paired_targets()
+    return out + resolution_targets() + paired_targets() + replication_targets()
+
+
+# Replication (geometry.replication): the geometry of one variant's extractions repeated on disjoint subject sets,
+# each cut from the extraction as a file of its own (replication_subset), analysed by the geometry rule
+# (replication_geometry) and summarised over the sets (replication_summary). docs/geometry.md, "Replication".
+REPLICATION = config["geometry"]["replication"]
+REPLICATION_SET_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+
+
+def replication_sets():
+    """{set name: subjects}, empty when the replication is off or has no sets."""
+    return dict(REPLICATION["sets"]) if REPLICATION["enabled"] else {}
+
+
+def replication_shots():
+    return replication_shots_of(REPLICATION, shots_of(REPLICATION["variant"]))
+
+
+def replication_runs():
+    """(set, shots) of every replication geometry job, in a fixed order (the summary's inputs zip with it)."""
+    return [(s, k) for s in replication_sets() for k in replication_shots()]
+
+
+def replication_summary_inputs(wildcards):
+    stems = [
+        f"results/geometry/{wildcards.model}/replication/{s}/{REPLICATION['variant']}/{k}shot"
+        for s, k in replication_runs()
+    ]
+    return dict(
+        tables=[f"{s}.parquet" for s in stems],
+        boots=[f"{s}_boot.parquet" for s in stems],
+        knns=[f"{s}_knn.npz" for s in stems],
+    )
+
+
+def replication_targets():
+    if not replication_sets():
+        return []
+    return [
+        f"results/geometry/{MODEL}/replication/replication.csv",
+        f"results/figures/geometry/{MODEL}/replication_ari.png",
+    ]
+
+
+def check_replication_config():
+    """geometry.replication against this run's subjects, variants and shot counts (before any job)."""
+    check_replication(REPLICATION, config["data"], config["geometry"], {v: shots_of(v) for v in model_variants()})
