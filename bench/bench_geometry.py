@@ -364,6 +364,7 @@ def main() -> None:
     ap.add_argument("--tmp", default="/tmp/llmscape_bench_geometry")
     ap.add_argument("--no-real", action="store_true")
     ap.add_argument("--keep", action="store_true", help="merge into bench/results/geometry.json instead of replacing")
+    ap.add_argument("--out", default=str(ROOT / "bench/results/geometry.json"), help="the JSON (the figure beside it)")
     ap.add_argument("--n-boot", type=int, default=100, help="subsamples of the with-intervals column (0: none)")
     ap.add_argument("--boot-layers", type=int, default=2, help="consecutive middle layers of that column")
     ap.add_argument("--synthetic-boot-layers", type=int, default=1, help="the same on the synthetic case")
@@ -403,18 +404,17 @@ def main() -> None:
             r["with_intervals"] = with_intervals(name, h5, a, tmp, layers, a.synthetic_boot_draws if big else None)
         r["load_avg_after"] = os.getloadavg()
         results[name] = r
-    out = ROOT / "bench/results"
-    out.mkdir(parents=True, exist_ok=True)
-    if a.keep and (out / "geometry.json").exists():
-        results = {**json.loads((out / "geometry.json").read_text())["results"], **results}
+    dest = Path(a.out)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if a.keep and dest.exists():
+        results = {**json.loads(dest.read_text())["results"], **results}
     print_table(results)
     from llmscape.io import package_versions, write_json
 
-    write_json(out / "geometry.json", dict(results=results, params=PARAMS, threads=a.threads, repeats=a.repeats,
-                                           cpu=os.cpu_count(), load_avg=os.getloadavg(), machine=where,
-                                           versions=package_versions()))
-    figure(results, out / "geometry.png")
-    print(f"wrote {out / 'geometry.json'} and {out / 'geometry.png'}")
+    write_json(dest, dict(results=results, params=PARAMS, threads=a.threads, repeats=a.repeats, cpu=os.cpu_count(),
+                          load_avg=os.getloadavg(), machine=where, versions=package_versions()))
+    figure(results, dest.with_suffix(".png"))
+    print(f"wrote {dest} and {dest.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
