@@ -21,10 +21,12 @@ PAIRED_ENTRIES = ("paired_summary.csv", "paired_accuracy.csv", "paired_shots.png
                   "paired_variant.png", "paired_layer.png")
 #: the front page's headline figure (rule geometry_headline), also listed as a result
 HEADLINE_ENTRIES = ("headline.html",)
-REPORT_ENTRIES = JOIN_ENTRIES + PAIRED_ENTRIES + HEADLINE_ENTRIES
+#: the replication across subject sets (rule replication_summary; configs with geometry.replication.sets, as CI's)
+REPLICATION_ENTRIES = ("replication.csv", "replication_ari.png")
+REPORT_ENTRIES = JOIN_ENTRIES + PAIRED_ENTRIES + HEADLINE_ENTRIES + REPLICATION_ENTRIES
 #: rules whose runtimes the report's statistics must list
 JOIN_RULES = ("join_tables", "correlate", "plot_join")
-REPORT_RULES = JOIN_RULES + ("geometry_paired", "geometry_headline")
+REPORT_RULES = JOIN_RULES + ("geometry_paired", "geometry_headline", "replication_summary")
 
 
 def write_csv(df, dest) -> Path:
