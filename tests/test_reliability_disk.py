@@ -189,3 +189,33 @@ def test_a_read_only_results_folder_is_named_before_any_job(tmp_path, small_fs):
             assert (results / "data" / "summary.json").read_text() == '{"before": true}'
         assert "Traceback" not in out, out[-3000:]
         assert not list((work / ".snakemake" / "locks").glob("*"))  # the stop released the lock
+
+
+def test_every_writer_of_the_pipeline_names_a_full_disk(tmp_path, small_fs):
+    """The writers the rules use (parquet, JSON, .npy, .npz, safetensors), each on a real full tmpfs:
+    one line naming the folder, nothing left under the final name. (numpy's own .npy writer reports a
+    short write without its errno, and safetensors its errno only in its text.)"""
+    import numpy as np
+    import pandas as pd
+    import torch
+    from safetensors.torch import save_file
+
+    from llmscape.geometry.files import write_knn
+    from llmscape.io import OutputError, atomic_path, write_json, write_npy, write_parquet
+
+    def safetensors(dest, tensors):
+        with atomic_path(dest) as tmp:
+            save_file(tensors, str(tmp))
+
+    big = np.random.default_rng(0).random(200_000)  # 1.6 MB into 64 kB
+    writers = [(write_parquet, pd.DataFrame(dict(x=big))), (write_json, big.tolist()), (write_npy, big),
+               (write_knn, dict(knn=big)), (safetensors, {"w": torch.from_numpy(big)})]
+    for writer, value in writers:
+        results = small_fs("64k")
+        dest = results / "out.bin"
+        with pytest.raises(OutputError) as e:
+            writer(dest, value)
+        assert str(e.value) == (f"cannot write {dest}: No space left on device in {results}. Fix: free space there "
+                                f"(`df -h {results}` shows what is left) or run the workflow where there is room; "
+                                "then rerun (an extraction resumes its .partial file)."), writer
+        assert list(results.iterdir()) == [], writer

@@ -44,20 +44,23 @@ def ensure_writable(path: str | os.PathLike) -> Path:
     return path
 
 
-_ERRNO_IN_TEXT = re.compile(r"errno = (\d+)")  # how HDF5 reports a failed write (h5py raises it as text)
+# how HDF5 reports a failed write (h5py raises it as text), and how Rust's I/O errors read (safetensors)
+_ERRNO_IN_TEXT = re.compile(r"errno = (\d+)|\(os error (\d+)\)")
 _FILE_IN_TEXT = re.compile(r"(?:filename|name) = '([^']+)'")
 
 
 def no_room(exc: BaseException, outputs=()) -> str | None:
     """One line for an error that says the disk is full or a folder is not writable, naming the folder
     and the fix; None for any other error. Read from an OSError's errno or, as h5py reports HDF5's
-    failed writes, from "errno = N" in the text of the error or of one it was raised while handling.
+    failed writes, from "errno = N" (or, as safetensors reports them, "(os error N)") in the text of the
+    error or of one it was raised while handling.
     ``outputs``: the job's output files, whose folder is named when the error names no file."""
     seen = exc
     while seen is not None:
         text = str(seen)
         match = _ERRNO_IN_TEXT.search(text)
-        code = seen.errno if isinstance(seen, OSError) and seen.errno else int(match.group(1)) if match else None
+        code = seen.errno if isinstance(seen, OSError) and seen.errno else \
+            int(match.group(1) or match.group(2)) if match else None
         if code in _NO_ROOM:
             found = _FILE_IN_TEXT.search(text)
             name = getattr(seen, "filename", None) or (found.group(1) if found else None)
@@ -201,9 +204,12 @@ def write_parquet(dest: str | os.PathLike, df) -> None:
 
 
 def write_npy(dest: str | os.PathLike, arr: np.ndarray) -> None:
+    from io import BytesIO
+
+    buf = BytesIO()  # np.save into a file reports a short write without its errno (a full disk unnamed)
+    np.save(buf, arr)
     with atomic_path(dest) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
+        tmp.write_bytes(buf.getvalue())
 
 
 def rebuild_command(path: str | os.PathLike) -> str:
