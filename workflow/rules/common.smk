@@ -117,17 +117,12 @@ def base_variants():
     return ["base"]
 
 
-def _stage_list(name):
-    """A stage's list function if its .smk is included (looked up when called, after every include)."""
-    fn = globals().get(name)
-    return list(fn()) if callable(fn) else []
-
-
 def model_variants():
     """Every variant that flows through extraction, geometry and spectra: the base model, the
-    stable-rank interventions (spectra.smk) and the fine-tuning runs (finetune.smk)."""
-    runs = _stage_list("finetune_variants") if config["finetune"].get("extract_variants", True) else []
-    return list(dict.fromkeys(base_variants() + _stage_list("intervention_variants") + runs))
+    stable-rank interventions (functions/spectra.smk) and the fine-tuning runs (functions/finetune.smk).
+    Every stage's functions are included below; a function's body looks the others up when it runs."""
+    runs = finetune_variants() if config["finetune"].get("extract_variants", True) else []
+    return list(dict.fromkeys(base_variants() + intervention_variants() + runs))
 
 
 def shots_of(variant):
@@ -157,8 +152,8 @@ include: "functions/finetune.smk"
 
 
 _check_geometry_config()  # after every stage's functions: it needs the whole list of variants
-check_finetune_split(config["finetune"], config["data"], _stage_list("finetune_variants"))
-check_join_names(config["join"], model_variants() + _stage_list("checkpoint_variants"))
+check_finetune_split(config["finetune"], config["data"], finetune_variants())
+check_join_names(config["join"], model_variants() + checkpoint_variants())
 
 
 # Before Snakemake builds the DAG: a results folder or file that cannot be written is named with the fix

@@ -4,13 +4,11 @@
 #   tables -> figures in the report                                                        (plot_join)
 #   the effective configuration -> results/join/{model}/config.html in the report          (join_config)
 #
-# Inputs come from the other stages' target functions when they are included in the Snakefile:
-#   intervention_variants()  (spectra.smk)   srank-<group>-<target> variants
-#   finetune_variants()      (finetune.smk)  one variant per fine-tuning run
-#   checkpoint_variants()    (finetune.smk)  {run}-step{N}: merged checkpoints, for spectra during training
-#   geometry_targets(), spectra_targets()    their presence switches join_targets() on
-# A function that is absent contributes nothing (looked up with globals().get at DAG-build time, so the
-# order of `include:` lines does not matter).
+# Inputs come from the other stages' functions (workflow/rules/functions/, all included by common.smk
+# before any rule file, so a misspelt name fails when the DAG is built):
+#   intervention_variants()  (spectra)   srank-<group>-<target> variants
+#   finetune_variants()      (finetune)  one variant per fine-tuning run
+#   checkpoint_variants()    (finetune)  {run}-step{N}: merged checkpoints, for spectra during training
 
 
 localrules:

@@ -22,16 +22,6 @@ JOIN_CORRELATE = {
 }
 
 
-def _stage(name):
-    fn = globals().get(name)
-    return list(fn()) if callable(fn) else []
-
-
-def join_enabled():
-    """The join needs the geometry and spectra rules; without them it has no targets."""
-    return callable(globals().get("geometry_targets")) and callable(globals().get("spectra_targets"))
-
-
 def join_variants():
     """Variants in the joined table: join.variants, or base + interventions + fine-tuning runs."""
     if JOIN["variants"] is not None:
@@ -40,7 +30,7 @@ def join_variants():
 
 
 def join_runs():
-    ft = set(_stage("finetune_variants"))
+    ft = set(finetune_variants())
     return [v for v in join_variants() if v in ft]
 
 
@@ -49,7 +39,7 @@ def join_checkpoints():
     if not JOIN["checkpoints"]:
         return []
     runs, out = set(join_runs()), []
-    for cv in _stage("checkpoint_variants"):
+    for cv in checkpoint_variants():
         m = re.fullmatch(r"(.+)-step(\d+)", cv)
         if m and m.group(1) in runs:
             out.append((m.group(1), int(m.group(2)), cv))
@@ -57,7 +47,7 @@ def join_checkpoints():
 
 
 def join_interventions():
-    iv = set(_stage("intervention_variants"))
+    iv = set(intervention_variants())
     return [v for v in join_variants() if v in iv]
 
 
@@ -87,8 +77,6 @@ JOIN_FIGURES = ("heatmap", "id_alpha", "ari", "accuracy_trainable", "interventio
 
 
 def join_targets():
-    if not join_enabled():
-        return []
     out = expand(
         "results/join/{model}/{name}", model=MODEL, name=["joined.parquet", "correlations.parquet", "config.html"]
     )
