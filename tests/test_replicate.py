@@ -118,8 +118,8 @@ def test_a_valid_replication_passes_and_an_empty_or_disabled_one_is_not_checked(
     (dict(sets={"A": ["anatomy", "astronomy"], "B": ["astronomy", "virology"]}), {}, {},
      "geometry.replication.sets.A and .B share ['astronomy']: the sets must be disjoint"),
     (dict(sets={"A": ["anatomy", "astronomy"], "B": ["virologi", "marketing"]}), {}, {},
-     "geometry.replication.sets.B = ['virologi', 'marketing']: 'virologi' is not a subject of this run's "
-     "extraction. Fix: did you mean 'virology'?"),
+     "geometry.replication.sets.B = ['virologi', 'marketing']: 'virologi' not among the subjects of this run's "
+     "extraction (data.subjects). Fix: did you mean 'virology' for 'virologi'? Else name subjects of data.subjects"),
     (dict(sets={"A": ["anatomy", "astronomy"]}), {}, {}, "geometry.replication.sets names one set (A)"),
     (dict(sets={"A": ["anatomy"], "B": ["virology", "marketing"]}), {}, {},
      "geometry.replication.sets.A = ['anatomy']: one subject has no subject ARI (one class). Fix: two or more"),
@@ -289,4 +289,5 @@ def test_bad_replication_settings_fail_at_dag_build(tmp_path):
     assert res.returncode != 0
     out = res.stdout + res.stderr
     assert "geometry.replication.sets.A and .C share ['abstract_algebra']" in out, out[-2000:]
-    assert "'anatomyy' is not a subject of this run's extraction. Fix: did you mean 'anatomy'?" in out
+    assert "'anatomyy' not among the subjects of this run's extraction (data.subjects). Fix: did you mean 'anatomy' " \
+           "for 'anatomyy'?" in out

@@ -268,20 +268,25 @@ def check_finetune_split(finetune: dict, data: dict, runs) -> None:
 def _replication_set_lines(name: str, subjects, known, sizes: dict | None, geometry: dict) -> list[str]:
     """What is wrong with one set: subjects outside the run's, too few questions for the scales."""
     key = f"geometry.replication.sets.{name}"
-    lines = [f"  {key} = {list(subjects)}: {s!r} is not a subject of this run's extraction. Fix: "
-             f"{_near(s, known)}name subjects of data.subjects only; a set of other subjects runs as a config of "
-             "its own (docs/geometry.md, \"Replication\")." for s in subjects if known is not None and s not in known]
-    if lines or not sizes:
-        return lines
+    unknown = [s for s in subjects if known is not None and s not in known]
+    if unknown:
+        close = {s: difflib.get_close_matches(s, [str(k) for k in known], n=1) for s in unknown}
+        near = ", ".join(f"{c[0]!r} for {s!r}" for s, c in close.items() if c)
+        near = f"did you mean {near}? Else " if near else ""
+        return [f"  {key} = {list(subjects)}: {', '.join(map(repr, unknown))} not among the subjects of this run's "
+                f"extraction (data.subjects). Fix: {near}name subjects of data.subjects only; a set of other "
+                "subjects runs as a config of its own (docs/geometry.md, \"Replication\")."]
+    if not sizes:
+        return []
     own = {s: sizes[s] for s in subjects if s in sizes}
     alone = dict(geometry, resolution_study={"enabled": False})  # the study runs on the whole extraction only
     try:
         check_geometry_scales(alone, own)
         check_intervals(alone, own)
     except ConfigError as e:
-        lines += [f"  {key} ({sum(own.values())} questions in {len(own)} subjects): {line.strip()}"
-                  for line in str(e).splitlines()[1:]]
-    return lines
+        return [f"  {key} ({sum(own.values())} questions in {len(own)} subjects): {line.strip()}"
+                for line in str(e).splitlines()[1:]]
+    return []
 
 
 def check_replication(replication: dict, data: dict, geometry: dict, extracted: dict) -> None:
