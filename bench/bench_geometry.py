@@ -340,7 +340,9 @@ def with_intervals(name: str, h5: Path, a, tmp: Path, layers: list[int], max_dra
     subsamples and its n_boot total is computed from their time (points + draws x n_boot / max_draws)."""
     opts = dict(n_boot=a.n_boot, layers=layers)
     pub = dict(opts, max_draws=max_draws) if max_draws and max_draws < a.n_boot else None
-    r = dict(layers=layers, n_boot=a.n_boot, **alternated(name, h5, a.threads, tmp, a.repeats, opts, pub))
+    repeats = a.boot_repeats or a.repeats
+    r = dict(layers=layers, n_boot=a.n_boot, repeats=repeats,
+             **alternated(name, h5, a.threads, tmp, repeats, opts, pub))
     if pub:
         for run in r["published"]["runs"]:
             run["wall_s_measured"] = run["wall_s"]
@@ -368,6 +370,7 @@ def main() -> None:
     ap.add_argument("--n-boot", type=int, default=100, help="subsamples of the with-intervals column (0: none)")
     ap.add_argument("--boot-layers", type=int, default=2, help="consecutive middle layers of that column")
     ap.add_argument("--synthetic-boot-layers", type=int, default=1, help="the same on the synthetic case")
+    ap.add_argument("--boot-repeats", type=int, default=0, help="rounds of the with-intervals column (0: --repeats)")
     ap.add_argument("--synthetic-boot-draws", type=int, default=2,
                     help="subsamples the published way runs on the synthetic case (its total is computed)")
     ap.add_argument("--synthetic-small", type=int, default=0,
