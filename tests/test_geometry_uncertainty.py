@@ -293,7 +293,7 @@ def test_resolution_study_table_on_a_tiny_input(tmp_path, monkeypatch):
     assert (study.loc[study["per_subject"] == 20, "n_points"] == 60).all()
     summary = R.summarise_study(study)
     assert set(summary["group"]) == {"early", "late"}  # layer 0 of 0..1 is early, layer 1 late
-    assert {"ari_subjects", "ari_subjects_lo", "ari_subjects_hi", "n_clusters", "id_gride", "layers"} <= set(summary)
+    assert {"ari_subjects", "ari_subjects_min", "ari_subjects_max", "n_clusters", "id_gride", "layers"} <= set(summary)
     with pytest.raises(G.GeometryError, match="at most 40"):
         R.compute_resolution_study(h5, p, [4, 41], 1)
     # layers too large for a complete graph take the plain path: the same table

@@ -115,11 +115,12 @@ def plot_clusters(table: pd.DataFrame, dest: str | Path, title: str = "") -> Non
 def plot_resolution(summary: pd.DataFrame, dest: str | Path, *, resolution_size: int, n_subjects: int,
                     title: str = "") -> None:
     """Subject ARI, ADP clusters and Gride ID against points per subject, one line per layer group
-    (mean over its layers and the subsamples), the band spanning the subsamples' group means; the
-    whole extraction as a star; the resolution size as a dashed line."""
+    (mean over its layers and the subsamples), the band from the smallest to the largest of the
+    subsamples' group means (a range, not an interval); the whole extraction as a star; the resolution
+    size as a dashed line."""
     fig, axes = _axes(3, width=4.6)
     for ax, metric, label in zip(axes, ("ari_subjects", "n_clusters", "id_gride"),
-                                 ("subject ARI", "ADP clusters", "Gride ID (headline scale)")):
+                                 ("subject ARI", "ADP clusters", "Gride ID (headline scale)"), strict=True):
         for i, group in enumerate(GROUPS):
             g = summary[summary["group"] == group]
             if g.empty:
@@ -127,7 +128,7 @@ def plot_resolution(summary: pd.DataFrame, dest: str | Path, *, resolution_size:
             sub, whole = g[~g["whole"]].sort_values("per_subject"), g[g["whole"]]
             layers = int(g["layers"].iloc[0])
             ax.plot(sub["per_subject"], sub[metric], "-o", ms=3, color=f"C{i}", label=f"{group} ({layers} layers)")
-            ax.fill_between(sub["per_subject"], sub[f"{metric}_lo"], sub[f"{metric}_hi"], color=f"C{i}", alpha=0.15,
+            ax.fill_between(sub["per_subject"], sub[f"{metric}_min"], sub[f"{metric}_max"], color=f"C{i}", alpha=0.15,
                             linewidth=0)
             ax.plot(whole["per_subject"], whole[metric], "*", ms=9, color=f"C{i}")
         ax.axvline(resolution_size, ls="--", color="0.4", lw=1)
@@ -139,8 +140,8 @@ def plot_resolution(summary: pd.DataFrame, dest: str | Path, *, resolution_size:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.text(0.5, 0.005, f"dashed: resolution size {resolution_size}; star: whole extraction; dotted: "
-             f"{n_subjects} subjects; bands: range over subsamples", ha="center", va="bottom", fontsize=7,
-             color="0.3")
+             f"{n_subjects} subjects; bands: smallest to largest subsample (group mean)", ha="center", va="bottom",
+             fontsize=7, color="0.3")
     _save(fig, dest, title)
 
 
