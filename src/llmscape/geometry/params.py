@@ -11,7 +11,7 @@ from ..errors import LlmscapeError
 STATUS_OK = "ok"
 RESOLVED = "resolved"  # the ``resolution`` column: every subject and letter class at least resolution_size()
 #: classes below resolution: "below_subjects", "below_letters" or "below_both"
-RESOLUTION_FACTOR = 2  # from the resolution study on the embedded model (docs/geometry.md)
+RESOLUTION_FACTOR = 2  # x max(density_k, 2 id_scale), from bench/resolution_study.py (docs/geometry.md)
 
 
 class GeometryError(LlmscapeError, RuntimeError):
