@@ -28,8 +28,9 @@ HDF5 layout (``results/reps/{model}/{variant}/{shots}shot.h5``):
   letter_logits  (n, 2, 4) float32      [:, 0] = " A".." D", [:, 1] = "A".."D"
   n_tokens       (n,) int32              prompt length in tokens
   layer_name     (n_layers,) utf-8 str
-  attrs: model, variant, model_path, adapter (a fine-tuned variant's, or empty), checksum, site, shots, shot_order, shot_seed, dtype, store_dtype,
-         template_hash, seed, prefix_sharing, fingerprint, versions (JSON), complete (written last)
+  attrs: model, label, variant, model_path, adapter (a fine-tuned variant's, or empty), checksum, site, shots,
+         shot_order, shot_seed, dtype, store_dtype, template_hash, seed, prefix_sharing, fingerprint, versions (JSON),
+         complete (written last)
 
 The file is written as ``<name>.partial`` and renamed when complete. A killed run resumes from its
 last completed batch: rows are marked done after each batch, and a rerun with the same fingerprint
@@ -43,21 +44,23 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import h5py
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 from transformers.cache_utils import Cache, DynamicLayer
 
-from . import owner, prompts as P
+from . import models, owner, prompts as P
 from .data import LETTERS
-from .io import ensure_writable, package_versions, write_json
 from .errors import LlmscapeError
-from .integrity import seal, verify
+from .integrity import rebuild_hint, seal, verify
+from .io import ensure_writable, package_versions, write_json
+from .partitioned import gathered
 
 log = logging.getLogger("llmscape.extract")
 
@@ -85,7 +88,7 @@ class ExtractConfig:
     offload_folder: str | None = None
 
     @classmethod
-    def from_dict(cls, d: dict, shots: int) -> "ExtractConfig":
+    def from_dict(cls, d: dict, shots: int) -> ExtractConfig:
         keys = {f for f in cls.__dataclass_fields__}
         cfg = cls(**{k: v for k, v in d.items() if k in keys and k != "shots"}, shots=int(shots))
         cfg.validate()
@@ -97,13 +100,18 @@ class ExtractConfig:
         if self.shot_order not in P.SHOT_ORDERS:
             raise ExtractError(f"extract.shot_order {self.shot_order!r} is not one of {P.SHOT_ORDERS}")
         if self.store_dtype not in ("float16", "float32"):
-            raise ExtractError(f"extract.store_dtype {self.store_dtype!r}: h5py stores float16 or float32 (no bfloat16)")
+            raise ExtractError(f"extract.store_dtype {self.store_dtype!r}: h5py stores float16 or float32 "
+                               "(no bfloat16)")
         if self.token_budget < 1 or self.max_batch < 1:
             raise ExtractError("extract.token_budget and extract.max_batch must be positive")
 
     @property
     def shares_prefix(self) -> bool:
         return self.prefix_sharing  # a prefix tree: fixed and permuted shots alike
+
+
+#: the schema's ``extract:`` defaults (tests/test_defaults.py), also the defaults of the counting helpers below
+DEFAULTS = ExtractConfig()
 
 
 # --------------------------------------------------------------------------- model plumbing
@@ -126,7 +134,8 @@ def letter_token_ids(tok) -> np.ndarray:
         for j, letter in enumerate(LETTERS):
             ids = tok(fmt.format(letter), add_special_tokens=False)["input_ids"]
             if len(ids) != 1:
-                raise ExtractError(f"tokenizer splits {fmt.format(letter)!r} into {ids}; letter scoring needs one token")
+                raise ExtractError(f"tokenizer splits {fmt.format(letter)!r} into {ids}; letter scoring needs one "
+                                   "token")
             out[row, j] = ids[0]
     return out
 
@@ -240,7 +249,7 @@ class Node:
     ``children``) is run once and its keys/values serve every prompt below it."""
     segment: list[int]
     prompt: int | None = None
-    children: list["Node"] = field(default_factory=list)
+    children: list[Node] = field(default_factory=list)
 
 
 def build_tree(token_ids: Sequence[Sequence[int]], members: Sequence[int], min_shared: int = MIN_SHARED) -> Node:
@@ -262,7 +271,7 @@ def _children(token_ids, members: list[int], start: int, min_shared: int) -> lis
         rest = [token_ids[i][start:] for i in part]
         n = min(common_prefix_len(rest), min(map(len, rest)) - 1) if len(part) > 1 else 0
         if n == 0:  # one prompt, or one that ends where the others go on: leaves
-            out.extend(Node(list(r), prompt=i) for i, r in zip(part, rest))
+            out.extend(Node(list(r), prompt=i) for i, r in zip(part, rest, strict=True))
             continue
         kids = _children(token_ids, part, start + n, min_shared)
         if n < min_shared and start > 0:
@@ -294,7 +303,8 @@ def tree_tokens(node: Node) -> int:
     return len(node.segment) + sum(tree_tokens(c) for c in node.children)
 
 
-def held_tokens(node: Node, token_budget: int = 8192, max_batch: int = 64, held: int = 0, path_len: int = 0) -> int:
+def held_tokens(node: Node, token_budget: int = DEFAULTS.token_budget, max_batch: int = DEFAULTS.max_batch,
+                held: int = 0, path_len: int = 0) -> int:
     """Peak number of cached tokens alive while :func:`run_batches` walks the tree: the segments of the
     current path plus, at each level, those of the inner nodes of the batch being walked into (so at
     most one batch's tokens per level). Times 2 x layers x kv_heads x head_dim x bytes per value (128
@@ -311,8 +321,9 @@ def held_tokens(node: Node, token_budget: int = 8192, max_batch: int = 64, held:
     return peak
 
 
-def count_prompt_tokens(token_ids: Sequence[Sequence[int]], group_keys: Sequence | None, *, token_budget: int = 8192,
-                        max_batch: int = 64, min_shared: int = MIN_SHARED) -> dict:
+def count_prompt_tokens(token_ids: Sequence[Sequence[int]], group_keys: Sequence | None, *,
+                        token_budget: int = DEFAULTS.token_budget, max_batch: int = DEFAULTS.max_batch,
+                        min_shared: int = MIN_SHARED) -> dict:
     """Prompt tokens a forward pass computes: ``plain``, every prompt whole; ``shared``, with the prefix
     trees of :func:`run_batches` (``group_keys``: one key per prompt, its subject; None = no sharing),
     each distinct inner segment once plus every prompt's own leaf. ``held_max``: the largest number of
@@ -323,9 +334,10 @@ def count_prompt_tokens(token_ids: Sequence[Sequence[int]], group_keys: Sequence
     return dict(plain=int(sum(map(len, token_ids))), shared=int(sum(map(tree_tokens, trees))), held_max=int(held))
 
 
-def count_config_tokens(tok, rows: pd.DataFrame, pool: pd.DataFrame, shots: int, shot_order: str = "fixed",
-                        shot_seed: int = 42, prefix_sharing: bool = True, token_budget: int = 8192,
-                        max_batch: int = 64) -> dict:
+def count_config_tokens(tok, rows: pd.DataFrame, pool: pd.DataFrame, shots: int,
+                        shot_order: str = DEFAULTS.shot_order, shot_seed: int = DEFAULTS.shot_seed,
+                        prefix_sharing: bool = DEFAULTS.prefix_sharing, token_budget: int = DEFAULTS.token_budget,
+                        max_batch: int = DEFAULTS.max_batch) -> dict:
     """:func:`count_prompt_tokens` of the prompts an extraction builds: ``tok`` a Hugging Face tokenizer,
     ``rows`` the questions (columns subject, question_id, question, choices, answer), ``pool`` the
     few-shot pool, the rest as in the ``extract`` config. Returns dict(plain, shared, held_max, questions);
@@ -490,8 +502,6 @@ def letter_rows(head, letters: np.ndarray) -> tuple[torch.Tensor, torch.Tensor |
     """Dense copies of the LM head's rows (and bias entries) of the 8 letter tokens: (8, d), (8,) or None.
     Under DeepSpeed ZeRO-3 the head's weight is an empty slice outside a gather (a fine-tuning job's
     evaluation), so it is gathered for the copy; a no-op for every other model (see partitioned.py)."""
-    from .partitioned import gathered
-
     bias = getattr(head, "bias", None)
     with gathered([head.weight, bias]):
         idx = torch.as_tensor(letters, device=head.weight.device).reshape(-1)
@@ -543,7 +553,7 @@ class _Walk:
         leaves = [r for r, n in enumerate(nodes) if n.prompt is not None]
         kwargs = dict(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                       position_ids=(path_len + torch.arange(S)).unsqueeze(0).expand(B, S).to(self.device))
-        layers, keep = [], {r: len(s) for r, (s, n) in enumerate(zip(seqs, nodes)) if n.children}
+        layers, keep = [], {r: len(s) for r, (s, n) in enumerate(zip(seqs, nodes, strict=True)) if n.children}
         if path or keep:
             layers = [_PathLayer([p[i][0] for p in path], [p[i][1] for p in path], keep) for i in range(self.n_blocks)]
             kwargs.update(past_key_values=Cache(layers=layers), use_cache=True)
@@ -570,7 +580,8 @@ class _Walk:
         ends = torch.as_tensor(starts + np.array(lens) - 1)[leaves]
         joined = [tuple(torch.cat([p[i][j] for p in path], dim=-2) if len(path) > 1 else path[0][i][j]
                         for j in (0, 1)) for i in range(self.n_blocks)] if path else []
-        pack = _Pack(joined, list(zip(starts.tolist(), lens)), [r for r, n in enumerate(nodes) if n.children])
+        spans = list(zip(starts.tolist(), lens, strict=True))
+        pack = _Pack(joined, spans, [r for r, n in enumerate(nodes) if n.children])
         if self.capture is not None:
             self.capture.index = ends if leaves else None
         with _attention(self.dec, PACKED):
@@ -602,7 +613,8 @@ class _Walk:
 @torch.inference_mode()
 def run_batches(model, tok, token_ids: list[list[int]], group_keys: Sequence | None, *, token_budget: int,
                 max_batch: int, capture: LastTokenCapture | None, skip: np.ndarray | None = None,
-                progress: Callable[[int, int], None] | None = None, packed: bool | None = None) -> Iterator[BatchResult]:
+                progress: Callable[[int, int], None] | None = None,
+                packed: bool | None = None) -> Iterator[BatchResult]:
     """Run every prompt not in ``skip`` once; yield per-batch last-token states and letter logits.
 
     ``group_keys`` (one per prompt, the subject) groups prompts into prefix trees (:func:`build_tree`):
@@ -722,8 +734,8 @@ def check_context(token_ids: Sequence[Sequence[int]], rows: pd.DataFrame, shots:
                        f"model with a context of at least {int(lengths[i])} tokens.")
 
 
-def check_finite(states: np.ndarray, logits: np.ndarray, computed: torch.Tensor, names: Sequence[str], cfg: ExtractConfig,
-                 qids: np.ndarray, card: dict) -> None:
+def check_finite(states: np.ndarray, logits: np.ndarray, computed: torch.Tensor, names: Sequence[str],
+                 cfg: ExtractConfig, qids: np.ndarray, card: dict) -> None:
     """Stop an extraction whose batch holds NaN or inf, before it is written: ``states`` (layers, rows,
     d) as stored, ``logits`` the letter logits, ``computed`` the states before the cast to store_dtype.
     The message names the layers and the likely cause; the file is left without its completion mark."""
@@ -732,7 +744,7 @@ def check_finite(states: np.ndarray, logits: np.ndarray, computed: torch.Tensor,
     if not len(bad) and not bad_logits:
         return
     rows = np.flatnonzero(~np.isfinite(states).all(axis=(0, 2)) | ~np.isfinite(logits).reshape(len(qids), -1).all(1))
-    where = (f"layers {', '.join(f'{int(l)} ({names[l]})' for l in bad[:6])}{' ...' if len(bad) > 6 else ''} "
+    where = (f"layers {', '.join(f'{int(i)} ({names[i]})' for i in bad[:6])}{' ...' if len(bad) > 6 else ''} "
              f"({len(bad)} of {len(states)})" if len(bad) else "no stored layer")
     what = f"non-finite values (NaN or inf) in {where}{' and in the letter logits' if bad_logits else ''}"
     ids = f"questions {qids[rows[:5]].tolist()}{' ...' if len(rows) > 5 else ''}"
@@ -752,8 +764,6 @@ def check_finite(states: np.ndarray, logits: np.ndarray, computed: torch.Tensor,
 def load_model(card: dict, cfg: ExtractConfig):
     """(tokenizer, model) of a card for an extraction: on the GPUs planned from their free memory when
     sharded (checked before any weight is read), else on the configured device."""
-    from . import models
-
     device = models.pick_device(cfg.device)
     placed = models.fit_on_gpus(card, cfg)
     return models.load(card["path"], dtype=models.pick_dtype(cfg.dtype, device), device=device,
@@ -766,102 +776,149 @@ def load_model(card: dict, cfg: ExtractConfig):
 def extract(card: dict, rows: pd.DataFrame, pool: pd.DataFrame, cfg: ExtractConfig, out_h5: str | Path,
             out_json: str | Path | None = None, *, seed: int = 42, threads: int | None = None,
             model=None, tok=None, stop_after_batches: int | None = None) -> dict:
-    """Extract one (model, variant, shots) file. ``stop_after_batches`` exists for the resume test."""
-    from . import models
-
+    """Extract one (model, variant, shots) file: check the settings and build the prompts, load the model,
+    open (or resume) the partial file, run the batches into it, finish and seal it, then write the
+    accuracy table and rename the file into place. ``stop_after_batches`` exists for the resume test."""
     out_h5 = ensure_writable(out_h5)
     if out_json is not None:
         ensure_writable(out_json)
-    cfg.validate()
-    rows = rows.sort_values("question_id").reset_index(drop=True)
-    P.check_shots(pool, rows.subject.unique(), cfg.shots)       # before any model is loaded
-    texts = P.build_prompts(rows, pool, cfg.shots, cfg.shot_order, cfg.shot_seed)
+    rows, texts = _prompts(rows, pool, cfg)  # before any model is loaded
     if threads:
         torch.set_num_threads(int(threads))
     device = models.pick_device(cfg.device)
-    dtype = models.pick_dtype(cfg.dtype, device)
+    dtype = str(models.pick_dtype(cfg.dtype, device)).replace("torch.", "")
     if model is None:
         tok, model = load_model(card, cfg)
+    out = _open_output(card, rows, texts, cfg, out_h5, seed, model, tok)
+    if out is None:  # another job wrote this very output while this one waited for it
+        return _written_meanwhile(out_h5, out_json)
+    t0 = time.time()
+    n_tok = _run_into(out, model, tok, rows, cfg, card, stop_after_batches)
+    versions = package_versions()
+    answer, pred, pred_ns = _finish(out, rows, _file_attrs(card, cfg, seed, dtype, versions))
+    acc = accuracy_table(rows.subject.to_numpy(), answer, pred, pred_ns)
+    acc.update(model=card.get("model"), variant=card.get("variant"), shots=cfg.shots, n_questions=len(rows),
+               seconds=round(time.time() - t0, 2), new_tokens=n_tok, device=device, dtype=dtype, versions=versions)
+    if out_json is not None:
+        write_json(out_json, acc)
+    os.replace(out.partial, out_h5)
+    log.info("%s: %d questions, accuracy %.3f (no-space %.3f)", out_h5, len(rows), acc["accuracy"],
+             acc["accuracy_nospace"])
+    return acc
+
+
+def _prompts(rows: pd.DataFrame, pool: pd.DataFrame, cfg: ExtractConfig) -> tuple[pd.DataFrame, list[str]]:
+    """(rows in question_id order, their prompts), after the settings and the few-shot pool are checked."""
+    cfg.validate()
+    rows = rows.sort_values("question_id").reset_index(drop=True)
+    P.check_shots(pool, rows.subject.unique(), cfg.shots)
+    return rows, P.build_prompts(rows, pool, cfg.shots, cfg.shot_order, cfg.shot_seed)
+
+
+@dataclass
+class _Output:
+    """An extraction in progress: its partial file, the hooks that capture the states, the prompts' ids."""
+    f: h5py.File
+    partial: Path
+    capture: LastTokenCapture
+    qids: np.ndarray
+    token_ids: list[list[int]]
+
+
+def _open_output(card: dict, rows: pd.DataFrame, texts: list[str], cfg: ExtractConfig, out_h5: Path, seed: int,
+                 model, tok) -> _Output | None:
+    """Hook the model, tokenise the prompts, check them against its context (before any file or batch)
+    and open (or resume) the partial file; None when the job waited for finished this output meanwhile."""
     capture = LastTokenCapture(model, cfg.site)
-    d = int(model.config.hidden_size)
-    n = len(rows)
     qids = rows.question_id.to_numpy(np.int64)
     fp = fingerprint(card["checksum"], qids, cfg, seed)
     token_ids = tokenize(tok, texts)
-    check_context(token_ids, rows, cfg.shots, model_context(model, tok))  # before any file or batch
+    check_context(token_ids, rows, cfg.shots, model_context(model, tok))
     partial = out_h5.with_name(out_h5.name + ".partial")
-    f = _open_partial(partial, fp, capture.n_layers, n, d, cfg.store_dtype)
-    if f is None:  # another job wrote this very output while this one waited for it
+    f = _open_partial(partial, fp, capture.n_layers, len(rows), int(model.config.hidden_size), cfg.store_dtype)
+    if f is None:
         capture.remove()
-        return _written_meanwhile(out_h5, out_json)
-    done = f["done"][:]
-    t0, n_tok, n_batches = time.time(), 0, 0
-    from tqdm import tqdm
+        return None
+    return _Output(f, partial, capture, qids, token_ids)
 
-    bar = tqdm(total=n, initial=int(done.sum()), unit="q", desc=f"{card.get('variant', '?')} {cfg.shots}-shot",
+
+def _run_into(out: _Output, model, tok, rows: pd.DataFrame, cfg: ExtractConfig, card: dict,
+              stop_after_batches: int | None) -> int:
+    """Run every question not done yet, writing its rows after each batch; the number of new tokens run.
+    A failed or stopped run closes the file unmarked as complete: its rows stay for a resume."""
+    f, done = out.f, out.f["done"][:]
+    t0, n_tok, n_batches = time.time(), 0, 0
+    bar = tqdm(total=len(rows), initial=int(done.sum()), unit="q", desc=f"{card.get('variant', '?')} {cfg.shots}-shot",
                mininterval=1.0 if os.isatty(2) else 15.0)
     try:
-        for res in run_batches(model, tok, token_ids, rows.subject.tolist() if cfg.shares_prefix else None,
-                               token_budget=cfg.token_budget, max_batch=cfg.max_batch, capture=capture, skip=done):
-            order = np.argsort(res.positions)
-            pos = res.positions[order]
-            with np.errstate(over="ignore"):  # an overflow of store_dtype is reported by check_finite
-                states = res.states[:, order, :].numpy().astype(cfg.store_dtype)
-            check_finite(states, res.letter_logits[order], res.states, capture.names, cfg, qids[pos], card)
-            f["hidden"][:, pos, :] = states
-            f["letter_logits"][pos] = res.letter_logits[order]
-            f["n_tokens"][pos] = [len(token_ids[i]) for i in pos]
-            done[pos] = True
-            f["done"][pos] = True
-            f.flush()
+        for res in run_batches(model, tok, out.token_ids, rows.subject.tolist() if cfg.shares_prefix else None,
+                               token_budget=cfg.token_budget, max_batch=cfg.max_batch, capture=out.capture, skip=done):
+            bar.update(_write_batch(out, res, done, cfg, card))
             n_tok += res.n_new_tokens
             n_batches += 1
-            bar.update(len(pos))
             bar.set_postfix(tok_s=f"{n_tok / max(time.time() - t0, 1e-9):.0f}")
             if stop_after_batches is not None and n_batches >= stop_after_batches:
                 raise KeyboardInterrupt(f"stopped after {n_batches} batches (test hook)")
     except BaseException:
-        f.close()  # the rows done so far stay, unmarked as complete, for a resume
+        f.close()
         raise
     finally:
         bar.close()
-        capture.remove()
+        out.capture.remove()
     if not done.all():
         f.close()
         raise ExtractError(f"{int((~done).sum())} questions were not processed")
+    return n_tok
 
+
+def _write_batch(out: _Output, res: BatchResult, done: np.ndarray, cfg: ExtractConfig, card: dict) -> int:
+    """Store one batch's states, letter logits and prompt lengths (checked finite first) and mark its
+    questions done, in the file too; the number of questions written."""
+    order = np.argsort(res.positions)
+    pos = res.positions[order]
+    with np.errstate(over="ignore"):  # an overflow of store_dtype is reported by check_finite
+        states = res.states[:, order, :].numpy().astype(cfg.store_dtype)
+    check_finite(states, res.letter_logits[order], res.states, out.capture.names, cfg, out.qids[pos], card)
+    f = out.f
+    f["hidden"][:, pos, :] = states
+    f["letter_logits"][pos] = res.letter_logits[order]
+    f["n_tokens"][pos] = [len(out.token_ids[i]) for i in pos]
+    done[pos] = True
+    f["done"][pos] = True
+    f.flush()
+    return len(pos)
+
+
+def _file_attrs(card: dict, cfg: ExtractConfig, seed: int, dtype: str, versions: dict) -> dict:
+    """The finished file's attributes: what was extracted, from which weights, with which settings."""
+    return dict(model=card.get("model", ""), label=card.get("label") or card.get("model", ""),
+                variant=card.get("variant", ""), model_path=str(card["path"]), adapter=str(card.get("adapter") or ""),
+                checksum=card["checksum"], site=cfg.site, shots=cfg.shots, shot_order=cfg.shot_order,
+                shot_seed=cfg.shot_seed, dtype=dtype, store_dtype=cfg.store_dtype, template_hash=P.template_hash(),
+                seed=seed, prefix_sharing=bool(cfg.shares_prefix), versions=json.dumps(versions))
+
+
+def _finish(out: _Output, rows: pd.DataFrame, attrs: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Write the per-question datasets (the predictions from the stored letter logits) and ``attrs``, seal
+    the file and mark it complete, last; (answer, pred, pred_nospace)."""
+    f = out.f
     logits = f["letter_logits"][:]
     pred = logits[:, 0].argmax(-1).astype(np.int8)
     pred_ns = logits[:, 1].argmax(-1).astype(np.int8)
     answer = rows.answer.to_numpy(np.int8)
     str_dt = h5py.string_dtype("utf-8")
-    for name, arr, dt in (("question_id", qids, None), ("subject", rows.subject.astype(str).to_numpy(), str_dt),
+    for name, arr, dt in (("question_id", out.qids, None), ("subject", rows.subject.astype(str).to_numpy(), str_dt),
                           ("answer", answer, None), ("pred", pred, None), ("pred_nospace", pred_ns, None),
-                          ("layer_name", np.array(capture.names), str_dt)):
+                          ("layer_name", np.array(out.capture.names), str_dt)):
         if name in f:
             del f[name]
         f.create_dataset(name, data=arr.astype(object) if dt is not None else arr, dtype=dt)
     del f["done"]
-    versions = package_versions()
-    f.attrs.update(dict(model=card.get("model", ""), label=card.get("label") or card.get("model", ""),
-                        variant=card.get("variant", ""), model_path=str(card["path"]),
-                        adapter=str(card.get("adapter") or ""),
-                        checksum=card["checksum"], site=cfg.site, shots=cfg.shots, shot_order=cfg.shot_order,
-                        shot_seed=cfg.shot_seed, dtype=str(dtype).replace("torch.", ""), store_dtype=cfg.store_dtype,
-                        template_hash=P.template_hash(), seed=seed, prefix_sharing=bool(cfg.shares_prefix),
-                        versions=json.dumps(versions)))
+    f.attrs.update(attrs)
     seal(f)  # a checksum on every dataset but hidden (which has fletcher32 per chunk), checked on read
     f.attrs["complete"] = True  # written last: a file without it was cut short
     f.close()
-    acc = accuracy_table(rows.subject.to_numpy(), answer, pred, pred_ns)
-    acc.update(model=card.get("model"), variant=card.get("variant"), shots=cfg.shots, n_questions=n,
-               seconds=round(time.time() - t0, 2), new_tokens=n_tok, device=device,
-               dtype=str(dtype).replace("torch.", ""), versions=versions)
-    if out_json is not None:
-        write_json(out_json, acc)
-    os.replace(partial, out_h5)
-    log.info("%s: %d questions, accuracy %.3f (no-space %.3f)", out_h5, n, acc["accuracy"], acc["accuracy_nospace"])
-    return acc
+    return answer, pred, pred_ns
 
 
 def accuracy_table(subjects: np.ndarray, answer: np.ndarray, pred: np.ndarray, pred_nospace: np.ndarray) -> dict:
@@ -873,8 +930,8 @@ def accuracy_table(subjects: np.ndarray, answer: np.ndarray, pred: np.ndarray, p
                              for s, r in per.iterrows()})
 
 
-def letter_accuracy(model, tok, rows: pd.DataFrame, pool: pd.DataFrame, shots: int = 0, *, token_budget: int = 8192,
-                    max_batch: int = 64) -> dict:
+def letter_accuracy(model, tok, rows: pd.DataFrame, pool: pd.DataFrame, shots: int = 0, *,
+                    token_budget: int = DEFAULTS.token_budget, max_batch: int = DEFAULTS.max_batch) -> dict:
     """MMLU letter accuracy with the extraction's scoring, without storing states (fine-tuning evaluation)."""
     rows = rows.sort_values("question_id").reset_index(drop=True)
     texts = P.build_prompts(rows, pool, shots, "fixed")
@@ -890,8 +947,6 @@ def letter_accuracy(model, tok, rows: pd.DataFrame, pool: pd.DataFrame, shots: i
 def read_states(path: str | Path, layer: int | None = None) -> dict:
     """Convenience reader: metadata plus all layers or one layer of ``hidden``, of a complete extraction
     whose datasets match their checksums (llmscape.integrity; refused naming the rebuild command)."""
-    from .integrity import rebuild_hint
-
     with h5py.File(path, "r") as f:
         if not f.attrs.get("complete", False):
             raise ExtractError(f"{path} has no completion mark: its extraction was cut short. {rebuild_hint(path)}")
