@@ -46,8 +46,8 @@ import re
 import numpy as np
 import pandas as pd
 
-from .stream import DECODER_MODULES
 from ..errors import LlmscapeError
+from ..projections import DECODER_MODULES
 
 EPS = 1e-8
 DEFAULTS = dict(alpha_metric="alpha_ks", spikes_metric="num_spikes_mean", w_alpha=0.7, w_spikes=0.3,
@@ -141,8 +141,8 @@ def return_peft_config(ranks: pd.DataFrame, r: int = 16, lora_alpha: int = 32, s
     return dict(
         model=model, variant=variant, peft_version=peft_version,
         target_modules="|".join(re.escape(n) for n in names),
-        rank_pattern={n: int(v) for n, v in zip(names, sel["rank"])},
-        alpha_pattern={n: int(v) for n, v in zip(names, sel["lora_alpha"])},
+        rank_pattern={n: int(v) for n, v in zip(names, sel["rank"], strict=True)},
+        alpha_pattern={n: int(v) for n, v in zip(names, sel["lora_alpha"], strict=True)},
         r=int(r), lora_alpha=int(lora_alpha), settings=dict(settings or {}),
         n_analysed=int(len(ranks)), n_selected=int(len(sel)), modules=records,
     )

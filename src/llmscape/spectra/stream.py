@@ -2,8 +2,8 @@
 
 Only one matrix (plus its Gram matrix) is in memory at a time: tensors are read by byte range from the
 safetensors files with plain file I/O (no memory map, page cache dropped after each read), so a sharded
-8B checkpoint runs on a CPU node with a few GB of RAM. Any folder of HF safetensors works: a base model, a merged fine-tune, an
-intervened variant or a saved checkpoint.
+8B checkpoint runs on a CPU node with a few GB of RAM. Any folder of HF safetensors works: a base model, a
+merged fine-tune, an intervened variant or a saved checkpoint.
 
 Singular values are computed from the weights cast to float32:
   * ``method="svd"``: ``torch.linalg.svdvals`` in float32 (fast on CUDA);
@@ -19,21 +19,21 @@ import json
 import logging
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from . import esd
 from ..adapters import read_adapter, update_tensor
 from ..devices import pick_device
 from ..errors import LlmscapeError
+from ..projections import DECODER_MODULES
 from ..weightfiles import read_safetensors_header
+from . import esd
 
 log = logging.getLogger("llmscape.spectra")
 
-DECODER_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")
 MODULE_ORDER = {m: i for i, m in enumerate(EMBEDDING_MODULES[:1] + DECODER_MODULES + EMBEDDING_MODULES[1:])}
 
@@ -135,7 +135,7 @@ def read_tensor(file: str | Path, name: str, header: dict | None = None):
     return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
 
 
-def iter_tensors(refs: list[MatrixRef]) -> Iterator[tuple[MatrixRef, "object"]]:
+def iter_tensors(refs: list[MatrixRef]) -> Iterator[tuple[MatrixRef, object]]:
     """Yield (ref, tensor) in the order of ``refs``, reading one tensor at a time."""
     headers: dict[Path, dict] = {}
     for r in refs:
@@ -216,8 +216,9 @@ def compute_spectra(folder: str | Path, model: str = "", variant: str = "", *, d
             del W
             el = time.perf_counter() - t_all
             log.info("spectra %d/%d %s %dx%d: stable rank %.2f, alpha_ks %.2f (%.2f s; %.0f s elapsed, ~%.0f s left)",
-                     i + 1, len(refs), ref.name, rows[-1]["shape_out"], rows[-1]["shape_in"], m.get("stable_rank", float("nan")),
-                     m.get("alpha_ks", float("nan")), rows[-1]["seconds"], el, el / (i + 1) * (len(refs) - i - 1))
+                     i + 1, len(refs), ref.name, rows[-1]["shape_out"], rows[-1]["shape_in"],
+                     m.get("stable_rank", float("nan")), m.get("alpha_ks", float("nan")), rows[-1]["seconds"], el,
+                     el / (i + 1) * (len(refs) - i - 1))
     df = pd.DataFrame(rows)
     for k in esd.INT_METRICS:
         df[k] = pd.array([None if (v is None or (isinstance(v, float) and np.isnan(v))) else int(v)
