@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import h5py
 import pandas as pd
@@ -73,7 +73,7 @@ def run(card: dict, rows: pd.DataFrame, pool: pd.DataFrame, params: dict, shots:
     several = len(shots) > 1
     tok = model = None
     # the most shots first: a prompt past the model's context is refused before any file is written
-    work = sorted(zip(cfgs, map(Path, h5s), map(Path, accuracies)), key=lambda w: -w[0].shots)
+    work = sorted(zip(cfgs, map(Path, h5s), map(Path, accuracies), strict=True), key=lambda w: -w[0].shots)
     for cfg, h5, acc in work:
         if several and take_back(h5, acc, fingerprint(card["checksum"], qids, cfg, seed)):
             continue

@@ -41,7 +41,8 @@ def model_label(model: str, label: str | None = None) -> str:
     else:
         name = Path(str(model).rstrip("/")).name
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise ModelError(f"model label {name!r} is not path-safe. Fix: set model_label to letters, digits, '.', '_', '-'.")
+        raise ModelError(f"model label {name!r} is not path-safe. "
+                         "Fix: set model_label to letters, digits, '.', '_', '-'.")
     return name
 
 
@@ -215,9 +216,9 @@ def load(path: str | Path, dtype="float32", device: str = "cpu", trust_remote_co
             model = dispatch_model(model, placed, offload_dir=offload_folder)
     else:
         mm = {int(k) if str(k).isdigit() else k: v for k, v in (max_memory or {}).items()} or None
+        offload = offload_folder or tempfile.mkdtemp(prefix="offload-")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     device_map=device_map, max_memory=mm,
-                                                     offload_folder=offload_folder or tempfile.mkdtemp(prefix="offload-"))
+                                                     device_map=device_map, max_memory=mm, offload_folder=offload)
         log.info("%s sharded: %s", path, sorted({str(d) for d in getattr(model, "hf_device_map", {}).values()}))
     model.eval()
     return tok, model

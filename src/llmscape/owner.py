@@ -87,7 +87,7 @@ class Owner:
     claimed: str
 
     @classmethod
-    def me(cls) -> "Owner":
+    def me(cls) -> Owner:
         pid = os.getpid()
         return cls(socket.gethostname(), pid, _proc_start(pid), os.environ.get("SLURM_JOB_ID"),
                    time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
@@ -100,7 +100,7 @@ class Owner:
     def how_to_stop(self) -> str:
         return f"scancel {self.job}" if self.job else f"kill {self.pid} on {self.host}"
 
-    def same_process(self, other: "Owner") -> bool:
+    def same_process(self, other: Owner) -> bool:
         return (self.host, self.pid, self.proc_start) == (other.host, other.pid, other.proc_start)
 
 
@@ -199,7 +199,7 @@ def _write(fd: int, rec: Owner) -> None:
     os.fsync(fd)
 
 
-def claim(partial: str | os.PathLike, wait_s: float | None = None) -> "Claim":
+def claim(partial: str | os.PathLike, wait_s: float | None = None) -> Claim:
     """Make this process the owner of ``partial`` (a file it is about to resume or begin). A live owner
     is waited for, ``wait_s`` seconds at most (default: :func:`default_wait_s`), then
     :class:`OwnerBusyError` names it; a dead owner is taken over (its partial file stays)."""

@@ -16,7 +16,7 @@ of the package (it imports nothing from it), so extraction, fine-tuning and spec
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 
 def is_partitioned(param) -> bool:

@@ -12,7 +12,7 @@ so a question's prompt never depends on the number of workers or on which other 
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -42,7 +42,8 @@ def header(subject: str) -> str:
 
 def question_block(question: str, choices: Sequence[str]) -> str:
     body = question.strip() + "\n"
-    body += "".join(CHOICE.format(letter=l, text=str(c).strip()) for l, c in zip(LETTERS, choices))
+    body += "".join(CHOICE.format(letter=letter, text=str(c).strip())
+                    for letter, c in zip(LETTERS, choices, strict=True))
     return body + ANSWER
 
 

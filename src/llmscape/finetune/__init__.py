@@ -14,5 +14,7 @@ merged weights and model cards (the adapter format itself is ``llmscape.adapters
 scores MMLU letters as extraction does.
 """
 
-from .common import Context, FinetuneError, RunSpec  # noqa: F401
-from .registry import METHODS, get  # noqa: F401
+from .common import Context, FinetuneError, RunSpec
+from .registry import METHODS, get
+
+__all__ = ["METHODS", "Context", "FinetuneError", "RunSpec", "get"]

@@ -137,7 +137,7 @@ def lora_count(shapes, ranks: dict[str, int]) -> int:
 def default_param_groups(model, lr: float, weight_decay: float = 0.0) -> list[dict]:
     """One learning rate; weight decay only on matrices (never on 1-D parameters: biases, norms, scales)."""
     decay, no_decay = [], []
-    for n, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad:
             (no_decay if full_ndim(p) < 2 else decay).append(p)  # a ZeRO-3 slice is 1-D: the whole's ndim
     groups = [dict(params=decay, lr=lr, weight_decay=weight_decay, name="matrices"),

@@ -95,7 +95,7 @@ def expand(ft: dict) -> dict[str, RunSpec]:
                 raise FinetuneError(f"{where}: empty list for {a}. Fix: give at least one value.")
         axes = list(values)
         for combo in itertools.product(*(values[a] for a in axes)):
-            kw = dict(zip(axes, combo))
+            kw = dict(zip(axes, combo, strict=True))
             run = RunSpec(method=m.name, lr=kw["lr"], seed=kw["seed"], rank=kw.get("rank"),
                           value_lr_ratio=kw.get("value_lr_ratio"), options=dict(options))
             name = run_name(run, tag)

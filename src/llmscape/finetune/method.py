@@ -22,8 +22,9 @@ built from a meta-device model at DAG-build time, so a method's checks run befor
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .common import FinetuneError
 

@@ -7,7 +7,6 @@ A method outside this package (a test's toy method, a researcher's experiment) i
 from __future__ import annotations
 
 import difflib
-
 import importlib
 import pkgutil
 from pathlib import Path

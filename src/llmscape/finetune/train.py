@@ -3,8 +3,8 @@
     accelerate + optional DeepSpeed ZeRO-2/3 (a JSON under config/deepspeed; "auto" fields filled here),
     bf16 mixed precision on GPU, optional gradient checkpointing, seeded data order and initialisation,
     AdamW with warmup + cosine to lr_min_factor * lr (Doimo et al. 2024), gradient accumulation,
-    validation loss every ``eval_every`` steps and at every checkpoint, checkpoints at log-spaced steps (for spectra during
-    training; adapters by default, merged copies with checkpoint_format: merged), resumable state (only the
+    validation loss every ``eval_every`` steps and at every checkpoint, checkpoints at log-spaced steps (for spectra
+    during training; adapters by default, merged copies with checkpoint_format: merged), resumable state (only the
     trainable tensors, optimiser, scheduler, RNG and curves), SIGTERM
     -> save and exit (a requeued Slurm job goes on from there), TensorBoard, and a metrics JSON.
 
@@ -17,6 +17,7 @@ to the TensorBoard curves; a fresh start clears both.)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,7 +26,6 @@ import resource
 import shutil
 import signal
 import time
-import contextlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -564,8 +564,8 @@ def _metrics(loop: _Loop, job: _Job, accuracy: dict, weights: Path, mixed: str, 
     st, prep, tc, dev = loop.state, loop.prep, job.tc, loop.acc.device
     metrics = dict(
         run=job.name, method=job.run.method, spec=asdict(job.run), train_config=tc, eval_config=job.ec,
-        train_loss=[dict(step=s, loss=l, lr=lr) for s, l, lr in st.train],
-        val_loss=[dict(step=s, loss=l) for s, l in st.val],
+        train_loss=[dict(step=s, loss=loss, lr=lr) for s, loss, lr in st.train],
+        val_loss=[dict(step=s, loss=loss) for s, loss in st.val],
         accuracy=accuracy, trainable_params=prep.n_trainable, total_params=prep.n_total,
         trainable_share=prep.n_trainable / prep.n_total, expected_trainable=prep.expected,
         param_groups=[dict(name=g["name"], lr=g["lr"], weight_decay=g["weight_decay"],

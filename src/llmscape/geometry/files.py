@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .params import GeometryError
 from ..integrity import check_identity, rebuild_hint, verify
+from .params import GeometryError
 
 
 def read_layer(hidden, layer: int, h5_path: str | Path):

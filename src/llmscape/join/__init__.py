@@ -26,4 +26,6 @@ decoder blocks). Spectra ``layer`` b is decoder block b.
   has no consuming block and keeps NaN spectral columns.
 """
 
-from .columns import JoinError  # noqa: F401
+from .columns import JoinError
+
+__all__ = ["JoinError"]

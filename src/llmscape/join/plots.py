@@ -8,14 +8,14 @@ import math
 from pathlib import Path
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from ..io import atomic_path
+from .columns import BASE_METHOD, spec_col
 
-from ..io import atomic_path  # noqa: E402
-from .columns import BASE_METHOD, spec_col  # noqa: E402
+matplotlib.use("Agg")  # files only, no display (pyplot picks its backend at the first figure)
 
 
 def _save(fig, dest) -> Path:
@@ -52,7 +52,7 @@ def correlation_heatmap(corr: pd.DataFrame, dest, *, method: str = "spearman", m
     fig, axes = plt.subplots(1, len(shots), figsize=(0.55 * len(cols) * len(shots) + 3, 0.38 * len(rows) + 2.2),
                              squeeze=False)
     im = None
-    for ax, k in zip(axes[0], shots):
+    for ax, k in zip(axes[0], shots, strict=True):
         d = c[c["shots"] == k]
         R = d.pivot(index="metric", columns="geometry", values="r").reindex(index=rows, columns=cols)
         lo = d.pivot(index="metric", columns="geometry", values="ci_low").reindex(index=rows, columns=cols)
@@ -84,7 +84,7 @@ def id_alpha_overlay(joined: pd.DataFrame, dest, *, id_col: str = "id_gride",
     ncol = min(n, 3)
     nrow = math.ceil(n / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3 * nrow), squeeze=False)
-    for ax, v in zip(axes.flat, variants):
+    for ax, v in zip(axes.flat, variants, strict=False):  # a grid may have spare cells
         d = joined[joined["variant"] == v]
         for k, g in d.groupby("shots"):
             ax.plot(g["layer"], g[id_col], marker=".", label=f"ID {k}-shot")
@@ -115,7 +115,7 @@ def ari_panels(joined: pd.DataFrame, dest) -> Path:
     ncol = min(n, 3)
     nrow = math.ceil(n / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 2.8 * nrow), squeeze=False, sharey=True)
-    for ax, v in zip(axes.flat, variants):
+    for ax, v in zip(axes.flat, variants, strict=False):  # a grid may have spare cells
         d = joined[joined["variant"] == v]
         for i, (k, g) in enumerate(d.groupby("shots")):
             col = f"C{i}"
@@ -160,7 +160,7 @@ def intervention_plot(table: pd.DataFrame, dest, metrics=("accuracy", "id_gride"
         return _empty(dest, "no stable-rank intervention variants in this run")
     metrics = [m for m in metrics if m in table.columns]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3), squeeze=False)
-    for ax, m in zip(axes[0], metrics):
+    for ax, m in zip(axes[0], metrics, strict=True):
         for i, ((group, k), g) in enumerate(table.groupby(["group", "shots"])):
             g = g.sort_values("stable_rank")
             ax.plot(g["stable_rank"], g[m], marker="o", color=f"C{i}", label=f"{group} {k}-shot")
@@ -216,7 +216,7 @@ def difference_bands(diffs: pd.DataFrame, dest, *, comparison: str, metrics=None
     nrow = math.ceil(len(metrics) / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol, 2.7 * nrow), squeeze=False)
     pairs = list(d.groupby(["variant", "shots", "ref_variant", "ref_shots"], sort=True))
-    for ax, metric in zip(axes.flat, metrics):
+    for ax, metric in zip(axes.flat, metrics, strict=False):  # a grid may have spare cells
         for i, (_, g) in enumerate(pairs):
             g = g[g["metric"] == metric].sort_values("layer")
             x, y = g["layer"].to_numpy(), g["diff"].to_numpy(dtype=float)

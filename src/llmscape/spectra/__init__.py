@@ -48,7 +48,9 @@ Integer columns (n_evals, rank, num_pl_spikes, num_spikes, num_spikes_mean) are 
 undefined metrics are NaN (see ``esd`` for degenerate matrices).
 """
 
-from .esd import METRICS, DegenerateMatrixWarning, compute_metrics  # noqa: F401
+from .esd import METRICS, DegenerateMatrixWarning, compute_metrics
+
+__all__ = ["COLUMNS", "KEY", "METRICS", "DegenerateMatrixWarning", "compute_metrics"]
 
 KEY = ("model", "variant", "layer", "module")
 COLUMNS = KEY + ("name", "shape_out", "shape_in") + METRICS + ("seconds",)

@@ -4,7 +4,9 @@
 ``frozen``. Llama has no q/v biases, so the choice only matters for models with them (Qwen, OPT...)."""
 
 from ..method import Method
-from .model import AXES, NAME, Options, apply, expected_trainable, param_groups, targets  # noqa: F401
+from .model import AXES, NAME, Options, apply, expected_trainable, param_groups, targets
+
+__all__ = ["AXES", "METHOD", "NAME", "Options", "apply", "expected_trainable", "param_groups", "targets"]
 
 METHOD = Method(name=NAME, axes=AXES, options=Options, targets=targets, expected_trainable=expected_trainable,
                 apply=apply, param_groups=param_groups)

@@ -3,8 +3,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...partitioned import full_ndim
-from ..common import (FinetuneError, check_rank, component, freeze_all, linear_shapes, lora_config, lora_count,
-                      lora_layers, names_regex, select_targets, whole_tensors)
+from ..common import (
+    FinetuneError,
+    check_rank,
+    component,
+    freeze_all,
+    linear_shapes,
+    lora_config,
+    lora_count,
+    lora_layers,
+    names_regex,
+    select_targets,
+    whole_tensors,
+)
 from ..method import Applied, check_choice, check_number
 
 NAME = "attn-qv"

@@ -5,8 +5,11 @@ target. Only the skew part of A and B acts (r(r-1)/2 effective each); we count t
 published code does."""
 
 from ..method import Method
-from .layer import SpectralRLinear, cayley  # noqa: F401
-from .model import AXES, NAME, Options, apply, expected_trainable, targets  # noqa: F401
+from .layer import SpectralRLinear, cayley
+from .model import AXES, NAME, Options, apply, expected_trainable, targets
+
+__all__ = ["AXES", "METHOD", "NAME", "Options", "SpectralRLinear", "apply", "cayley", "expected_trainable",
+           "targets"]
 
 METHOD = Method(name=NAME, axes=AXES, options=Options, targets=targets, expected_trainable=expected_trainable,
                 apply=apply)
