@@ -328,10 +328,11 @@ def alternated(name: str, h5: Path, threads: int, tmp: Path, repeats: int, opts:
     r["memory_ratio"] = r["published"]["peak_rss_mb"] / r["ours"]["peak_rss_mb"]
     ours, pub = r["ours"].pop("table"), r["published"].pop("table")
     r["agreement"] = compare(ours, pub)
-    if opts and not pub_opts:  # (intervals from a few of the subsamples are not comparable)
-        r["agreement_intervals"] = compare(ours, pub, [f"{c}_{e}" for c in BOOT_METRICS for e in ("lo", "hi")])
+    if opts:  # the subsamples both ran, value by value
         r["agreement_draws"] = compare(r["ours"].pop("boot"), r["published"].pop("boot"), BOOT_METRICS,
                                        on=["layer", "draw"])
+    if opts and not pub_opts:  # (intervals from a few of the subsamples are not comparable)
+        r["agreement_intervals"] = compare(ours, pub, [f"{c}_{e}" for c in BOOT_METRICS for e in ("lo", "hi")])
     return r
 
 
