@@ -28,7 +28,7 @@ same cores, ``--repeats`` times alternating with the other; the median run is re
 embedded model's 5-shot states and synthetic (9,181 x 4,096) data.
 
     python3 bench/bench_geometry.py [--real results/reps/smollm2-135m/base/5shot.h5] [--synthetic-layers 2]
-                                    [--n-boot 100] [--boot-layers 2] [--synthetic-boot-layers 1]
+                                    [--n-boot 100] [--boot-layers 1] [--synthetic-boot-layers 1]
                                     [--synthetic-boot-draws 2]
 
 Prints a table and writes bench/results/geometry.json and bench/results/geometry.png.
@@ -369,7 +369,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="merge into bench/results/geometry.json instead of replacing")
     ap.add_argument("--out", default=str(ROOT / "bench/results/geometry.json"), help="the JSON (the figure beside it)")
     ap.add_argument("--n-boot", type=int, default=100, help="subsamples of the with-intervals column (0: none)")
-    ap.add_argument("--boot-layers", type=int, default=2, help="consecutive middle layers of that column")
+    ap.add_argument("--boot-layers", type=int, default=1, help="consecutive middle layers of that column")
     ap.add_argument("--synthetic-boot-layers", type=int, default=1, help="the same on the synthetic case")
     ap.add_argument("--boot-repeats", type=int, default=0, help="rounds of the with-intervals column (0: --repeats)")
     ap.add_argument("--synthetic-boot-draws", type=int, default=2,
