@@ -2,6 +2,7 @@
 checkout's resources/ (the same place the workflow caches them)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -58,3 +59,19 @@ def loaded_model(base_card):
 
     torch.set_num_threads(2)
     return models.load(base_card["path"], dtype="float32", device="cpu")
+
+
+
+@pytest.fixture(scope="session")
+def script_module():
+    """A loader: ``script_module("scripts/plan.py", "plan_script")`` is that file of the checkout (a script
+    of scripts/ or bench/, which run as files and are not installed) imported as the module named, without
+    putting its folder on sys.path."""
+
+    def load(relpath: str, name: str):
+        spec = importlib.util.spec_from_file_location(name, ROOT / relpath)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

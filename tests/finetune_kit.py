@@ -9,18 +9,18 @@ import numpy as np
 import pytest
 import torch
 
+from llmscape.adapters import load_weights
 from llmscape.finetune import RunSpec, registry
 from llmscape.finetune.data import encode
-from llmscape.adapters import load_weights
 from llmscape.finetune.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOL = ROOT / "resources" / "models" / "smollm2-135m" / "hf"
 MMLU = ROOT / "resources" / "data" / "mmlu.jsonl"
-H, I, NH, NKV, L = 64, 128, 4, 2, 2  # tiny Llama: hidden, FFN, heads, KV heads, layers
+H, FFN, NH, NKV, L = 64, 128, 4, 2, 2  # tiny Llama: hidden, FFN, heads, KV heads, layers
 HD = H // NH
 TINY_SHAPES = dict(q_proj=(H, H), k_proj=(NKV * HD, H), v_proj=(NKV * HD, H), o_proj=(H, H),
-                   gate_proj=(I, H), up_proj=(I, H), down_proj=(H, I))
+                   gate_proj=(FFN, H), up_proj=(FFN, H), down_proj=(H, FFN))
 
 
 def run_of(method, rank=4, lr=1e-2, ratio=2.0, seed=0, **opts):
@@ -42,7 +42,7 @@ def save_tiny_llama(d: Path, tok, tied: bool) -> Path:
     """The tiny Llama (seed 0) with the embedded tokenizer, saved into ``d``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=H, intermediate_size=I, num_hidden_layers=L,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=H, intermediate_size=FFN, num_hidden_layers=L,
                       num_attention_heads=NH, num_key_value_heads=NKV, tie_word_embeddings=tied,
                       max_position_embeddings=1024)
     torch.manual_seed(0)

@@ -9,8 +9,15 @@ import pytest
 import yaml
 from snakemake.utils import validate
 
-from llmscape.configcheck import (RESOURCE_GROUPS, RULE_GROUPS, ConfigError, check_geometry_scales,
-                                  check_intervals, check_join_names, check_resource_groups)
+from llmscape.configcheck import (
+    RESOURCE_GROUPS,
+    RULE_GROUPS,
+    ConfigError,
+    check_geometry_scales,
+    check_intervals,
+    check_join_names,
+    check_resource_groups,
+)
 from llmscape.data import analysis_subject_sizes
 from llmscape.finetune.registry import METHODS
 
@@ -117,7 +124,8 @@ def test_subsamples_too_small_for_the_scales_are_refused(configs):
 
 @pytest.mark.parametrize("change, parts", [
     ({"id_scale": 12}, ["geometry.id_scale = 12: Gride's scales", "Fix: a power of two, 8 or 16"]),
-    ({"id_range_max": 16}, ["geometry.id_range_max = 16 is below 2 x geometry.id_scale = 32", "Fix: id_range_max >= 32"]),
+    ({"id_range_max": 16},
+     ["geometry.id_range_max = 16 is below 2 x geometry.id_scale = 32", "Fix: id_range_max >= 32"]),
     ({"maxk": 20}, ["geometry.maxk = 20 is below 2 x geometry.id_scale = 32", "Fix: maxk >= 32"]),
     ({"maxk": 40, "density_k": 60}, ["geometry.density_k = 60 is above geometry.maxk = 40", "Fix: density_k <= 40"]),
 ])

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from checkout import child_env
 from llmscape import data, extract as E, models
 from llmscape.prompts import PromptError
 
@@ -108,9 +109,8 @@ def test_residual_site_is_the_unnormalised_stream(tmp_path, base_card, rows_pool
 
 
 DRIVER = """
-import sys, json, pathlib, logging
+import json, pathlib, logging
 logging.basicConfig(level=logging.INFO)
-sys.path.insert(0, {src!r})
 from llmscape import data, models, extract as E
 rows, pool = data.load_prepared({data!r})
 card = json.loads(pathlib.Path({card!r}).read_text())
@@ -118,12 +118,12 @@ E.extract(card, rows, pool, E.ExtractConfig(shots=2, token_budget=200, max_batch
 """
 
 
-def test_killed_extraction_resumes_from_its_last_batch(tmp_path, root, base_card, small_data, rows_pool, loaded_model):
+def test_killed_extraction_resumes_from_its_last_batch(tmp_path, base_card, small_data, rows_pool, loaded_model):
     card = tmp_path / "card.json"
     card.write_text(json.dumps(base_card))
     out = tmp_path / "k.h5"
-    code = DRIVER.format(src=str(root / "src"), data=str(small_data), card=str(card), out=str(out))
-    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    code = DRIVER.format(data=str(small_data), card=str(card), out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, env=child_env())
     partial = tmp_path / "k.h5.partial"
     deadline = time.time() + 300
     done = 0
@@ -140,7 +140,7 @@ def test_killed_extraction_resumes_from_its_last_batch(tmp_path, root, base_card
     proc.wait()
     assert 4 <= done < 18, done
     assert partial.exists() and not out.exists()  # a killed job leaves no final file behind
-    res = subprocess.run([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    res = subprocess.run([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, env=child_env())
     assert res.returncode == 0, res.stderr[-2000:]
     assert "resuming" in res.stderr and "questions already done" in res.stderr
     assert out.exists() and not partial.exists()

@@ -6,9 +6,7 @@ import logging
 import numpy as np
 import pytest
 
-from llmscape import data
-from llmscape import extract as E
-from llmscape import extract_job as J
+from llmscape import data, extract as E, extract_job as J
 
 PARAMS = dict(token_budget=1024, shot_order="permuted")
 
@@ -31,7 +29,7 @@ def test_one_job_over_shot_counts_writes_what_one_job_per_shot_count_writes(tmp_
     h5s, accs = outputs(tmp_path / "together", [0, 2])
     J.run(base_card, rows, pool, PARAMS, [0, 2], h5s, accs, seed=42)
     assert len(loads) == 1  # the weights read once for both shot counts
-    for k, h5 in zip([0, 2], h5s):
+    for k, h5 in zip([0, 2], h5s, strict=True):
         alone, acc = outputs(tmp_path / f"alone{k}", [k])
         J.run(base_card, rows, pool, PARAMS, [k], alone, acc, seed=42)
         a, b = E.read_states(h5), E.read_states(alone[0])

@@ -17,12 +17,25 @@ import pandas as pd
 import pytest
 import torch
 
-from finetune_kit import (ROOT, SMOL, TINY_SHAPES, H, L, all_methods, assert_same_training, job_spec_tiny, load,
-                          perturb_trainable, run_of, train_tiny)
+from checkout import child_env
+from finetune_kit import (
+    ROOT,
+    SMOL,
+    TINY_SHAPES,
+    H,
+    L,
+    all_methods,
+    assert_same_training,
+    job_spec_tiny,
+    load,
+    perturb_trainable,
+    run_of,
+    train_tiny,
+)
+from llmscape.adapters import load_weights
 from llmscape.finetune import grid, registry
 from llmscape.finetune.common import Context, FinetuneError, linear_shapes, trainable_count
 from llmscape.finetune.data import answer_loss, collate
-from llmscape.adapters import load_weights
 from llmscape.finetune.merge import save_adapter, save_merged
 from llmscape.finetune.train import Preempted, checkpoint_steps
 
@@ -121,7 +134,8 @@ def test_merged_weights_match_unmerged_adapter(tiny_dir, ranks_file, tmp_path):
             got = load(dest)(input_ids=ids_).logits
         assert not torch.allclose(want, base, atol=1e-4), run.method
         assert torch.allclose(got, want, atol=2e-5, rtol=1e-4), (run.method, float((got - want).abs().max()))
-        with safe_open(dest / "model.safetensors", "pt") as a, safe_open(Path(tiny_dir) / "model.safetensors", "pt") as b:
+        with (safe_open(dest / "model.safetensors", "pt") as a,
+              safe_open(Path(tiny_dir) / "model.safetensors", "pt") as b):
             assert set(a.keys()) == set(b.keys())
             assert torch.equal(a.get_tensor("model.embed_tokens.weight"), b.get_tensor("model.embed_tokens.weight"))
         assert (dest / "tokenizer.json").exists() and (dest / "config.json").exists()
@@ -172,7 +186,8 @@ def test_adapter_checkpoints_give_the_merged_weights_and_states(tiny_dir, ranks_
             cfg = E.ExtractConfig(shots=1, device="cpu", dtype="float32")
             E.extract(card_m, rows, pool, cfg, tmp_path / "m.h5")
             E.extract(card_a, rows, pool, cfg, tmp_path / "a.h5")
-            assert np.array_equal(E.read_states(tmp_path / "m.h5")["hidden"], E.read_states(tmp_path / "a.h5")["hidden"])
+            assert np.array_equal(E.read_states(tmp_path / "m.h5")["hidden"],
+                                  E.read_states(tmp_path / "a.h5")["hidden"])
 
 
 @pytest.mark.parametrize("method", ["lora", "spectral-r"])
@@ -201,8 +216,7 @@ def test_resume_after_kill_matches_uninterrupted(tiny_dir, data_dir, tmp_path, m
 
 
 DS_SCRIPT = textwrap.dedent("""
-    import json, os, sys
-    sys.path.insert(0, {src!r})
+    import json
     from llmscape.finetune import RunSpec, registry
     from llmscape.finetune.train import train
     m = registry.get("lora")
@@ -210,7 +224,8 @@ DS_SCRIPT = textwrap.dedent("""
     met = train(run, base_path={tiny!r}, data_dir={data!r}, out_dir={out!r}, run_name="ds",
                 train_cfg=dict(max_steps=2, batch_size=2, eval_every=2, val_rows=2, n_checkpoints=0,
                                deepspeed={cfg!r}), eval_cfg=dict(per_subject=1))
-    print("RESULT", json.dumps(dict(ds=met["deepspeed"], steps=met["steps"], loss=met["train_loss"], engine=met["engine"])))
+    print("RESULT", json.dumps(dict(ds=met["deepspeed"], steps=met["steps"], loss=met["train_loss"],
+                                    engine=met["engine"])))
 """)
 
 
@@ -218,9 +233,9 @@ DS_SCRIPT = textwrap.dedent("""
 def test_deepspeed_step_on_cpu(tiny_dir, data_dir, tmp_path, stage):
     pytest.importorskip("deepspeed")
     script = tmp_path / "ds.py"
-    script.write_text(DS_SCRIPT.format(src=str(ROOT / "src"), tiny=str(tiny_dir), data=str(data_dir),
+    script.write_text(DS_SCRIPT.format(tiny=str(tiny_dir), data=str(data_dir),
                                        out=str(tmp_path / "out"), cfg=str(ROOT / f"config/deepspeed/{stage}.json")))
-    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+    env = dict(child_env(), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(29500 + os.getpid() % 1000), ACCELERATE_USE_DEEPSPEED="true")
     res = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -331,7 +346,8 @@ def test_two_processes_equal_one_process_with_the_global_batch(tiny_dir, data_di
     assert_same_training(tiny_dir, one, tmp_path / "one", two, tmp_path / "two")
 
     with pytest.raises(Preempted):
-        run_job(job_spec_tiny(run, tiny_dir, data_dir, tmp_path / "cut", batch_size=2) | dict(stop_after=3), 2, threads=2)
+        run_job(job_spec_tiny(run, tiny_dir, data_dir, tmp_path / "cut", batch_size=2) | dict(stop_after=3), 2,
+                threads=2)
     assert list((tmp_path / "cut" / ".work" / "state").glob("step_*"))
     resumed = run_job(job_spec_tiny(run, tiny_dir, data_dir, tmp_path / "cut", batch_size=2), 2, threads=2)
     assert [x["step"] for x in resumed["train_loss"]] == list(range(1, 7))
@@ -342,7 +358,6 @@ def test_two_processes_equal_one_process_with_the_global_batch(tiny_dir, data_di
 
 SIGTERM_SCRIPT = textwrap.dedent("""
     import json, sys
-    sys.path.insert(0, {src!r})
     from llmscape.finetune.launch import run_job
     from llmscape.finetune.train import Preempted
     try:
@@ -368,9 +383,9 @@ def test_sigterm_reaches_launched_processes_and_the_run_resumes(tiny_dir, data_d
     spec = job_spec_tiny(run, tiny_dir, data_dir, tmp_path / "cut", **tc)
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     script = tmp_path / "job.py"
-    script.write_text(SIGTERM_SCRIPT.format(src=str(ROOT / "src"), spec=str(tmp_path / "spec.json")))
+    script.write_text(SIGTERM_SCRIPT.format(spec=str(tmp_path / "spec.json")))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, env=child_env())
     deadline = time.monotonic() + 240
     while not list((tmp_path / "cut" / "tb").rglob("events.out.tfevents*")) and time.monotonic() < deadline:
         time.sleep(0.1)  # the trackers start after the SIGTERM handler, right before the first step

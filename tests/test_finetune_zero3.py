@@ -12,7 +12,6 @@ test_finetune.py: equal loss curves (1e-5) and equal final weights (1e-6)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -21,9 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from checkout import child_env
 from finetune_kit import ROOT, TINY_SHAPES, assert_same_training, job_spec_tiny, run_of
-from llmscape.finetune.launch import run_job
 from llmscape.adapters import load_weights, read_adapter
+from llmscape.finetune.launch import run_job
 from llmscape.finetune.train import Preempted
 
 pytest.importorskip("deepspeed")
@@ -35,7 +35,6 @@ EVAL = dict(per_subject=2)
 
 ONE_PROCESS = textwrap.dedent("""
     import json, sys
-    sys.path.insert(0, {src!r})
     from llmscape.finetune.launch import run_job
     from llmscape.finetune.train import Preempted
     try:
@@ -70,8 +69,8 @@ def one_process(spec: dict, tmp: Path) -> dict:
     """``run_job(spec, 1)`` in a fresh interpreter, as the rule's job runs it; Preempted passes through."""
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "spec.json").write_text(json.dumps(spec))
-    (tmp / "job.py").write_text(ONE_PROCESS.format(src=str(ROOT / "src"), spec=str(tmp / "spec.json")))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    (tmp / "job.py").write_text(ONE_PROCESS.format(spec=str(tmp / "spec.json")))
+    env = {k: v for k, v in child_env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     res = subprocess.run([sys.executable, str(tmp / "job.py")], env=env, capture_output=True, text=True, timeout=600)
     if res.returncode == 143 and "PREEMPTED" in res.stdout:
         raise Preempted(res.stdout)
@@ -94,7 +93,7 @@ def assert_same_weights(tiny, met_a, dir_a, met_b, dir_b, moved: str, atol: floa
     from safetensors.torch import load_file
 
     a, b = ([x["loss"] for x in m["train_loss"]] for m in (met_a, met_b))
-    assert all(abs(x - y) < 1e-5 for x, y in zip(a, b)) and len(a) == len(b), (a, b)
+    assert all(abs(x - y) < 1e-5 for x, y in zip(a, b, strict=True)), (a, b)
     wa, wb = (load_weights(Path(d) / "weights", tiny) for d in (dir_a, dir_b))
     assert not torch.equal(wa[moved], load_file(Path(tiny) / "model.safetensors")[moved])
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[n], wb[n], atol=atol) for n in wa)
@@ -112,7 +111,7 @@ def test_one_process_zero3_runs_the_whole_job(tiny_untied_dir, data_dir, zero3_j
     assert_same_training(tiny_untied_dir, plain, tmp_path / "plain", z3, tmp_path / "z3")
     # validation and the final evaluation computed on the whole weights (equal to the plain run's)
     assert [v["step"] for v in z3["val_loss"]] == [1, 2, 3]
-    assert all(abs(a["loss"] - b["loss"]) < 1e-5 for a, b in zip(plain["val_loss"], z3["val_loss"]))
+    assert all(abs(a["loss"] - b["loss"]) < 1e-5 for a, b in zip(plain["val_loss"], z3["val_loss"], strict=True))
     assert z3["accuracy"] == plain["accuracy"] and z3["accuracy"]["n"] == 4
     # sizes counted whole, not as the empty slices
     assert z3["total_params"] == plain["total_params"] > 6_000_000

@@ -110,7 +110,7 @@ def test_neighbour_graph_identical_with_one_or_two_threads():
             out[threads] = [G.compute_neighbour_graph(X, k, device="cpu", block_rows=256) for k in (30, 600)]
     finally:
         torch.set_num_threads(before)
-    for (d1, i1), (d2, i2) in zip(out[1], out[2]):
+    for (d1, i1), (d2, i2) in zip(out[1], out[2], strict=True):
         assert np.array_equal(d1, d2) and np.array_equal(i1, i2)
 
 
@@ -308,7 +308,8 @@ def test_degenerate_layers_give_nan_and_a_warning(tmp_path, caplog):
     assert table.loc[1, "ari_subjects"] > 0.95 and (knn["knn"][1][5] == -1).all() and (knn["knn"][1] != 5).all()
     assert table.loc[3, "n_dropped_nonfinite"] == 20
     for layer in (0, 1, 2, 3):
-        assert any(f"layer {layer} (l{layer})" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any(f"layer {layer} (l{layer})" in w for w in warnings)
     assert table.loc[4, "ari_subjects"] > 0.95 and table.loc[4, "overlap_next_layer"] == 1.0
     assert math.isnan(table.loc[5, "overlap_next_layer"]) and math.isnan(table.loc[0, "overlap_next_layer"])
     assert set(gride["layer"]) == {1, 4, 5}

@@ -5,10 +5,10 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 import envcheck as ec
 
@@ -155,8 +155,8 @@ def test_container_install_resolves_to_the_constraints(tmp_path):
 def test_every_rule_script_is_named_after_its_rule():
     text = "\n".join(p.read_text() for p in (ROOT / "workflow/rules").glob("*.smk"))
     # rules may sit inside an if (indented); a rule made by `use rule A as B` runs A's script
-    pairs = re.findall(r"^[ \t]*rule (\w+):(?:\n[ \t]+.*|\n\s*\n(?=[ \t]+))*?\n[ \t]+script:\n\s+\"[./]*scripts/(\w+)\.py\"",
-                       text, re.M)
+    pairs = re.findall(r"^[ \t]*rule (\w+):(?:\n[ \t]+.*|\n\s*\n(?=[ \t]+))*?"
+                       r"\n[ \t]+script:\n\s+\"[./]*scripts/(\w+)\.py\"", text, re.M)
     derived = re.findall(r"^\s*use rule \w+ as (\w+)", text, re.M)
     assert {r for r, _ in pairs} | set(derived) == set(ec.rule_environments())  # (extract: one rule per mode)
     assert [r for r, s in pairs if r != s] == []

@@ -140,7 +140,7 @@ def test_a_device_map_planned_on_meta_weights_loads_the_same_model(tmp_path, bas
         a = whole(**ids, output_hidden_states=True).hidden_states
         b = sharded(**ids, output_hidden_states=True).hidden_states
     assert len(a) == len(b) == whole.config.num_hidden_layers + 1
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_the_weight_check_that_ran_is_logged_and_covers_adapters(tmp_path, monkeypatch, caplog):

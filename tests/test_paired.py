@@ -16,9 +16,9 @@ from scipy.stats import binomtest
 
 from llmscape import geometry as G
 from llmscape.geometry import paired
+from llmscape.integrity import seal
 from llmscape.io import write_parquet
 from llmscape.join import plots
-from llmscape.integrity import seal
 from test_geometry import write_h5
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,28 +1,30 @@
 """make plan: jobs, requested and expected hours and disk of a configuration, before it is submitted."""
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from llmscape import cost, hardware
-from llmscape import plan as PL
+from llmscape import cost, hardware, plan as PL
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-
-def run_plan(*configs):
-    from plan import merged_config
-
-    files = [ROOT / "config" / c for c in configs]
-    return PL.plan(files, ROOT, merged_config(files))
 
 
 @pytest.fixture(scope="module")
-def llama_plans(base_card):
+def run_plan(script_module):
+    """The plan of config files of config/, merged as scripts/plan.py merges them."""
+    merged_config = script_module("scripts/plan.py", "plan_script").merged_config
+
+    def run(*configs):
+        files = [ROOT / "config" / c for c in configs]
+        return PL.plan(files, ROOT, merged_config(files))
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def llama_plans(base_card, run_plan):
     """The plans of both Llama configs (base_card: the embedded tokenizer the token counts fall back to)."""
     return {c: run_plan(c) for c in ("llama3-8b.yaml", "llama3-70b.yaml")}
 
@@ -63,7 +65,7 @@ def test_the_plan_counts_gpus_per_job_and_the_prefix_tree(llama_plans):
 
 
 @pytest.mark.slow
-def test_plan_of_the_70b_config_counts_disk():
+def test_plan_of_the_70b_config_counts_disk(run_plan):
     p = run_plan("llama3-70b.yaml")
     rules = {r["rule"]: r for r in p["rules"]}
     cfg = yaml.safe_load((ROOT / "config/llama3-70b.yaml").read_text())

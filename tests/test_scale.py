@@ -8,14 +8,15 @@ from pathlib import Path
 
 import pytest
 
+from checkout import child_env
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
 
 
 @pytest.mark.slow
 def test_scale_rehearsal_runs_every_stage_at_llama3_8b_shapes(tmp_path, base_card):
     res = subprocess.run([sys.executable, str(ROOT / "bench/scale.py"), "--device", "cpu", "--quick",
-                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=1800)
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=1800, env=child_env())
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     r = json.loads((tmp_path / "scale_llama3-8b_cpu_quick.json").read_text())
     assert r["schema"] == "llmscape.scale/2" and r["device"]["kind"] == "cpu"
@@ -66,8 +67,8 @@ def test_scale_rehearsal_runs_every_stage_at_llama3_8b_shapes(tmp_path, base_car
     assert all(isinstance(f["valid"], bool) for f in ext["fit"].values())  # two short steps on CPU: noisy
 
 
-def test_depth_fit_separates_the_head_from_the_blocks():
-    import scale
+def test_depth_fit_separates_the_head_from_the_blocks(script_module):
+    scale = script_module("bench/scale.py", "bench_scale")
 
     # seconds per token: 3 (head) + 2 per block, measured at 1 and 2 blocks
     fit = scale.fit_depth({1: 5.0, 2: 7.0}, 32)

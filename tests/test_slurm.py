@@ -24,6 +24,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from llmscape import cost
+from llmscape.plan import parse_dryrun
+
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEFILE = ROOT / "Snakefile"
 CI_CONFIG = ROOT / "config" / "ci.yaml"
@@ -174,8 +177,6 @@ def script_missing_rules() -> list[str]:
 
 
 # ----------------------------------------------------- 6. the Llama-3-8B DAG without GPU or Slurm
-from llmscape import cost  # noqa: E402
-from llmscape.plan import parse_dryrun  # noqa: E402
 
 
 def no_slurm_env(tmp_path: Path) -> dict:

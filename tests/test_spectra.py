@@ -198,7 +198,8 @@ def tiny_llama(tmp_path_factory):
     with torch.no_grad():  # give the matrices distinct spectra so that scores differ
         for i, layer in enumerate(model.model.layers):
             for j, lin in enumerate([layer.self_attn.q_proj, layer.mlp.up_proj, layer.mlp.down_proj]):
-                lin.weight += 0.2 * (i + j + 1) * torch.outer(torch.randn(lin.out_features), torch.randn(lin.in_features)) / 8
+                bump = torch.outer(torch.randn(lin.out_features), torch.randn(lin.in_features))
+                lin.weight += 0.2 * (i + j + 1) * bump / 8
     folder = tmp_path_factory.mktemp("tiny") / "hf"
     model.save_pretrained(folder, safe_serialization=True, max_shard_size="60KB")  # several shards + index
     assert (folder / "model.safetensors.index.json").exists()
@@ -255,8 +256,8 @@ def adapted_modules(peft_model):
     out = {}
     for name, mod in peft_model.named_modules():
         if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
-            out[name.removeprefix("base_model.model.")] = (mod.lora_A["default"].out_features, mod.lora_alpha["default"],
-                                                           mod.scaling["default"])
+            out[name.removeprefix("base_model.model.")] = (mod.lora_A["default"].out_features,
+                                                           mod.lora_alpha["default"], mod.scaling["default"])
     return out
 
 
@@ -304,13 +305,15 @@ def test_adaptive_ranks_reach_every_module_of_a_real_peft_model(tiny_llama, sett
 
 def test_adaptive_score_definition():
     df = pd.DataFrame(dict(model="m", variant="base", layer=[0, 0, 1, 1], module=["q_proj", "v_proj"] * 2,
-                           name=[f"model.layers.{i}.self_attn.{m}.weight" for i in (0, 1) for m in ("q_proj", "v_proj")],
+                           name=[f"model.layers.{i}.self_attn.{m}.weight"
+                                 for i in (0, 1) for m in ("q_proj", "v_proj")],
                            alpha_ks=[2.0, 4.0, 3.0, 6.0], num_spikes_mean=[10, 0, 5, 5]))
     r = adaptive.compute_adaptive_ranks(df, percentile=0.5)
     a = (df.alpha_ks - 2) / (4 + 1e-8)
     s = 1 - df.num_spikes_mean / (10 + 1e-8)
     np.testing.assert_allclose(r["score"], 0.7 * a + 0.3 * s)
-    assert list(r.loc[r.selected, "module_name"]) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert list(r.loc[r.selected, "module_name"]) == ["model.layers.0.self_attn.q_proj",
+                                                      "model.layers.1.self_attn.q_proj"]
     assert list(r.loc[r.selected, "rank"]) == [4, 64]
 
 
