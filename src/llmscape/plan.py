@@ -83,7 +83,8 @@ def dryrun(configfiles: list[str | Path], root: Path, extra: list[str] | None = 
         env = dict(os.environ, HF_HUB_OFFLINE="1")  # a plan never downloads: shapes come from config files
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
     if res.returncode != 0:
-        raise PlanError(f"the dry run of {', '.join(map(str, configfiles))} failed:\n{(res.stdout + res.stderr)[-3000:]}")
+        raise PlanError(f"the dry run of {', '.join(map(str, configfiles))} failed:\n"
+                        f"{(res.stdout + res.stderr)[-3000:]}")
     return parse_dryrun(res.stdout)
 
 
@@ -169,7 +170,8 @@ def plan(configfiles: list[str | Path], root: Path, config: dict) -> dict:
     disk = _disk(jobs, config, shape, n_q)
     expected = _expected(jobs, config, shape, n_q, root, rules)
     return dict(configfiles=[str(c) for c in configfiles], model=config["model"], questions=n_q,
-                shape=None if shape is None else shape.__dict__, rules=sorted(rules.values(), key=lambda r: -r["gpu_hours"] - r["cpu_hours"] / 100),
+                shape=None if shape is None else shape.__dict__,
+                rules=sorted(rules.values(), key=lambda r: -r["gpu_hours"] - r["cpu_hours"] / 100),
                 totals=dict(jobs=sum(r["jobs"] for r in rules.values()),
                             gpu_hours=sum(r["gpu_hours"] for r in rules.values()),
                             cpu_hours=sum(r["cpu_hours"] for r in rules.values()),
@@ -182,13 +184,14 @@ def _disk(jobs, config, shape: Shape | None, n_q: int | None) -> dict:
     """Bytes the results will hold, by kind, in both checkpoint formats."""
     if shape is None or n_q is None:
         return dict(note="unknown: the model's shape or the number of questions is not known before the run")
-    store = BYTES[config["extract"].get("store_dtype", "float32")]
+    store = BYTES[config["extract"]["store_dtype"]]
     n_ext = sum(len(cost.extract_job_shots(j)) for j in jobs if cost.is_extract(j["rule"]))
     g = config["geometry"]
-    knn_cols = g.get("overlap_k", 30) * (2 if g.get("n_boot", 0) else 1)
+    knn_cols = g["overlap_k"] * (2 if g["n_boot"] else 1)
     weights = shape.dtype_bytes
     runs = [j["wildcards"].get("run", "") for j in jobs if j["rule"] == "finetune"]
-    ckpts = int(config["finetune"].get("train", {}).get("n_checkpoints", 4)) if config["finetune"].get("checkpoint_spectra", True) else 0
+    ft = config["finetune"]
+    ckpts = int(ft["train"]["n_checkpoints"]) if ft["checkpoint_spectra"] else 0
     interventions = sum(j["rule"] == "intervene" for j in jobs)
     # an adapter: LoRA-sized at the run's rank (64 where the run name has none) on all seven module types,
     # in fp32 -- an upper bound for the methods that adapt fewer matrices
@@ -203,7 +206,7 @@ def _disk(jobs, config, shape: Shape | None, n_q: int | None) -> dict:
         finetune_adapters=(1 + ckpts) * adapters,
     )
     common = out["extractions"] + out["neighbour_lists"] + out["base_model"] + out["interventions"]
-    out["checkpoint_format"] = config["finetune"].get("train", {}).get("checkpoint_format", "adapter")
+    out["checkpoint_format"] = config["finetune"]["train"]["checkpoint_format"]
     out["total_merged"] = common + out["finetune_merged"]
     out["total_adapters"] = common + out["finetune_adapters"]
     out["assumptions"] = (f"{shape.name}: {shape.layers} blocks, hidden {shape.hidden}, {shape.params / 1e9:.2f} B "
@@ -237,7 +240,7 @@ def _expected(jobs, config, shape, n_q, root: Path, rules: dict) -> dict:
         gm = str(j["resources"].get("gpu_model") or "a100")
         if gm not in by_gpu:
             ex = config["extract"]
-            by_gpu[gm] = cost.rates(root, name, gm, bool(ex.get("prefix_sharing", True)), ex.get("shot_order", "fixed"))
+            by_gpu[gm] = cost.rates(root, name, gm, bool(ex["prefix_sharing"]), ex["shot_order"])
         held = [n for n in by_gpu[gm].notes if _gpus(j) or n.startswith("CPU")]  # a CPU job: no GPU notes
         notes += [n for n in held if n not in notes]
         ctx = cost.Context(config, shape, by_gpu[gm], tokens, n_q, geo)
@@ -302,7 +305,8 @@ def format_plan(p: dict) -> str:
         for key, label in (("extractions", "extractions (HDF5)"), ("neighbour_lists", "neighbour lists"),
                            ("base_model", "base model"), ("interventions", "intervention variants")):
             lines.append(f"| {label} | {_gb(d[key])} | {_gb(d[key])} |")
-        lines.append(f"| fine-tuning runs and checkpoints | {_gb(d['finetune_merged'])} | {_gb(d['finetune_adapters'])} |")
+        lines.append(f"| fine-tuning runs and checkpoints | {_gb(d['finetune_merged'])} "
+                     f"| {_gb(d['finetune_adapters'])} |")
         lines.append(f"| **total (= peak)** | **{_gb(d['total_merged'])}** | **{_gb(d['total_adapters'])}** |")
         lines.append(f"Assumptions: {d['assumptions']}.")
     return "\n".join(lines)
