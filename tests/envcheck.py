@@ -4,6 +4,7 @@ Used by tests/test_install.py (the files against constraints.txt) and tests/test
 job of the CI DAG imported only what its rule's environment provides)."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -138,10 +139,10 @@ def imports_within(stage: str, env_path: Path, workdir: Path) -> subprocess.Comp
             if not top.startswith("_"):
                 tops.setdefault(norm(d), top)
     modules = [tops[p] for p in read_env(env_path)["pins"] if p in tops]
-    code = (f"import sys; sys.path[:] = [p for p in sys.path if 'site-packages' not in p] + {[str(site), str(ROOT / 'src')]!r}\n"
-            "import importlib\n"
-            f"for m in {modules + STAGE_MODULES[stage]!r}:\n    importlib.import_module(m)\n")
-    return subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True)
+    code = f"import importlib\nfor m in {modules + STAGE_MODULES[stage]!r}:\n    importlib.import_module(m)\n"
+    # -S: no site-packages; the path is the standard library, the closure's links and the checkout's src/
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(ROOT / "src")]))
+    return subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, env=env)
 
 
 # Imported when this machine has them installed, by libraries that probe for them (torch: opt_einsum;

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 import torch
 
-from finetune_kit import TINY_SHAPES, L, train_tiny, load, run_of
-from llmscape.finetune.common import Context, linear_shapes
+from finetune_kit import TINY_SHAPES, L, load, run_of, train_tiny
 from llmscape.adapters import load_weights
+from llmscape.finetune.common import Context, linear_shapes
 from llmscape.finetune.train import Preempted
 
 
@@ -69,7 +69,8 @@ def test_srank_time_aware_start_and_recalibration(tiny_dir, data_dir, tmp_path):
     with pytest.raises(Preempted):
         train_tiny(run, tiny_dir, data_dir, tmp_path / "cut", stop_after=2)
     resumed = train_tiny(run, tiny_dir, data_dir, tmp_path / "cut")
-    assert resumed["srank_schedule"]["events"][-1]["step"] == 6 and resumed["srank_selection"] == full["srank_selection"]
+    assert resumed["srank_schedule"]["events"][-1]["step"] == 6
+    assert resumed["srank_selection"] == full["srank_selection"]
     assert np.allclose([x["loss"] for x in resumed["train_loss"]], [x["loss"] for x in full["train_loss"]], atol=1e-5)
     again = load_weights(tmp_path / "cut" / "weights", tiny_dir)
     assert all(torch.allclose(merged[n], again[n], atol=1e-6) for n in merged)

@@ -46,13 +46,14 @@ def make_geometry(variants=VARIANTS, shots=SHOTS, n_blocks=N_BLOCKS, seed=1) -> 
     rows = []
     for vi, v in enumerate(variants):
         for k in shots:
-            for l in range(n_blocks + 1):
-                row = dict(model="toy", variant=v, shots=k, layer=l, layer_name=f"l{l}", status="ok", n_points=90)
+            for layer in range(n_blocks + 1):
+                row = dict(model="toy", variant=v, shots=k, layer=layer, layer_name=f"l{layer}", status="ok",
+                           n_points=90)
                 for c in GEOMETRY_METRICS:
                     row[c] = rng.random()
-                sr_all = np.mean([5.0 + 3.0 * (l - 1) + 0.1 * mi + 0.5 * vi for mi in range(7)])
-                row["id_gride"] = np.log(sr_all) ** 3 if l > 0 else 1.0  # monotone, non-linear
-                row["id_2nn"] = -sr_all + 0.3 * rng.standard_normal() if l > 0 else 0.0
+                sr_all = np.mean([5.0 + 3.0 * (layer - 1) + 0.1 * mi + 0.5 * vi for mi in range(7)])
+                row["id_gride"] = np.log(sr_all) ** 3 if layer > 0 else 1.0  # monotone, non-linear
+                row["id_2nn"] = -sr_all + 0.3 * rng.standard_normal() if layer > 0 else 0.0
                 row["n_clusters"] = 4  # constant: correlations must be NaN, not an error
                 rows.append(row)
     return pd.DataFrame(rows)
@@ -143,7 +144,8 @@ def test_missing_spectra_block_or_module_is_a_clear_error():
     meta, _ = make_meta()
     s = make_spectra()
     s1 = s[~((s["variant"] == "ft-lora-r8-lr0.001-s0") & (s["layer"] == 3) & (s["module"] == "v_proj"))]
-    with pytest.raises(JoinError, match=r"spectra missing for \(variant, block, module\).*ft-lora-r8-lr0.001-s0', 3, 'v_proj"):
+    missing = r"spectra missing for \(variant, block, module\).*ft-lora-r8-lr0.001-s0', 3, 'v_proj"
+    with pytest.raises(JoinError, match=missing):
         tables.join_model(make_geometry(), s1, meta, make_accuracy(), variants=VARIANTS, shots=SHOTS)
     s2 = s[s["layer"] != N_BLOCKS - 1]  # the last block gone everywhere: the geometry has one layer too many
     with pytest.raises(JoinError, match=rf"spectra missing block\(s\) \[{N_BLOCKS - 1}\]"):
@@ -175,11 +177,11 @@ def test_variants_extracted_at_fewer_shots_join_by_pairs():
     meta, _ = make_meta()
     pairs = [("base", 0), ("base", 2)] + [(v, 0) for v in VARIANTS[1:]]
     g, a = make_geometry(), make_accuracy()
-    keep_g = [(v, int(k)) in set(pairs) for v, k in zip(g["variant"], g["shots"])]
-    keep_a = [(v, int(k)) in set(pairs) for v, k in zip(a["variant"], a["shots"])]
+    keep_g = [(v, int(k)) in set(pairs) for v, k in zip(g["variant"], g["shots"], strict=True)]
+    keep_a = [(v, int(k)) in set(pairs) for v, k in zip(a["variant"], a["shots"], strict=True)]
     j = tables.join_model(g[keep_g], make_spectra(), meta, a[keep_a], variants=VARIANTS, shots=SHOTS, pairs=pairs)
     assert len(j) == len(pairs) * (N_BLOCKS + 1)
-    assert set(zip(j["variant"], j["shots"])) == set(pairs)
+    assert set(zip(j["variant"], j["shots"], strict=True)) == set(pairs)
     with pytest.raises(JoinError, match=r"geometry missing for \(variant, shots\)"):
         tables.join_model(g[keep_g], make_spectra(), meta, a[keep_a], variants=VARIANTS, shots=SHOTS,
                           pairs=pairs + [("srank-up-2", 2)])
@@ -320,14 +322,17 @@ def write_constructed_inputs(workdir, model="toy"):
     for v in VARIANTS:
         write_parquet(res / "spectra" / model / f"{v}.parquet", spec[spec["variant"] == v])
         for k in SHOTS:
-            write_parquet(res / "geometry" / model / v / f"{k}shot.parquet", geom[(geom["variant"] == v) & (geom["shots"] == k)])
+            write_parquet(res / "geometry" / model / v / f"{k}shot.parquet",
+                          geom[(geom["variant"] == v) & (geom["shots"] == k)])
             a = acc[(acc["variant"] == v) & (acc["shots"] == k)].iloc[0]
-            write_json(res / "reps" / model / v / f"{k}shot.json", dict(accuracy=a.accuracy, accuracy_nospace=a.accuracy_nospace))
+            write_json(res / "reps" / model / v / f"{k}shot.json",
+                       dict(accuracy=a.accuracy, accuracy_nospace=a.accuracy_nospace))
     _, ft = make_meta()
     write_json(res / "finetune" / model / RUN / "metrics.json", ft[RUN])
     for v in VARIANTS:
         if v.startswith("srank-"):
-            write_json(res / "variants" / model / v / "intervention.json", dict(group="up", target=float(v.rsplit("-", 1)[1])))
+            write_json(res / "variants" / model / v / "intervention.json",
+                       dict(group="up", target=float(v.rsplit("-", 1)[1])))
     for i, step in enumerate(CKPT_STEPS):
         s = make_spectra([f"{RUN}-step{step}"])
         s["model"] = model

@@ -31,9 +31,27 @@ import numpy as np
 import pandas as pd
 
 from ..io import read_json
-from .columns import (ACCURACY_FIELDS, BASE_METHOD, DECODER_MODULES, FT_ACCURACY, FT_SCALARS, FT_SPEC_FIELDS,
-                      FT_TRAIN_LOSS, FT_VAL_LOSS, GEOMETRY_INFO, GEOMETRY_KEY, GEOMETRY_METRICS, MODULE_GROUPS,
-                      SPECTRA_KEY, SPECTRA_NON_METRIC, SRANK_GROUPS, SRANK_METHOD, STATS, JoinError, spec_col)
+from .columns import (
+    ACCURACY_FIELDS,
+    BASE_METHOD,
+    DECODER_MODULES,
+    FT_ACCURACY,
+    FT_SCALARS,
+    FT_SPEC_FIELDS,
+    FT_TRAIN_LOSS,
+    FT_VAL_LOSS,
+    GEOMETRY_INFO,
+    GEOMETRY_KEY,
+    GEOMETRY_METRICS,
+    MODULE_GROUPS,
+    SPECTRA_KEY,
+    SPECTRA_NON_METRIC,
+    SRANK_GROUPS,
+    SRANK_METHOD,
+    STATS,
+    JoinError,
+    spec_col,
+)
 
 log = logging.getLogger("llmscape.join")
 
@@ -75,7 +93,7 @@ def check_geometry(geom: pd.DataFrame, variants, shots, pairs=None) -> int:
     absent = [c for c in GEOMETRY_METRICS if c not in geom.columns]
     if absent:
         raise JoinError(f"geometry table lacks metric column(s) {absent} (see llmscape.join.columns)")
-    have = set(zip(geom["variant"], geom["shots"].astype(int)))
+    have = set(zip(geom["variant"], geom["shots"].astype(int), strict=True))
     want = {(v, int(k)) for v, k in pairs} if pairs is not None else {(v, int(k)) for v in variants for k in shots}
     if want - have:
         raise JoinError(f"geometry missing for (variant, shots): {_fmt_missing(want - have)}")
@@ -83,16 +101,18 @@ def check_geometry(geom: pd.DataFrame, variants, shots, pairs=None) -> int:
         log.info("geometry rows of unrequested (variant, shots) ignored: %s", _fmt_missing(have - want))
     dup = geom.duplicated(list(GEOMETRY_KEY))
     if dup.any():
-        raise JoinError(f"geometry has duplicate rows for {_fmt_missing(set(map(tuple, geom.loc[dup, list(GEOMETRY_KEY)].values)))}")
+        dups = set(map(tuple, geom.loc[dup, list(GEOMETRY_KEY)].values))
+        raise JoinError(f"geometry has duplicate rows for {_fmt_missing(dups)}")
     n_layers = int(geom["layer"].max()) + 1
     gaps = []
     for (v, k), g in geom.groupby(["variant", "shots"]):
         if (v, int(k)) not in want:
             continue
         lost = set(range(n_layers)) - set(g["layer"].astype(int))
-        gaps += [f"{v}/{int(k)}shot layer {l}" for l in lost]
+        gaps += [f"{v}/{int(k)}shot layer {layer}" for layer in lost]
     if gaps:
-        raise JoinError(f"geometry layers missing (every extraction has layers 0..{n_layers - 1}): {_fmt_missing(gaps)}")
+        raise JoinError(f"geometry layers missing (every extraction has layers 0..{n_layers - 1}): "
+                        f"{_fmt_missing(gaps)}")
     return n_layers
 
 
@@ -126,7 +146,7 @@ def aggregate_spectra(spec: pd.DataFrame, variants, metrics=None, modules=DECODE
         raise JoinError("spectra have duplicate (variant, layer, module) rows: "
                         + _fmt_missing(set(map(tuple, dec.loc[dup, ["variant", "layer", "module"]].values))))
     n_blocks = int(dec["layer"].max()) + 1
-    have = set(zip(dec["variant"], dec["layer"].astype(int), dec["module"]))
+    have = set(zip(dec["variant"], dec["layer"].astype(int), dec["module"], strict=True))
     want = {(v, b, m) for v in variants for b in range(n_blocks) for m in mods}
     if want - have:
         raise JoinError("spectra missing for (variant, block, module): " + _fmt_missing(want - have))
@@ -237,7 +257,7 @@ def join_model(geometry: pd.DataFrame, spectra: pd.DataFrame, variants_meta: pd.
     pairs = ([(v, int(k)) for v, k in pairs] if pairs is not None else [(v, k) for v in variants for k in shots])
     n_layers = check_geometry(geometry, variants, shots, pairs)
     wanted = set(pairs)
-    geom = geometry[[(v, int(k)) in wanted for v, k in zip(geometry["variant"], geometry["shots"])]].copy()
+    geom = geometry[[(v, int(k)) in wanted for v, k in zip(geometry["variant"], geometry["shots"], strict=True)]].copy()
     geom["shots"] = geom["shots"].astype(int)
     geom["layer"] = geom["layer"].astype(int)
     keep = list(GEOMETRY_KEY) + [c for c in GEOMETRY_INFO if c in geom.columns] + list(GEOMETRY_METRICS)
@@ -254,7 +274,8 @@ def join_model(geometry: pd.DataFrame, spectra: pd.DataFrame, variants_meta: pd.
                            else f"geometry missing layer(s) {list(range(n_layers, n_blocks + 1))}"))
     geom.insert(4, "n_layers", n_layers)
     geom.insert(5, "depth", geom["layer"] / (n_layers - 1))
-    geom.insert(6, "block", pd.array([block_of_layer(l, n_blocks, layer_match) for l in geom["layer"]], dtype="Int64"))
+    geom.insert(6, "block", pd.array([block_of_layer(layer, n_blocks, layer_match) for layer in geom["layer"]],
+                                     dtype="Int64"))
 
     matched = geom[geom["block"].notna()].copy()
     unmatched = geom[geom["block"].isna()].copy()
