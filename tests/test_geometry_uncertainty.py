@@ -14,9 +14,7 @@ import pandas as pd
 import pytest
 
 from llmscape import geometry as G
-from llmscape.geometry import metrics as M
-from llmscape.geometry import resolution as R
-
+from llmscape.geometry import metrics as M, resolution as R
 from test_geometry import blobs, brute_knn, random_letters, write_h5
 
 P = G.GeometryParams(maxk=100, id_range_max=64, id_scale=16, density_k=16, device="cpu", block_rows=512,
@@ -33,7 +31,7 @@ def test_draws_are_stratified_and_reproducible():
     for d in draws:
         assert np.array_equal(d, np.unique(d))  # sorted and distinct
         assert np.bincount(strata[d]).tolist() == [40, 16, 6]  # round(0.8 n_s) of every stratum
-    assert all(np.array_equal(a, b) for a, b in zip(draws, G.draw_members(strata, 5, 0.8, seed=3)))
+    assert all(np.array_equal(a, b) for a, b in zip(draws, G.draw_members(strata, 5, 0.8, seed=3), strict=True))
     assert not np.array_equal(draws[0], draws[1])
     assert not np.array_equal(draws[0], G.draw_members(strata, 1, 0.8, seed=4)[0])
 
@@ -96,7 +94,7 @@ def test_reading_the_graph_gives_the_same_draws_as_recomputing():
     p = replace(P, n_boot=4)
     draws = G.draw_members(y, 4, 0.8, seed=1)
     res = G.compute_layer_geometry(X, y, letters, p, draws=draws)
-    for b, d in zip(res.boot, draws):
+    for b, d in zip(res.boot, draws, strict=True):
         fresh = G.compute_layer_geometry(X[d], y[d], letters[d], P).row
         assert b["n_points"] == d.size
         assert b["n_clusters"] == fresh["n_clusters"] and b["ari_subjects"] == pytest.approx(fresh["ari_subjects"])
@@ -113,7 +111,7 @@ def test_draws_with_duplicate_rows_keep_every_distinct_vector():
     p = replace(P, maxk=60, id_scale=4, density_k=4, n_boot=3)
     draws = G.draw_members(yd, 3, 0.8, seed=2)
     res = G.compute_layer_geometry(Xd, yd, letters, p, draws=draws)
-    for b, d in zip(res.boot, draws):
+    for b, d in zip(res.boot, draws, strict=True):
         fresh = G.compute_layer_geometry(Xd[d], yd[d], letters[d], replace(p, n_boot=0)).row
         assert b["n_points"] == fresh["n_points"] == len(np.unique(d % 90))
         assert b["n_clusters"] == fresh["n_clusters"]

@@ -124,8 +124,8 @@ def read_extraction(table_path, boot_path, knn_path, *, variant: str, shots: int
 def check_pairing(this: Extraction, ref: Extraction) -> None:
     """Raise :class:`PairingError` unless ``this`` and ``ref`` hold the same questions in the same order
     and were subsampled identically (same draws digest, same subsample share and count)."""
-    fix = (f"Fix: extract both from the same questions (the same data settings), then rerun the geometry of both "
-           f"(snakemake --forcerun geometry <their .parquet>)")
+    fix = ("Fix: extract both from the same questions (the same data settings), then rerun the geometry of both "
+           "(snakemake --forcerun geometry <their .parquet>)")
     if not np.array_equal(this.question_id, ref.question_id):
         same = np.intersect1d(this.question_id, ref.question_id).size
         raise PairingError(f"{this.name} ({this.files}) and {ref.name} ({ref.files}) hold different questions "
@@ -292,7 +292,7 @@ def summarise_differences(diffs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for k, g in diffs.groupby(key, sort=False):
         finite = g[np.isfinite(g["diff"].to_numpy(dtype=float))]
-        rows.append(dict(zip(key, k), n_layers=len(finite), n_higher=int((g["verdict"] == HIGHER).sum()),
+        rows.append(dict(zip(key, k, strict=True), n_layers=len(finite), n_higher=int((g["verdict"] == HIGHER).sum()),
                          n_lower=int((g["verdict"] == LOWER).sum()),
                          n_no_difference=int((g["verdict"] == NO_DIFFERENCE).sum()),
                          layers_higher=_ranges(g.loc[g["verdict"] == HIGHER, "layer"]),

@@ -10,10 +10,24 @@ stage's ``base.parquet`` when given, else from ``torch.linalg.svdvals`` of the l
 The time-aware start (a full fine-tuning warm phase until the stable ranks settle, ``warm_steps``) and
 re-calibration during training (``recalibrate_every``) are in ``calibration.py``; both are off by default."""
 
-from ...spectra.esd import stable_rank  # noqa: F401
+from ...spectra.esd import stable_rank
 from ..method import Method
-from .model import (AXES, NAME, Options, SrankSession, apply, expected_before_weights,  # noqa: F401
-                    inputs, launch_constraint, select, stable_ranks, targets)
+from .model import (
+    AXES,
+    NAME,
+    Options,
+    SrankSession,
+    apply,
+    expected_before_weights,
+    inputs,
+    launch_constraint,
+    select,
+    stable_ranks,
+    targets,
+)
+
+__all__ = ["AXES", "METHOD", "NAME", "Options", "SrankSession", "apply", "expected_before_weights", "inputs",
+           "launch_constraint", "select", "stable_rank", "stable_ranks", "targets"]
 
 METHOD = Method(name=NAME, axes=AXES, options=Options, targets=targets, expected_trainable=expected_before_weights,
                 apply=apply, inputs=inputs, launch_constraint=launch_constraint)

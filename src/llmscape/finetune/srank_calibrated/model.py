@@ -6,8 +6,18 @@ from pathlib import Path
 
 from ...partitioned import gathered
 from ...spectra.esd import stable_rank
-from ..common import (DEFAULT_TARGETS, FinetuneError, component, linear_shapes, lora_config, lora_count, lora_layers,
-                      names_regex, ranked_targets, whole_tensors)
+from ..common import (
+    DEFAULT_TARGETS,
+    FinetuneError,
+    component,
+    linear_shapes,
+    lora_config,
+    lora_count,
+    lora_layers,
+    names_regex,
+    ranked_targets,
+    whole_tensors,
+)
 from ..method import Applied, Session, check_choice, check_int, check_number
 from .calibration import Calibration
 
@@ -67,7 +77,7 @@ def stable_ranks(names, ctx=None, weights=None) -> dict[str, float]:
         df = read_parquet(pq)
         if "variant" in df.columns:
             df = df[df.variant == "base"]
-        key = {str(n).removesuffix(".weight"): float(s) for n, s in zip(df["name"], df["stable_rank"])}
+        key = {str(n).removesuffix(".weight"): float(s) for n, s in zip(df["name"], df["stable_rank"], strict=True)}
         missing = [n for n in names if n not in key]
         if missing:
             raise FinetuneError(f"{NAME}: {pq} has no stable_rank for {missing[:3]}... Fix: recompute the spectra "
