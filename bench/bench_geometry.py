@@ -206,7 +206,7 @@ def _overlap(a, b):
 def child(method: str, h5: str, threads: int, out: str, opts: str = "{}") -> None:
     t0 = time.perf_counter()
     import dadapy  # noqa: F401  (imports count in both: jax, torch, sklearn)
-    import torch  # noqa: F401
+    import torch  # noqa: F401  (as above: imported for its cost, not used)
 
     t_import = time.perf_counter() - t0
     rss_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
