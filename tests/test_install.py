@@ -148,7 +148,7 @@ def test_container_install_resolves_to_the_constraints(tmp_path):
     pins = ec.constraints()
     assert {n: (v, pins[n]) for n, v in got.items() if n in pins and pins[n] != v} == {}
     test_only = {"black", "iniconfig", "matplotlib-inline", "pathspec", "pluggy", "powerlaw", "pytest", "pytokens",
-                 "shfmt-py", "snakefmt", "weightwatcher"}  # the dev and bench extras, not in the image
+                 "ruff", "shfmt-py", "snakefmt", "weightwatcher"}  # the dev and bench extras, not in the image
     assert sorted(n for n in pins if n not in got) == sorted(test_only)
 
 
