@@ -176,7 +176,8 @@ def launch_constraint(run) -> str | None:
 def inputs(run, model: str, ft: dict) -> dict[str, str]:
     """The spectra stage's stable ranks of the base model, unless finetune.stable_ranks_from_spectra is off
     (then they come from the loaded weights)."""
-    return {"sranks": f"results/spectra/{model}/base.parquet"} if ft.get("stable_ranks_from_spectra", True) else {}
+    # (ft is the validated config's section, so the schema's default is there; absent counts as off, as there)
+    return {"sranks": f"results/spectra/{model}/base.parquet"} if ft.get("stable_ranks_from_spectra") else {}
 
 
 def expected_before_weights(shapes, run, ctx=None):
