@@ -24,7 +24,7 @@ report:           ## rebuild report.html from existing results
 
 bench: setup      ## every benchmark, methods alternated 3 times (median, spread, load; bench/common.py) -> bench/results/
 	$(RUN) bench/bench_extract.py
-	$(RUN) bench/bench_spectra.py --blocks 8
+	$(RUN) bench/bench_spectra.py
 	$(RUN) bench/bench_geometry.py
 	$(RUN) bench/bench_intervals.py
 	$(RUN) bench/bench_finetune.py

@@ -3,22 +3,28 @@
 A benchmark on a shared machine is only as good as its worst neighbour. So every method is run
 ``repeats`` times, alternating with the others (a slow spell hits all of them), and each run records the
 1-minute load average (``os.getloadavg``) before it and the highest value sampled every second while it
-ran. A run is **busy** when either exceeds ``BUSY_PER_CORE`` x the machine's cores: something else was
-computing, and its absolute times say little (the ratio of alternated methods says more). Summaries give
-the median, the minimum and maximum, the spread ((max - min) / median) and how many runs were busy.
+ran, and the CPU that *other* processes used while it ran: the machine's busy CPU time (``/proc/stat``)
+minus the benchmark's own (this process and its finished children), in cores. A run is **busy** when
+other processes used more than ``BUSY_OTHER_CORES`` cores on average: something else was computing, and
+its absolute times say little (the ratio of alternated methods says more). The load average alone
+cannot tell: back-to-back runs of a 2-thread benchmark keep it near 2 on a machine doing nothing else.
+Where ``/proc/stat`` is missing, the load average decides (above ``BUSY_PER_CORE`` x the cores). Summaries
+give the median, the minimum and maximum, the spread ((max - min) / median) and how many runs were busy.
 """
 from __future__ import annotations
 
 import datetime
 import os
 import platform
+import resource
 import threading
 import time
 from collections.abc import Callable
 
 import numpy as np
 
-BUSY_PER_CORE = 0.5  # load average per core above which a run is marked busy
+BUSY_PER_CORE = 0.5  # load average per core above which a run is marked busy (without /proc/stat)
+BUSY_OTHER_CORES = 0.5  # other processes' average CPU use, in cores, above which a run is marked busy
 
 
 def cores() -> int:
@@ -29,11 +35,30 @@ def busy(load: float) -> bool:
     return load > BUSY_PER_CORE * cores()
 
 
+def _machine_cpu_s() -> float | None:
+    """CPU seconds the whole machine has been busy (user, nice, system, irq, softirq, steal) since boot."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds of this process and of its children that have been waited for."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 class LoadSampler:
-    """The 1-minute load average before a run and its maximum sampled every ``every`` seconds during it."""
+    """The 1-minute load average before a run, its maximum sampled every ``every`` seconds during it, and
+    the CPU other processes used meanwhile (in cores)."""
 
     def __init__(self, every: float = 1.0):
         self.every, self.before, self.peak = every, os.getloadavg()[0], os.getloadavg()[0]
+        self.other_cores: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -42,6 +67,7 @@ class LoadSampler:
             self.peak = max(self.peak, os.getloadavg()[0])
 
     def __enter__(self) -> LoadSampler:
+        self._t0, self._machine0, self._own0 = time.perf_counter(), _machine_cpu_s(), _own_cpu_s()
         self._thread.start()
         return self
 
@@ -49,10 +75,18 @@ class LoadSampler:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, os.getloadavg()[0])
+        machine, wall = _machine_cpu_s(), time.perf_counter() - self._t0
+        if machine is not None and self._machine0 is not None and wall > 0:
+            other = (machine - self._machine0) - (_own_cpu_s() - self._own0)
+            self.other_cores = max(0.0, other / wall)
 
     def record(self) -> dict:
+        if self.other_cores is None:
+            is_busy = busy(self.before) or busy(self.peak)
+        else:
+            is_busy = self.other_cores > BUSY_OTHER_CORES
         return dict(load_before=round(self.before, 2), load_during_max=round(self.peak, 2),
-                    busy=busy(self.before) or busy(self.peak))
+                    other_cores=None if self.other_cores is None else round(self.other_cores, 2), busy=is_busy)
 
 
 def timed(fn: Callable[[], dict | None]) -> dict:

@@ -26,17 +26,30 @@ def _load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _when(machine: dict | None, runs: dict | None = None) -> str:
-    """'2026-12-05, 2 cores, 0 of 6 runs busy' from bench/common.py's machine record and runs."""
+def _load_note(runs: list[dict]) -> str:
+    """How busy the machine was: from the other processes' CPU where the runs recorded it, else the range
+    of the load average (which includes the benchmark's own threads)."""
+    if not runs:
+        return "load not recorded"
+    if all(r.get("other_cores") is not None for r in runs):
+        busy = sum(bool(r.get("busy")) for r in runs)
+        most = max(r["other_cores"] for r in runs)
+        return f"{busy} of {len(runs)} runs on a busy machine (other processes: at most {most:.2f} cores)"
+    loads = [x for r in runs for x in (r.get("load_before"), r.get("load_during_max")) if x is not None]
+    return f"1-minute load {min(loads):.1f}-{max(loads):.1f}, the benchmark's own threads included"
+
+
+def _runs(runs: dict | list | None) -> list[dict]:
+    if isinstance(runs, list):
+        return [r for r in runs if isinstance(r, dict)]
+    return [r for rs in (runs or {}).values() for r in (rs if isinstance(rs, list) else []) if isinstance(r, dict)]
+
+
+def _when(machine: dict | None, runs: dict | list | None = None) -> str:
+    """'2026-12-05, 2 cores, <load note>' from bench/common.py's machine record and runs."""
     if not machine:
         return "date and load not recorded"
-    n = busy = 0
-    for rs in (runs or {}).values():
-        for r in rs if isinstance(rs, list) else []:
-            n += 1
-            busy += bool(r.get("busy"))
-    load = f", {busy} of {n} runs on a busy machine" if n else ""
-    return f"{machine.get('date', '?')[:10]}, {machine.get('cores', '?')} cores{load}"
+    return f"{str(machine.get('date', '?'))[:10]}, {machine.get('cores', '?')} cores, {_load_note(_runs(runs))}"
 
 
 def _med(s: dict, unit: str = " s", digits: int = 1) -> str:
@@ -98,9 +111,7 @@ def geometry_row(d: dict) -> list[str]:
     results = d.get("results") or {}
     if "machine" not in d or not results:
         return _stale("geometry", "bench_geometry.py")
-    busy = sum(bool(run.get("busy")) for r in results.values() for m in ("published", "ours")
-               for run in r[m].get("runs", []))
-    total = sum(len(r[m].get("runs", [])) for r in results.values() for m in ("published", "ours"))
+    runs = [run for r in results.values() for m in ("published", "ours") for run in r[m].get("runs", [])]
     cases, pub, ours = [], [], []
     for name, r in results.items():
         line = f"{name} ({r['shape']}): {r['speedup']:.1f}x"
@@ -125,8 +136,7 @@ def geometry_row(d: dict) -> list[str]:
                 if any((r.get("with_intervals") or {}).get("published_computed") for r in results.values()) else "")
     return [
         f"geometry, all layers, median of {d['repeats']} alternated rounds (`bench/bench_geometry.py`, "
-        f"{str(d['machine'].get('date', '?'))[:10]}, {d['machine'].get('cores', '?')} cores, {busy} of {total} runs "
-        f"on a busy machine)",
+        f"{_when(d['machine'], runs)})",
         "plain dadapy `compute_distances(maxk=1000)` per layer (and per subsample): " + "; ".join(pub),
         "; ".join(f"**{c}**" for c in cases) + f" (ours: {', '.join(ours)}){computed}",
         "5x",
@@ -145,13 +155,17 @@ def intervals_row(d: dict) -> list[str]:
         ours.append(f"{name}: {1000 * m['reuse_per_draw_s']:.0f} ms, **{c['speedup_per_draw']:.1f}x**")
         agree.append(f"{c['exact_mismatches']} of {c['compared_draws']} draws with a different clustering")
     return [
-        f"geometry intervals, per subsample (`bench/bench_intervals.py`, {str(d.get('date', '?'))[:10]}, "
-        f"{d.get('machine', '?')})",
+        f"geometry intervals, per subsample (`bench/bench_intervals.py`, "
+        f"{_when(d.get('machine_record') or {'date': d.get('date')}, _interval_runs(d))})",
         "a new neighbour graph per subsample: " + "; ".join(base),
         "the graph read from the layer's: " + "; ".join(ours),
         "reported",
         "; ".join(agree),
     ]
+
+
+def _interval_runs(d: dict) -> list[dict]:
+    return [r for c in (d.get("cases") or {}).values() for r in (c.get("runs") or []) if isinstance(r, dict)]
 
 
 def _stale(name: str, script: str) -> list[str]:
