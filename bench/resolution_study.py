@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import logging
 import math
 import os
@@ -272,6 +271,7 @@ def print_table(result: dict) -> None:
 def main(argv=None) -> dict:
     from llmscape import geometry as G
     from llmscape.geometry import resolution as R
+    from llmscape.io import write_json
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--draws", type=int, default=40, help="independent synthetic samples per scale")
@@ -307,10 +307,7 @@ def main(argv=None) -> dict:
                   model=dict(h5=args.model_h5, sizes=args.model_sizes, draws=args.model_draws),
                   params=asdict(replace(G.GeometryParams(), n_boot=0)), cells=rows, verdicts=verdicts(rows))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".part")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.rename(out)
+    write_json(out, result)  # (under a temporary name, renamed when complete)
     plot(result, out.with_suffix(".png"))
     print_table(result)
     print(f"{result['seconds']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())})")
