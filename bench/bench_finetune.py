@@ -128,7 +128,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1,
-                    help="CPU threads per worker (1: the shared 2-core dev machine thrashes with 2 under load)")
+                    help="CPU threads per worker (1 by default: a shared machine thrashes with more under load; "
+                         "`make bench` passes its CORES, for a quiet machine)")
     ap.add_argument("--random-init", action="store_true")
     ap.add_argument("--tag", default="")
     ap.add_argument("--repeats", type=int, default=3, help="rounds; each runs every method once, alternating")

@@ -98,7 +98,8 @@ def finetune_row(d: dict) -> list[str]:
     others = ", ".join(f"{r['method']} {r['throughput_vs_lora']:.2f}x" for r in rows[1:])
     return [
         f"fine-tuning throughput, {ref['trainable'] / 1e6:.2f} M trainable parameters each "
-        f"(`bench/bench_finetune.py`, {env['steps']} steps, {env['repeats']} alternated rounds, "
+        f"(`bench/bench_finetune.py`, {env['steps']} steps, {env.get('cpu_threads', 1)} torch thread(s) per run, "
+        f"{env['repeats']} alternated rounds, "
         f"{_when(env['machine'], runs)})",
         f"peft LoRA r=8: {ref['tokens_per_s']:.0f} tokens/s",
         others,
