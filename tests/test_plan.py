@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from llmscape import cost, hardware, plan as PL
+from llmscape.data import analysis_subject_sizes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,3 +156,26 @@ def test_a_job_over_several_shot_counts_reads_the_weights_once():
     assert cost.extract_job_shots(dict(wildcards={}, output=out)) == [0, 1, 2, 5]
     assert together == pytest.approx(sum(per_shot) - 3 * cost.load_seconds(shape))
     assert cost.load_seconds(shape) > 0
+
+
+def test_a_replication_set_costs_the_geometry_of_its_own_questions():
+    """replication_geometry is modelled: the geometry of the set's questions, so two halves of the
+    subjects cost about half a full geometry each (the graph grows as n^2, the metrics as n)."""
+    shape = PL.model_shape("meta-llama/Meta-Llama-3-8B", ROOT / "resources", ROOT / "bench/configs")
+    config = yaml.safe_load((ROOT / "config/llama3-8b.yaml").read_text())
+    sets = config["geometry"]["replication"]["sets"]
+    sizes = analysis_subject_sizes(config["data"])
+    n_q = sum(sizes.values())
+    rates = cost.Rates(gpu=None, extract=1e14, train=1e14, cpu_core=2.7e10)
+    ctx = cost.Context(config, shape, rates, dict(counts={}, questions=n_q, notes=[]), n_q, (1e-11, 1e-3, "test"))
+    job = dict(rule="geometry", wildcards=dict(variant="base", shots="5"), gpus=0, cpus=16)
+    whole = cost.job_seconds(ctx, job)
+    halves = {}
+    for name, subjects in sets.items():
+        rjob = dict(job, rule="replication_geometry", wildcards=dict(job["wildcards"], rset=name))
+        halves[name] = cost.job_seconds(ctx, rjob)
+        assert cost.replication_questions(ctx, name) == sum(sizes[s] for s in subjects)
+    assert sum(cost.replication_questions(ctx, n) for n in sets) == n_q  # the two sets split every subject
+    for name, sec in halves.items():
+        assert cost.START_S < sec < whole, (name, sec, whole)
+    assert sum(halves.values()) - 2 * cost.START_S < whole - cost.START_S  # n^2: the halves together cost less

@@ -34,7 +34,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import hardware
+from . import data, hardware
 from .projections import DECODER_MODULES, PROJECTION_GROUPS
 
 # Assumptions, each printed by the plan where it is used.
@@ -380,14 +380,25 @@ def intervene_seconds(ctx: Context, group: str, job: dict) -> float:
     return load_seconds(ctx.shape) + work / rate + ctx.shape.params * ctx.shape.dtype_bytes / (WRITE_GBS * 1e9)
 
 
-def geometry_seconds(ctx: Context, job: dict) -> float | None:
-    """One extraction's geometry: per layer the neighbour graph (n^2 d) and the metrics, once on all points
-    and once per subsample (x its fraction), from the core-seconds measured here."""
+def replication_questions(ctx: Context, rset: str) -> int:
+    """Questions of one replication set (geometry.replication.sets): the analysis questions of its
+    subjects, from the test split's sizes; without them, its share of the subjects."""
+    sizes = data.analysis_subject_sizes(ctx.config["data"])
+    subjects = ctx.config["geometry"]["replication"]["sets"][rset]
+    if sizes:
+        return sum(sizes.get(s, 0) for s in subjects)
+    return round(ctx.n_q * len(subjects) / max(len(ctx.config["data"].get("subjects") or subjects), 1))
+
+
+def geometry_seconds(ctx: Context, job: dict, n: int | None = None) -> float | None:
+    """One extraction's geometry (of ``n`` questions, by default all): per layer the neighbour graph
+    (n^2 d) and the metrics, once on all points and once per subsample (x its fraction), from the
+    core-seconds measured here."""
     if ctx.geometry is None:
         return None
     per_graph, per_point, _ = ctx.geometry
     g = ctx.config["geometry"]
-    n, d = ctx.n_q, ctx.shape.hidden
+    n, d = n or ctx.n_q, ctx.shape.hidden
     metrics = per_point * n * (1 + int(g["n_boot"]) * float(g["boot_fraction"]))
     core_s = (ctx.shape.layers + 1) * (per_graph * n * n * d + metrics)
     return START_S + core_s / (max(job["cpus"], 1) * CPU_PARALLEL_EFFICIENCY)
@@ -449,4 +460,6 @@ def job_seconds(ctx: Context, job: dict) -> float | None:
         return START_S
     if rule == "geometry":
         return geometry_seconds(ctx, job)
+    if rule == "replication_geometry":
+        return geometry_seconds(ctx, job, replication_questions(ctx, wc["rset"]))
     return None
