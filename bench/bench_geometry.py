@@ -203,7 +203,100 @@ def _overlap(a, b):
     return float(np.mean([len(np.intersect1d(x, y)) / a.shape[1] for x, y in zip(a[valid], b[valid], strict=True)]))
 
 
+def ceiling_kernels(n: int, d: int, k1: int, threads: int) -> dict:
+    """Seconds of the kernels any exact graph of one (n, d) layer needs, on this machine with ``threads``
+    cores, each the median of a few runs on random data (a product's time does not depend on the values):
+
+    syrk_f32_s   numpy's ``A @ A.T`` in float32 (OpenBLAS SYRK, the n^2 d / 2 multiply-adds of the
+                 symmetric products, the least an exact Euclidean graph must do in float32);
+    gemm_f64_s   numpy's ``A @ B.T`` in float64, B a copy of A (the full n^2 d GEMM of the float64
+                 distances the published path asks scikit-learn for);
+    select_s     the k1 nearest of every row from the n x n squared distances, by our graph's own
+                 selection (graph._select_packed or _select_topk, as compute_neighbour_graph picks),
+                 over all n rows in strips of 2,048."""
+    from threadpoolctl import threadpool_limits
+
+    from llmscape.geometry import graph as Gr
+
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((n, d), dtype=np.float32)
+    reps = 3 if n * n * d < 2e10 else 1  # the float64 GEMM of the paper-size case takes seconds
+
+    def best_of(fn, k=reps):
+        times = []
+        for _ in range(k):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    with threadpool_limits(limits=threads, user_api="blas"):
+        syrk = best_of(lambda: A @ A.T, max(reps, 3))
+        gemm = _gemm_f64_s(A, best_of)
+    sq = np.square(A, dtype=np.float64).sum(axis=1).astype(np.float32)
+    pool, packed = Gr.worker_pool(threads), Gr._PACKED_SHARE * k1 >= n
+    out_v, out_i = np.empty((n, k1), np.float32), np.empty((n, k1), np.int64)
+
+    def select_all() -> float:  # the selections' seconds alone (the strips are made untimed)
+        spent = 0.0
+        for s in range(0, n, 2048):
+            e = min(n, s + 2048)
+            strip = sq[s:e, None] + sq[None, :] - 2 * (A[s:e] @ A.T)
+            np.maximum(strip, 0, out=strip)
+            t0 = time.perf_counter()
+            if packed:
+                Gr._select_packed(strip, s, k1, out_v[s:e], out_i[s:e], pool, threads)
+            else:
+                Gr._select_topk(strip, s, k1, out_v[s:e], out_i[s:e])
+            spent += time.perf_counter() - t0
+        return spent
+
+    with Gr.blas_single_thread():
+        sel = [select_all() for _ in range(3)]
+    return dict(n=n, d=d, k1=k1, threads=threads, syrk_f32_s=syrk, gemm_f64_s=gemm, select_s=float(np.median(sel)),
+                selection="packed sort" if packed else "torch top-k")
+
+
+def _gemm_f64_s(A: np.ndarray, best_of) -> float:
+    """best_of's seconds of the full float64 GEMM of A's rows with a copy of them (no SYRK)."""
+    A64 = A.astype(np.float64)
+    B64 = A64.copy()
+    return best_of(lambda: A64 @ B64.T)
+
+
+def ceiling(kernels: dict, layers: int, r: dict) -> dict:
+    """What the measured kernels allow on a case of ``layers`` layers with a graph: the graph floor
+    (layers x (float32 SYRK + selection)), the published path's float64 GEMMs alone, and the speed-up
+    over the measured published time that an implementation spending only the graph floor would
+    reach (metrics not counted: an upper bound, computed, never a measurement of ours)."""
+    floor = layers * (kernels["syrk_f32_s"] + kernels["select_s"])
+    pub = r["published"]["wall_s"]
+    return dict(kernels, layers=layers, graph_floor_s=floor, published_gemm_f64_s=layers * kernels["gemm_f64_s"],
+                published_wall_s=pub, ours_wall_s=r["ours"]["wall_s"], speedup_allowed=pub / floor,
+                ours_over_floor=r["ours"]["wall_s"] / floor,
+                note="computed from the kernels' measured times: the speed-up a graph costing only a "
+                     "float32 SYRK plus our selection per layer would allow (DADApy's metrics taken as "
+                     "free); not a measurement of ours")
+
+
+def measure_ceiling(shape: tuple, threads: int, tmp: Path) -> dict:
+    """ceiling_kernels for one layer of ``shape`` (layers, n, d), in a fresh process like the methods."""
+    n, d = int(shape[1]), int(shape[2])
+    k1 = min(PARAMS["maxk"], n - 1) + 1
+    out = str(tmp / f"ceiling_{n}x{d}")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               OPENBLAS_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
+    with B.LoadSampler() as load:
+        subprocess.run([sys.executable, __file__, "--child", "ceiling", f"{n},{d},{k1}", str(threads), out],
+                       check=True, env=env)
+    return dict(json.loads(Path(out + ".json").read_text()), **load.record())
+
+
 def child(method: str, h5: str, threads: int, out: str, opts: str = "{}") -> None:
+    if method == "ceiling":  # h5 holds "n,d,k1"
+        n, d, k1 = (int(x) for x in h5.split(","))
+        Path(out + ".json").write_text(json.dumps(ceiling_kernels(n, d, k1, threads)))
+        return
     t0 = time.perf_counter()
     import dadapy  # noqa: F401  (imports count in both: jax, torch, sklearn)
     import torch  # noqa: F401  (as above: imported for its cost, not used)
@@ -296,6 +389,12 @@ def print_table(results: dict) -> None:
                 print(f"{'':>24}{label} speed-up per round: {B.fmt(x['speedup_summary'], 'x')}")
         if w and "published_computed" in w:
             print(f"{'':>24}* {w['published_computed']}")
+        if "ceiling" in r:
+            c = r["ceiling"]
+            print(f"{'':>24}ceiling (computed from measured kernels): {c['layers']} layers x (float32 SYRK "
+                  f"{c['syrk_f32_s']:.3f} s + selection {c['select_s']:.3f} s) = {c['graph_floor_s']:.2f} s, "
+                  f"allowing {c['speedup_allowed']:.1f}x over published; ours is {c['ours_over_floor']:.2f}x "
+                  f"that floor (float64 GEMM alone: {c['gemm_f64_s']:.3f} s a layer)")
         for x, key in ((r, "agreement"), (w, "agreement"), (w, "agreement_intervals"), (w, "agreement_draws")):
             for c, v in ((x or {}).get(key) or {}).items():
                 if v["max_abs_diff"] or v["nan_mismatch"]:
@@ -327,6 +426,7 @@ def alternated(name: str, h5: Path, threads: int, tmp: Path, repeats: int, opts:
     r["speedup"] = r["speedup_summary"]["median"]
     r["memory_ratio"] = r["published"]["peak_rss_mb"] / r["ours"]["peak_rss_mb"]
     ours, pub = r["ours"].pop("table"), r["published"].pop("table")
+    r["graph_layers"] = int((ours["status"] == "ok").sum())  # layers that had a graph (not constant, ...)
     r["agreement"] = compare(ours, pub)
     if opts:  # the subsamples both ran, value by value
         r["agreement_draws"] = compare(r["ours"].pop("boot"), r["published"].pop("boot"), BOOT_METRICS,
@@ -374,6 +474,8 @@ def main() -> None:
     ap.add_argument("--boot-repeats", type=int, default=0, help="rounds of the with-intervals column (0: --repeats)")
     ap.add_argument("--synthetic-boot-draws", type=int, default=2,
                     help="subsamples the published way runs on the synthetic case (its total is computed)")
+    ap.add_argument("--no-ceiling", action="store_true",
+                    help="skip the kernels' times (float32 SYRK, float64 GEMM, selection) and the ceiling")
     ap.add_argument("--synthetic-small", type=int, default=0,
                     help="layers of a synthetic 1,600 x 576 case, 16 subjects (the embedded model's shape) for "
                          "a machine without its real states")
@@ -400,6 +502,8 @@ def main() -> None:
         with h5py.File(h5, "r") as f:
             shape = f["hidden"].shape
         r = dict(shape="x".join(map(str, shape)), **alternated(name, h5, a.threads, tmp, a.repeats))
+        if not a.no_ceiling:
+            r["ceiling"] = ceiling(measure_ceiling(shape, a.threads, tmp), r["graph_layers"], r)
         big = name == "synthetic"
         n_layers = a.synthetic_boot_layers if big else a.boot_layers
         if a.n_boot and n_layers:
