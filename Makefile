@@ -33,5 +33,5 @@ bench: setup      ## every benchmark, methods alternated 3 times (median, spread
 image:            ## the container image, podman (docs/install.md): make image [IMAGE_BASE=debootstrap] [PIP_CERT=ca.pem]
 	bash scripts/image-build.sh
 
-image-test: setup ## build the image from HEAD, run the CI DAG with it and locally, compare the results (about 1 h on 2 busy cores, docs/install.md)
+image-test: setup ## build the image from HEAD, run the CI DAG with it and locally, compare the results (14-26 min on 2 busy cores, docs/install.md)
 	PY="$(RUN)" bash scripts/image-test.sh
