@@ -40,18 +40,21 @@ def test_both_selections_give_the_exact_graph(k):
 
 
 def test_packed_sort_bounds_its_keys_and_keeps_them_identical():
-    # a strip of many columns is sorted in several chunks per worker (at most _KEYS_BYTES of keys
-    # each): same bits as one chunk
+    # each worker sorts its rows a few at a time (at most _KEYS_BYTES of keys, uneven last block):
+    # same bits as sorting all of them at once, and as the default blocks
     rng = np.random.default_rng(12)
     X = rng.standard_normal((1200, 16)).astype(np.float32)
-    whole = G.compute_neighbour_graph(X, 400, device="cpu")
+    default = G.compute_neighbour_graph(X, 400, device="cpu")
     before = Gr._KEYS_BYTES
+    graphs = []
     try:
-        Gr._KEYS_BYTES = 64 * 1200 * 8  # 64-row chunks
-        chunked = G.compute_neighbour_graph(X, 400, device="cpu")
+        for rows in (7, 1200):  # 7-row blocks; the whole strip at once
+            Gr._KEYS_BYTES = rows * 1200 * 8
+            graphs.append(G.compute_neighbour_graph(X, 400, device="cpu"))
     finally:
         Gr._KEYS_BYTES = before
-    assert np.array_equal(whole[0], chunked[0]) and np.array_equal(whole[1], chunked[1])
+    for dist, ind in graphs:
+        assert np.array_equal(dist, default[0]) and np.array_equal(ind, default[1])
 
 
 def test_subgraph_is_the_first_members_of_each_list():
