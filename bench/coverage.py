@@ -19,8 +19,21 @@ with its binomial standard error), mean width / ideal width, the share of interv
 estimate (a collapsed side), and the range of the ends. Writes ``bench/results/coverage.json`` and
 ``bench/results/coverage.png``.
 
+Choosing and checking the methods. ``--cache DIR`` keeps every replicate's estimates, every subsample
+value of every metric and the truth samples (parquet, a few MB: keep it out of git). From the cache any
+interval method is evaluated again in seconds, by the library's own function
+(resample.return_metric_interval with the method under test), without recomputing the geometry.
+``--select`` chooses a method per metric on one set of replicates (:func:`select_methods`: the declared
+method where it meets the targets with a margin, else the candidate with the highest coverage that
+does); the table to report is the library's methods on *other* replicates (``--validation``: a run with
+``--first-replicate`` past the selection set and ``--truth 0``, its truth being the cache's).
+
     python3 bench/coverage.py                      # the full study (sizes 64 and 100, 20 replicates)
     python3 bench/coverage.py --replicates 5 --truth 40 --sizes 64   # a quick look
+    python3 bench/coverage.py --replicates 60 --cache A                       # selection set, with truth
+    python3 bench/coverage.py --first-replicate 60 --replicates 40 --truth 0 --cache B   # evaluation set
+    python3 bench/coverage.py --from-cache A --select --validation B          # choose on A
+    python3 bench/coverage.py --from-cache A --validation B                   # report on B
 """
 
 from __future__ import annotations
@@ -89,23 +102,28 @@ def write_extraction(path: Path, hidden: np.ndarray, classes: np.ndarray, letter
 
 
 def run_geometry(pop: dict, per_class: int, stream: int, params, workdir: Path, regimes: dict = REGIMES):
-    """compute_geometry of one sample (stream: its random stream); the layer table (one row per regime)."""
+    """compute_geometry of one sample (stream: its random stream); the layer table (one row per regime)
+    and the subsample table (one row per regime and subsample: every interval metric's draws)."""
     from llmscape import geometry as G
 
     hidden, y, letters = draw_sample(pop, per_class, list(regimes.values()),
                                      np.random.default_rng([per_class, stream]))
     h5 = write_extraction(workdir / f"sample_{per_class}_{stream}.h5", hidden, y, letters, list(regimes))
     try:
-        return G.compute_geometry(h5, params).table
+        geo = G.compute_geometry(h5, params)
+        return geo.table, geo.boot
     finally:
         h5.unlink()
 
 
 def run_study(sizes, replicates: int, n_truth: int, params, log=print, pop: dict | None = None,
-              regimes: dict = REGIMES) -> dict:
-    """Tables of the replicates (with intervals) and of the truth samples (plain), per size (points per
-    class); ``pop``: the population (make_population(), the 16 classes, by default); ``regimes``: layer
-    name -> class separation."""
+              regimes: dict = REGIMES, first: int = 0, cache: Path | None = None) -> dict:
+    """Tables of the replicates (with intervals), of their subsamples (``boot``: every metric of every
+    subsample, from which any interval method can be evaluated again) and of the truth samples (plain),
+    per size (points per class); ``pop``: the population (make_population(), the 16 classes, by
+    default); ``regimes``: layer name -> class separation; ``first``: the first replicate's random
+    stream (another range of replicates is an independent validation set); ``cache``: a folder where
+    each size's three tables are saved as parquet as soon as they are done (see :func:`load_cache`)."""
     import pandas as pd
 
     pop = pop or make_population()
@@ -114,13 +132,143 @@ def run_study(sizes, replicates: int, n_truth: int, params, log=print, pop: dict
     with tempfile.TemporaryDirectory() as tmp:
         for per in sizes:
             t0 = time.perf_counter()
-            truth = pd.concat([run_geometry(pop, per, 100_000 + s, plain, Path(tmp), regimes) for s in range(n_truth)])
+            truth = pd.concat([run_geometry(pop, per, 100_000 + s, plain, Path(tmp), regimes)[0]
+                               for s in range(n_truth)] or [pd.DataFrame()])  # none: a validation set's
             t1 = time.perf_counter()
-            reps = pd.concat([run_geometry(pop, per, r, params, Path(tmp), regimes).assign(replicate=r)
-                              for r in range(replicates)])
+            runs = [(r, *run_geometry(pop, per, r, params, Path(tmp), regimes))
+                    for r in range(first, first + replicates)]
+            reps = pd.concat([t.assign(replicate=r) for r, t, _ in runs])
+            boot = pd.concat([b.assign(replicate=r) for r, _, b in runs])
             log(f"size {per} per class: {n_truth} truth samples {t1 - t0:.0f} s, {replicates} replicates "
                 f"{time.perf_counter() - t1:.0f} s")
-            out[per] = dict(truth=truth, reps=reps, seconds_truth=t1 - t0, seconds_reps=time.perf_counter() - t1)
+            out[per] = dict(truth=truth, reps=reps, boot=boot, seconds_truth=t1 - t0,
+                            seconds_reps=time.perf_counter() - t1)
+            if cache is not None:
+                save_cache(cache, per, out[per])
+    return out
+
+
+def save_cache(folder: Path, per_class: int, tables: dict) -> None:
+    """The truth, replicate and subsample tables of one size as parquet files (each written under a
+    temporary name, then renamed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("truth", "reps", "boot"):
+        path = folder / f"{name}_{per_class}.parquet"
+        tmp = path.with_suffix(".part")
+        tables[name].reset_index(drop=True).to_parquet(tmp)
+        tmp.rename(path)
+
+
+def load_cache(*folders: Path) -> dict:
+    """The tables :func:`save_cache` wrote, per size: {size: dict(truth=, reps=, boot=)}; several
+    folders (runs of other replicates of the same study) are joined, the truth samples from the first."""
+    import pandas as pd
+
+    sizes = sorted(int(p.stem.split("_")[1]) for p in Path(folders[0]).glob("reps_*.parquet"))
+    if not sizes:
+        raise SystemExit(f"no cached study in {folders[0]}: run bench/coverage.py --cache {folders[0]} first")
+    out = {}
+    for s in sizes:
+        parts = {name: [pd.read_parquet(Path(f) / f"{name}_{s}.parquet") for f in folders] for name in ("reps", "boot")}
+        out[s] = dict(truth=pd.read_parquet(Path(folders[0]) / f"truth_{s}.parquet"),
+                      **{name: pd.concat(v, ignore_index=True) for name, v in parts.items()})
+        if out[s]["reps"][["replicate", "layer"]].duplicated().any():
+            raise SystemExit(f"the cached runs {[str(f) for f in folders]} share replicates: join runs of other ones")
+    return out
+
+
+def subsample_values(tables: dict, metrics) -> dict:
+    """Per size and metric, the subsample values of every replicate row (a list of arrays in the order
+    of the replicate table's rows): what an interval method needs, read once from the cached tables."""
+    out = {}
+    for size, t in tables.items():
+        groups = dict(iter(t["boot"].groupby(["replicate", "layer"])))
+        keys = list(zip(t["reps"]["replicate"], t["reps"]["layer"], strict=True))
+        out[size] = {m: [groups[k][m].to_numpy(float) for k in keys] for m in metrics}
+    return out
+
+
+def with_methods(tables: dict, values: dict, methods: dict, params, replicates=None) -> dict:
+    """Per size, the replicate table (its rows of ``replicates`` only, when given) with the ends of every
+    metric in ``methods`` (name -> params.IntervalMethod) made again by the library
+    (resample.return_metric_interval) from the cached subsample values."""
+    from llmscape.geometry.resample import return_metric_interval
+
+    out = {}
+    for size, t in tables.items():
+        reps = t["reps"].reset_index(drop=True)
+        keep = np.ones(len(reps), bool) if replicates is None else reps["replicate"].isin(list(replicates)).to_numpy()
+        reps = reps.copy()
+        for m, method in methods.items():
+            ends = [return_metric_interval(m, float(theta), draws, params.boot_fraction, params.confidence, method)[:2]
+                    if k else (math.nan, math.nan)
+                    for theta, draws, k in zip(reps[m], values[size][m], keep, strict=True)]
+            reps[f"{m}_lo"], reps[f"{m}_hi"] = np.asarray(ends, float).reshape(-1, 2).T
+        out[size] = reps[keep]
+    return out
+
+
+def evaluate(tables: dict, values: dict, methods: dict, params, replicates=None, truth: dict | None = None,
+             regimes: dict = REGIMES) -> dict:
+    """Cells (per size: :func:`summarise`'s rows) of the metrics in ``methods`` with those methods, on
+    ``replicates`` (all when None), against the truth samples of ``truth`` (per size; default
+    ``tables``' own)."""
+    truth = truth or {s: t["truth"] for s, t in tables.items()}
+    reps = with_methods(tables, values, methods, params, replicates)
+    return {str(s): summarise(truth[s], reps[s], list(methods), regimes) for s in tables}
+
+
+#: the selection rule's targets, inside the study's own (coverage 0.91-0.99, width at most 1.25x the ideal)
+#: by a margin for the noise of the set the choice is made on
+SELECT_COVERAGE, SELECT_CELL_COVERAGE, SELECT_WIDTH = (0.93, 0.985), 0.85, 1.2
+
+
+def candidate_methods(metric: str) -> list:
+    """The interval methods tried for ``metric``: its declared one first, then every combination of the
+    scales that suit its range, deflations 0.8-2.5 (steps of 0.05; below 1 widens), the draws' sd or IQR, and for counts
+    both roundings."""
+    from llmscape.geometry.params import INTERVAL_METHODS
+
+    base = INTERVAL_METHODS[metric]
+    scales = (["none"] + (["logit"] if base.bounds == (0.0, 1.0) else [])
+              + (["fisher"] if base.bounds == (-0.5, 1.0) else []))
+    out = [base]
+    for transform in scales:
+        for deflation in np.round(np.arange(0.8, 2.501, 0.05), 2):
+            for spread in ("sd", "iqr"):
+                for rounding in (("outward", "nearest") if base.integer else (base.rounding,)):
+                    m = base._replace(transform=transform, deflation=float(deflation), spread=spread, rounding=rounding)
+                    if m != base:
+                        out.append(m)
+    return out
+
+
+def meets(p: dict) -> bool:
+    """Whether one method's pooled summary meets the selection targets."""
+    return (SELECT_COVERAGE[0] <= p["coverage"] <= SELECT_COVERAGE[1] and p["coverage_min"] >= SELECT_CELL_COVERAGE
+            and p["width_ratio_max"] <= SELECT_WIDTH)
+
+
+def select_methods(tables: dict, values: dict, params, replicates, metrics) -> dict:
+    """Per metric, on the selection replicates only: the declared method when it meets the targets (a
+    method that works is not refitted), else among the candidates that meet them the one with the
+    highest pooled coverage (ties: the narrower largest width ratio), i.e. the width target's whole
+    budget spent on coverage, since a choice made near 0.95 on one set covered less on fresh
+    replicates; the best few tried are kept."""
+    out = {}
+    for m in metrics:
+        tried = []
+        for method in candidate_methods(m):
+            rows = [r for rs in evaluate(tables, values, {m: method}, params, replicates).values() for r in rs]
+            tried.append((method, pooled(rows)[m]))
+            if len(tried) == 1 and meets(tried[0][1]):
+                break
+        ok = [t for t in tried if meets(t[1])]
+        rank = sorted(ok, key=lambda t: (-round(t[1]["coverage"], 6), t[1]["width_ratio_max"]))
+        best = tried[0] if meets(tried[0][1]) else (rank[0] if rank else None)
+        out[m] = dict(declared=tried[0][0]._asdict(), declared_summary=tried[0][1], met=best is not None,
+                      chosen=best[0]._asdict() if best else None, chosen_summary=best[1] if best else None,
+                      n_tried=len(tried), best=[dict(t[0]._asdict(), **t[1]) for t in rank[:5]])
     return out
 
 
@@ -197,7 +345,8 @@ def plot(result: dict, path: Path) -> None:
                 for s, c in colours.items()]
     axes[1].legend(handles=handles, fontsize=8, loc="lower right")
     fig.suptitle(f"Interval coverage study: {result['replicates']} replicates per cell, truth from "
-                 f"{result['n_truth']} samples, n_boot = {result['params']['n_boot']}", fontsize=10)
+                 f"{result['n_truth']} samples, n_boot = {result['params']['n_boot']}"
+                 + (f"\n{result['design']}" if "design" in result else ""), fontsize=10)
     fig.tight_layout()
     tmp = path.with_suffix(".part.png")
     fig.savefig(tmp, dpi=110)
@@ -216,17 +365,33 @@ def main(argv=None) -> dict:
     ap.add_argument("--replicates", type=int, default=20)
     ap.add_argument("--truth", type=int, default=200, help="independent samples for the truth and its spread")
     ap.add_argument("--n-boot", type=int, default=None, help="subsamples (default: the pipeline's)")
+    ap.add_argument("--first-replicate", type=int, default=0, help="random stream of the first replicate")
+    ap.add_argument("--cache", default=None, help="folder for the per-size tables (parquet, kept out of git)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/coverage.json"))
+    ap.add_argument("--from-cache", metavar="DIR", nargs="+", help="instead of running: evaluate the library's "
+                    "interval methods on a cached study (--cache; several: joined), on its odd replicates, or on "
+                    "--validation's")
+    ap.add_argument("--validation", metavar="DIR", help="a cached run of other replicates (--first-replicate, "
+                    "--truth 0): the evaluation set, the whole --from-cache study the selection set")
+    ap.add_argument("--select", action="store_true", help="with --from-cache: choose a method per metric on the "
+                    "selection set (its even replicates, or all of it with --validation) and write the choice")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="instead of running: join the results of runs of single sizes into --out")
     args = ap.parse_args(argv)
     if args.merge:
         return merge([json.loads(Path(f).read_text()) for f in args.merge], Path(args.out))
+    if args.from_cache:
+        return from_cache(args)
     params = G.GeometryParams(device="cpu")
     if args.n_boot is not None:
         params = replace(params, n_boot=args.n_boot)
+    if args.truth == 0 and not args.cache:
+        raise SystemExit("--truth 0 (a validation set, no truth samples) needs --cache DIR to keep it")
     t0 = time.perf_counter()
-    study = run_study(args.sizes, args.replicates, args.truth, params)
+    study = run_study(args.sizes, args.replicates, args.truth, params, first=args.first_replicate,
+                      cache=Path(args.cache) if args.cache else None)
+    if args.truth == 0:
+        return {}
     cells = {str(s): summarise(d["truth"], d["reps"], G.INTERVAL_METRICS) for s, d in study.items()}
     result = dict(what="coverage of nominal intervals, synthetic Gaussian classes (bench/coverage.py)",
                   date=time.strftime("%Y-%m-%d"), machine=f"{platform.node()} {platform.processor()}".strip(),
@@ -237,6 +402,62 @@ def main(argv=None) -> dict:
                   methods={m: describe_interval_method(m) for m in G.INTERVAL_METRICS},
                   cells=cells, pooled=pooled([r for rs in cells.values() for r in rs]))
     return write(result, Path(args.out))
+
+
+def from_cache(args) -> dict:
+    """--from-cache: the library's methods evaluated on the evaluation set (--validation's replicates, or
+    the cache's odd ones), against the cache's truth samples; with --select, the choice per metric on
+    the selection set (the cache's replicates, or its even ones) instead."""
+    from dataclasses import asdict
+
+    from llmscape import geometry as G
+    from llmscape.geometry.params import INTERVAL_METHODS
+    from llmscape.geometry.resample import describe_interval_method
+
+    tables = load_cache(*map(Path, args.from_cache))
+    params = G.GeometryParams(device="cpu")
+    truth = {s: t["truth"] for s, t in tables.items()}
+    reps = sorted(set(next(iter(tables.values()))["reps"]["replicate"]))
+    if args.validation:
+        selection, evaluation = (tables, None), (None, None)  # the evaluation set is read when evaluated
+        design = f"selection: replicates {reps[0]}-{reps[-1]}; evaluation: those of {Path(args.validation).name}"
+    else:
+        selection, evaluation = (tables, reps[0::2]), (tables, reps[1::2])
+        design = "selection: the even replicates; evaluation: the odd ones"
+    sel_tables, sel_reps = selection
+    if args.select:
+        chosen = select_methods(sel_tables, subsample_values(sel_tables, G.INTERVAL_METRICS), params, sel_reps,
+                                G.INTERVAL_METRICS)
+        return write_selection(chosen, design, Path(args.out).with_name("coverage_selection.json"))
+    ev_tables, ev_reps = evaluation if evaluation[0] is not None else (load_cache(Path(args.validation)), None)
+    if args.validation:
+        ev = sorted(set(next(iter(ev_tables.values()))["reps"]["replicate"]))
+        design = f"methods chosen on replicates {reps[0]}-{reps[-1]}, evaluated on replicates {ev[0]}-{ev[-1]}"
+    cells = evaluate(ev_tables, subsample_values(ev_tables, G.INTERVAL_METRICS),
+                     {m: INTERVAL_METHODS[m] for m in G.INTERVAL_METRICS}, params, ev_reps, truth)
+    n_reps = len(ev_reps) if ev_reps is not None else len(set(next(iter(ev_tables.values()))["reps"]["replicate"]))
+    result = dict(what="coverage of nominal intervals, synthetic Gaussian classes (bench/coverage.py), "
+                       "evaluated from the cached subsamples", design=design,
+                  date=time.strftime("%Y-%m-%d"), sizes=sorted(tables), replicates=n_reps,
+                  n_truth=int(len(next(iter(truth.values()))) // len(REGIMES)), params=asdict(params),
+                  population=dict(classes=N_CLASSES, latent_dim=LATENT_DIM, ambient_dim=AMBIENT_DIM,
+                                  letters=N_LETTERS, separations=REGIMES),
+                  methods={m: describe_interval_method(m) for m in G.INTERVAL_METRICS},
+                  cells=cells, pooled=pooled([r for rs in cells.values() for r in rs]))
+    return write(result, Path(args.out))
+
+
+def write_selection(chosen: dict, design: str, out: Path) -> dict:
+    """The choice per metric (:func:`select_methods`) as JSON, with the targets it was made to, and a line
+    per metric printed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    targets = dict(coverage=SELECT_COVERAGE, width=SELECT_WIDTH, cell_coverage=SELECT_CELL_COVERAGE)
+    tmp = out.with_suffix(".part")
+    tmp.write_text(json.dumps(dict(design=design, targets=targets, metrics=chosen), indent=1))
+    tmp.rename(out)
+    for m, c in chosen.items():
+        print(f"{m:20s} declared kept: {c['declared'] == c['chosen']}; chosen {c['chosen']} {c['chosen_summary']}")
+    return chosen
 
 
 def write(result: dict, out: Path) -> dict:

@@ -60,18 +60,40 @@ def test_shares_stay_in_the_unit_interval():
             assert 0.0 <= lo <= theta <= hi <= 1.0, (m, theta, lo, hi)
 
 
-def test_cluster_count_ends_are_integers_outside_the_continuous_interval():
+def test_cluster_count_ends_are_integers_by_either_rounding():
+    # "outward" (declared): the smallest integer interval around the continuous one; "nearest" (tried by
+    # the coverage study): each end to its nearest integer, never past the estimate
     draws = np.array([15, 16, 16, 16, 14, 16, 15, 16, 16, 16] * 5, dtype=float)
-    lo, hi, _ = return_metric_interval("n_clusters", 16.0, draws, 0.8, 0.95)
-    assert lo == int(lo) and hi == int(hi) and lo < 16 < hi
-    cont = INTERVAL_METHODS["n_clusters"]._replace(integer=False)
-    INTERVAL_METHODS["n_clusters"], saved = cont, INTERVAL_METHODS["n_clusters"]
-    try:
-        clo, chi, _ = return_metric_interval("n_clusters", 16.0, draws, 0.8, 0.95)
-    finally:
-        INTERVAL_METHODS["n_clusters"] = saved
-    assert lo == math.floor(clo) and hi == math.ceil(chi) and clo != lo
-    assert return_metric_interval("n_clusters", 1.0, np.ones(30), 0.8, 0.95)[:2] == (1.0, 1.0)  # at least one
+    declared = INTERVAL_METHODS["n_clusters"]
+    assert declared.integer and declared.rounding == "outward"
+    cont = declared._replace(integer=False)
+    for theta in (16.0, 15.0):
+        clo, chi, _ = return_metric_interval("n_clusters", theta, draws, 0.8, 0.95, cont)
+        lo, hi, _ = return_metric_interval("n_clusters", theta, draws, 0.8, 0.95)
+        assert (lo, hi) == (math.floor(clo), math.ceil(chi)) and clo != lo
+        near = return_metric_interval("n_clusters", theta, draws, 0.8, 0.95, declared._replace(rounding="nearest"))
+        assert near[:2] == (min(round(clo), theta), max(round(chi), theta))
+    # a narrow continuous interval still holds the estimate; never below one cluster
+    near = declared._replace(rounding="nearest")
+    assert return_metric_interval("n_clusters", 7.0, np.r_[np.full(40, 7.0), 7.2], 0.8, 0.95, near)[:2] == (7.0, 7.0)
+    assert return_metric_interval("n_clusters", 1.0, np.ones(30), 0.8, 0.95)[:2] == (1.0, 1.0)
+
+
+def test_iqr_spread_ignores_a_few_far_draws():
+    # the label overlap of subjects: its spread is the draws' IQR / 1.349 on the logit scale, so two far
+    # draws barely move the interval, where they would widen an sd-based one
+    rng = np.random.default_rng(3)
+    z = 4.0 + 0.2 * rng.standard_normal(98)
+    draws = 1 / (1 + np.exp(-np.r_[z, 9.0, 9.5]))
+    theta = 1 / (1 + math.exp(-4.0))
+    method = INTERVAL_METHODS["overlap_subjects"]
+    assert method.spread == "iqr" and method.transform == "logit"
+    lo, hi, _ = return_metric_interval("overlap_subjects", theta, draws, 0.8, 0.95)
+    q1, q3 = np.quantile(np.log(draws / (1 - draws)), [0.25, 0.75])
+    half = stats.t.ppf(0.975, 99) * 2 / method.deflation * (q3 - q1) / 1.3489795003921634
+    assert (lo, hi) == pytest.approx((1 / (1 + math.exp(-(4 - half))), 1 / (1 + math.exp(-(4 + half)))))
+    slo, shi, _ = return_metric_interval("overlap_subjects", theta, draws, 0.8, 0.95, method._replace(spread="sd"))
+    assert shi - slo > 1.5 * (hi - lo)
 
 
 def test_fewest_subsamples_per_confidence():

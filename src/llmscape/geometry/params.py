@@ -77,12 +77,17 @@ class IntervalMethod(NamedTuple):
     scaled spread of the subsamples over-states the spread of a neighbour statistic (a subsample re-draws
     the neighbourhoods of the points it keeps); the interval's half-width is divided by this factor,
     measured by the coverage study (bench/coverage.py) at CALIBRATED_FRACTION. integer: a count, whose
-    ends are rounded outwards. bounds: the metric's range; the ends are clipped to it."""
+    ends are rounded to integers, ``rounding`` "outward" (the smallest integer interval around the
+    continuous one) or "nearest" (each end to its nearest integer, never past the estimate). bounds: the
+    metric's range; the ends are clipped to it. spread: the draws' spread on the interval's scale, "sd"
+    (standard deviation) or "iqr" (interquartile range / 1.349, robust to a few far draws)."""
 
     transform: str = "none"
     deflation: float = 1.0
     integer: bool = False
     bounds: tuple = (-math.inf, math.inf)
+    rounding: str = "outward"
+    spread: str = "sd"
 
 
 #: where a metric is computed, and so which table holds it
@@ -97,9 +102,10 @@ class Metric:
     the intervals are clipped to and the join's geometry columns are all read from :data:`METRICS`.
 
     name: its column. source: GRAPH, NEXT_LAYER or PAIR (above). bounds: its range (an interval's
-    ends are clipped to it). integer: a count (an interval's ends are rounded outwards). interval: it
-    gets ``{name}_lo`` and ``{name}_hi`` from the subsamples, made on the ``transform`` scale with the
-    half-width divided by ``deflation`` (:class:`IntervalMethod`). before, after: the columns of the
+    ends are clipped to it). integer: a count (an interval's ends are integers). interval: it
+    gets ``{name}_lo`` and ``{name}_hi`` from the subsamples, made on the ``transform`` scale from the
+    draws' ``spread``, with the half-width divided by ``deflation`` and a count's ends rounded by
+    ``rounding`` (:class:`IntervalMethod`). before, after: the columns of the
     settings it was computed with (or of its bookkeeping), written next to it in the layer table."""
 
     name: str
@@ -110,6 +116,8 @@ class Metric:
     interval: bool = True
     transform: str = "none"
     deflation: float = 1.0
+    rounding: str = "outward"
+    spread: str = "sd"
     before: tuple = ()
     after: tuple = ()
 
@@ -118,11 +126,14 @@ class Metric:
             raise ValueError(f"metric {self.name!r}: source {self.source!r} must be one of {GRAPH!r}, "
                              f"{NEXT_LAYER!r}, {PAIR!r} and transform {self.transform!r} one of 'none', 'logit', "
                              "'fisher'")
+        if self.rounding not in ("outward", "nearest") or self.spread not in ("sd", "iqr"):
+            raise ValueError(f"metric {self.name!r}: rounding {self.rounding!r} must be 'outward' or 'nearest' and "
+                             f"spread {self.spread!r} 'sd' or 'iqr'")
 
     @property
     def method(self) -> IntervalMethod:
         """The interval method :mod:`resample` applies to this metric."""
-        return IntervalMethod(self.transform, self.deflation, self.integer, self.bounds)
+        return IntervalMethod(self.transform, self.deflation, self.integer, self.bounds, self.rounding, self.spread)
 
 
 _ID = (0.0, math.inf)
@@ -139,21 +150,23 @@ METRICS = (
     Metric("log_density_mean", "mean kNN log density (k = density_k) at the headline ID", deflation=1.15,
            before=("density_k",)),
     Metric("n_clusters", "ADP clusters (merging parameter z, halo off)", bounds=(1.0, math.inf), integer=True,
-           deflation=1.6, before=("z",), after=("n_adp_repaired",)),
+           deflation=2.4, before=("z",), after=("n_adp_repaired",)),
     Metric("core_fraction", "share of points outside the halo (ADP with the halo on)", bounds=_SHARE,
-           deflation=1.5),
+           deflation=1.7),
     # ARIs on their own scale: on the atanh scale, near 1, one draw at 1 stretched the interval to 3x ideal
-    Metric("ari_subjects", "ARI of the ADP assignment (halo off) with the subjects", bounds=_ARI, deflation=1.35),
+    Metric("ari_subjects", "ARI of the ADP assignment (halo off) with the subjects", bounds=_ARI, deflation=1.6),
     Metric("ari_letters", "ARI of the ADP assignment (halo off) with the answer letters", bounds=_ARI,
-           deflation=1.6),
+           deflation=1.9),
+    # the IQR of the draws: near 0.99 a few draws far out on the logit scale inflated their sd
     Metric("overlap_subjects", "class-balanced label overlap of the subjects (class fraction label_fraction)",
-           bounds=_SHARE, transform="logit", before=("label_fraction",)),
+           bounds=_SHARE, transform="logit", deflation=1.1, spread="iqr", before=("label_fraction",)),
     Metric("overlap_letters", "class-balanced label overlap of the answer letters", bounds=_SHARE,
            transform="logit", deflation=1.5),
+    # the data overlaps on their own scale, 1 / 0.9 times the jackknife width (the logit interval covered 0.91)
     Metric("overlap_next_layer", "data overlap (k = overlap_k) of layer l with layer l + 1 (NaN for the last)",
-           source=NEXT_LAYER, bounds=_SHARE, transform="logit", before=("overlap_k",)),
+           source=NEXT_LAYER, bounds=_SHARE, deflation=0.9, before=("overlap_k",)),
     Metric("overlap", "data overlap (k) of one extraction with a reference, layer by layer", source=PAIR,
-           bounds=_SHARE, transform="logit"),
+           bounds=_SHARE, deflation=0.9),
 )
 
 
@@ -179,8 +192,10 @@ def describe_metrics() -> str:
         lo, hi = m.bounds
         span = ("any value" if (lo, hi) == (-math.inf, math.inf) else f">= {lo:g}" if hi == math.inf
                 else f"in [{lo:g}, {hi:g}]")
-        how = (f"interval on {scale[m.transform]} scale" + (f", deflation {m.deflation:g}" if m.deflation != 1 else "")
-               + (", ends rounded outwards" if m.integer else "") if m.interval else "no interval")
+        how = (f"interval on {scale[m.transform]} scale" + (", from the draws' IQR" if m.spread == "iqr" else "")
+               + (f", deflation {m.deflation:g}" if m.deflation != 1 else "")
+               + (f", ends rounded {'outwards' if m.rounding == 'outward' else 'to the nearest integer'}"
+                  if m.integer else "") if m.interval else "no interval")
         lines += textwrap.wrap(f"``{m.name}`` ({table[m.source]}; {span}{', a count' if m.integer else ''}; {how}): "
                                f"{m.description}", width=104, subsequent_indent="    ")
     return "\n".join(lines) + "\n"

@@ -13,25 +13,29 @@ a draw keeps r = f n of n points and deletes d = n - r; for a smooth statistic t
 full-sample estimate is (r / d) times the variance of the draws, so the draws' sd is scaled by
 c = sqrt(f / (1 - f)) (2 for f = 0.8). The interval is
 
-    theta +- t_(n_boot - 1) x c / deflation x sd(draws)        on the metric's own scale, or on
-    the logit scale (the neighbourhood overlaps), then mapped back,
+    theta +- t_(n_boot - 1) x c / deflation x spread(draws)     on the metric's own scale, or on
+    the logit scale (the label overlaps), then mapped back,
 
-centred on the full-sample value theta, with Student's t for the draws' own noise; counts (ADP
-clusters) get their ends rounded outwards to integers, and every end is clipped to the metric's range.
+centred on the full-sample value theta, with Student's t for the draws' own noise; the spread is the
+draws' sd, or for the label overlap of subjects their interquartile range / 1.349 (near 0.99 a few
+draws far out on the logit scale inflated the sd); counts (ADP clusters) get their ends rounded
+outwards to integers (rounding each end to its nearest integer was tried: it covered less for the
+same width), and every end is clipped to the metric's range.
 
 Why a deflation: the metrics are neighbour statistics. A subsample does not only leave points out, it
 also gives the points it keeps new neighbourhoods (their neighbours that were left out are replaced by
 farther ones), so the draws vary more than a smooth statistic's would, and the scaled spread
 over-states the sampling spread of the full-sample value. The coverage study (bench/coverage.py,
-docs/geometry.md) measured the factor per metric at f = 0.8 (1 for the label overlap of subjects, about
-1.2 for Gride and the density, 1.35-1.6 for 2NN, ADP and the letter statistics). At another
-boot_fraction the factor is not applied (the plain, wider jackknife interval). Why the logit scale
-for overlaps: a share near 0 or 1 has a skewed, bounded sampling distribution; an interval made
-symmetric on the logit scale is asymmetric on the metric's and never leaves (0, 1) (Efron and
-Tibshirani 1993, An Introduction to the Bootstrap, ch. 12-14, on intervals made on a transformed
-scale). The ARI stays on its own scale: on the atanh scale one draw at ARI 1 stretched the interval
-near separation to 3.3x the ideal width (study). The sd of the draws, unlike their quantiles, does not
-collapse onto the estimate when many draws tie at a bound.
+docs/geometry.md) chose the method of each metric at f = 0.8 on one set of replicates and checked it
+on another (about 1.2 for Gride and the density, 1.5-2 for 2NN, ADP, the ARIs and the letter
+statistics, 0.9 - a slight widening - for the data overlaps). At another boot_fraction the factor is
+not applied (the plain jackknife interval). Why the logit scale for the label overlaps: a share near
+0 or 1 has a skewed, bounded sampling distribution; an interval made symmetric on the logit scale is
+asymmetric on the metric's and never leaves (0, 1) (Efron and Tibshirani 1993, An Introduction to the
+Bootstrap, ch. 12-14, on intervals made on a transformed scale); the data overlaps, away from the
+bounds here, covered better on their own scale. The ARI stays on its own scale: on the atanh scale
+one draw at ARI 1 stretched the interval near separation to 3.3x the ideal width (study). The sd of
+the draws, unlike their quantiles, does not collapse onto the estimate when many draws tie at a bound.
 
 Centring on the full-sample value, not on the draws, matters here: the draws have fewer points per
 subject, and several metrics move with the sample size (the Gride ID at a fixed neighbour rank, the
@@ -224,50 +228,76 @@ def _from_scale(z: float, transform: str) -> float:
     return float(z)
 
 
-def scale_factor(metric: str, fraction: float) -> float:
+def scale_factor(metric: str, fraction: float, method=None) -> float:
     """From the spread of subsamples of ``fraction`` to that of the full-sample estimate: the
     delete-d jackknife's sqrt(f / (1 - f)), divided by the metric's measured deflation where the
-    fraction is the one the deflation was measured at (else the plain, wider factor)."""
+    fraction is the one the deflation was measured at (else the plain, wider factor). ``method``: an
+    :class:`params.IntervalMethod` in place of the metric's own (the coverage study tries others)."""
     from .params import CALIBRATED_FRACTION, INTERVAL_METHODS, IntervalMethod
 
     c = math.sqrt(fraction / (1.0 - fraction))
-    method = INTERVAL_METHODS.get(metric, IntervalMethod())
+    method = method or INTERVAL_METHODS.get(metric, IntervalMethod())
     return c / method.deflation if abs(fraction - CALIBRATED_FRACTION) < 1e-9 else c
 
 
+#: the interquartile range of a normal distribution in standard deviations (2 x 0.6745)
+_IQR_PER_SD = 1.3489795003921634
+
+
+def _spread(z: np.ndarray, how: str) -> float:
+    """The draws' spread on the interval's scale: their standard deviation ("sd"), or their
+    interquartile range over that of a normal distribution ("iqr"; robust to a few far draws)."""
+    if how == "iqr":
+        q1, q3 = np.quantile(z, [0.25, 0.75])
+        return float(q3 - q1) / _IQR_PER_SD
+    return float(np.std(z, ddof=1))
+
+
+def _integer_ends(lo: float, hi: float, theta: float, rounding: str) -> tuple[float, float]:
+    """A count's ends as integers: "outward" (the smallest integer interval around [lo, hi]) or
+    "nearest" (each end to its nearest integer, never past the estimate)."""
+    if rounding == "nearest":
+        return min(math.floor(lo + 0.5), math.floor(theta)), max(math.ceil(hi - 0.5), math.ceil(theta))
+    return math.floor(lo + 1e-9), math.ceil(hi - 1e-9)
+
+
 def return_metric_interval(metric: str, theta: float, draws, fraction: float,
-                           confidence: float) -> tuple[float, float, int]:
+                           confidence: float, method=None) -> tuple[float, float, int]:
     """(lo, hi, draws used): the interval of ``metric``'s full-sample value ``theta`` from the values of
-    the subsamples, by the metric's method (module docstring): on the transformed scale,
-    theta +- t_(n-1) x scale_factor x sd(draws), mapped back, counts rounded outwards, clipped to the
-    metric's range. NaN ends when theta is not finite or fewer than two draws are."""
+    the subsamples, by the metric's method (module docstring; ``method``: another
+    :class:`params.IntervalMethod`, for the coverage study): on the transformed scale,
+    theta +- t_(n-1) x scale_factor x spread(draws), mapped back, counts rounded to integers, clipped to
+    the metric's range. NaN ends when theta is not finite or fewer than two draws are."""
     from scipy import stats
 
     from .params import INTERVAL_METHODS, IntervalMethod
 
-    method = INTERVAL_METHODS.get(metric, IntervalMethod())
+    method = method or INTERVAL_METHODS.get(metric, IntervalMethod())
     v = np.asarray(draws, dtype=np.float64)
     v = v[np.isfinite(v)]
     if v.size < 2 or not math.isfinite(theta):
         return math.nan, math.nan, int(v.size)
     z = _to_scale(v, method.transform)
-    half = stats.t.ppf((1 + confidence) / 2, v.size - 1) * scale_factor(metric, fraction) * float(np.std(z, ddof=1))
+    t = stats.t.ppf((1 + confidence) / 2, v.size - 1)
+    half = t * scale_factor(metric, fraction, method) * _spread(z, method.spread)
     centre = float(_to_scale(theta, method.transform))
     lo, hi = _from_scale(centre - half, method.transform), _from_scale(centre + half, method.transform)
     if method.transform != "none":  # theta moved inside the open range: keep it inside its own interval
         lo, hi = min(lo, theta), max(hi, theta)
     if method.integer:
-        lo, hi = math.floor(lo + 1e-9), math.ceil(hi - 1e-9)
+        lo, hi = _integer_ends(lo, hi, theta, method.rounding)
     bottom, top = method.bounds
     return float(min(max(lo, bottom), top)), float(min(max(hi, bottom), top)), int(v.size)
 
 
-def describe_interval_method(metric: str) -> str:
-    """The method of ``metric``'s interval in words (for the study's JSON and the docs)."""
+def describe_interval_method(metric: str, method=None) -> str:
+    """The method of ``metric``'s interval (or of ``method``) in words (for the study's JSON and the docs)."""
     from .params import CALIBRATED_FRACTION, INTERVAL_METHODS, IntervalMethod
 
-    m = INTERVAL_METHODS.get(metric, IntervalMethod())
+    m = method or INTERVAL_METHODS.get(metric, IntervalMethod())
     scale = {"none": "", "logit": "on the logit scale, ", "fisher": "on the atanh (Fisher) scale, "}[m.transform]
-    text = (f"{scale}estimate +- t x sqrt(f/(1-f)) x sd(draws)"
+    spread = "sd(draws)" if m.spread == "sd" else "IQR(draws) / 1.349"
+    text = (f"{scale}estimate +- t x sqrt(f/(1-f)) x {spread}"
             + (f" / {m.deflation:g} (at f = {CALIBRATED_FRACTION:g})" if m.deflation != 1 else ""))
-    return text + (", ends rounded outwards to integers" if m.integer else "")
+    return text + (f", ends rounded {'outwards' if m.rounding == 'outward' else 'to the nearest'} integer"
+                   + ("s" if m.rounding == "outward" else "") if m.integer else "")
