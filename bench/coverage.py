@@ -343,7 +343,7 @@ def plot(result: dict, path: Path) -> None:
     handles = [plt.Line2D([], [], marker=mk, color="k", ls="none", label=name) for name, mk in marks.items()]
     handles += [plt.Line2D([], [], marker="o", color=c, ls="none", label=f"{N_CLASSES} x {s} points")
                 for s, c in colours.items()]
-    axes[1].legend(handles=handles, fontsize=8, loc="lower right")
+    axes[1].legend(handles=handles, fontsize=8, loc="lower left")
     fig.suptitle(f"Interval coverage study: {result['replicates']} replicates per cell, truth from "
                  f"{result['n_truth']} samples, n_boot = {result['params']['n_boot']}"
                  + (f"\n{result['design']}" if "design" in result else ""), fontsize=10)

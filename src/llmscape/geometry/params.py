@@ -75,8 +75,9 @@ class IntervalMethod(NamedTuple):
     transform: the scale the interval is made on, then mapped back: "none", "logit" (a share in [0, 1]),
     "fisher" (atanh of an ARI); an interval made there never leaves the metric's range. deflation: the
     scaled spread of the subsamples over-states the spread of a neighbour statistic (a subsample re-draws
-    the neighbourhoods of the points it keeps); the interval's half-width is divided by this factor,
-    measured by the coverage study (bench/coverage.py) at CALIBRATED_FRACTION. integer: a count, whose
+    the neighbourhoods of the points it keeps); the interval's half-width is divided by this factor
+    (below 1: widened), chosen by the coverage study (bench/coverage.py) at CALIBRATED_FRACTION on some
+    replicates and checked on others. integer: a count, whose
     ends are rounded to integers, ``rounding`` "outward" (the smallest integer interval around the
     continuous one) or "nearest" (each end to its nearest integer, never past the estimate). bounds: the
     metric's range; the ends are clipped to it. spread: the draws' spread on the interval's scale, "sd"
@@ -201,8 +202,8 @@ def describe_metrics() -> str:
     return "\n".join(lines) + "\n"
 
 
-#: the subsample share at which the deflation factors were measured; another boot_fraction gets none
-#: (a wider, conservative interval) and a warning
+#: the subsample share at which the deflation factors were chosen; another boot_fraction gets none (the
+#: plain jackknife interval: wider for most metrics, a tenth narrower for the data overlaps) and a warning
 CALIBRATED_FRACTION = 0.8
 #: the interval method of every metric with an interval, the pair overlaps' included
 INTERVAL_METHODS = {m.name: m.method for m in METRICS if m.interval}
