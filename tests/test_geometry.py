@@ -216,6 +216,26 @@ def plain_dadapy(X, maxk, params=P):
     return ids, errs, assignment, d
 
 
+@pytest.mark.parametrize("case", ["gaussian", "plane", "ties", "outliers"])
+def test_gride_equals_dadapy_on_the_same_graph(case):
+    # our vectorised Gride (Newton steps, all scales at once) against DADApy's bisections, same distances:
+    # ratios of exactly 1 (rounded coordinates), far outliers (its ratio filter), a low-dimensional plane
+    rng = np.random.default_rng(21)
+    X = {"gaussian": lambda: rng.standard_normal((1200, 8)),
+         "plane": lambda: rng.standard_normal((900, 3)) @ rng.standard_normal((3, 40)),
+         "ties": lambda: np.round(rng.standard_normal((800, 4)), 1),
+         "outliers": lambda: np.vstack([rng.standard_normal((500, 20)), 50 * rng.standard_normal((20, 20))])}[case]()
+    X = X[G.return_unique_rows(X)]
+    dist, ind = G.compute_neighbour_graph(X.astype(np.float32), 200, device="cpu")
+    ids, errs, n2s = Data(distances=(dist, ind), maxk=200, verbose=False).return_id_scaling_gride(
+        range_max=100, return_ranks=True)
+    ours, our_errs, our_n2s = G.metrics.return_gride_profile(dist, 100)
+    assert np.array_equal(our_n2s, n2s) and len(n2s) == 6
+    assert np.max(np.abs(ours - ids)) < 2e-7 and np.allclose(our_errs, errs, rtol=1e-6, atol=0)
+    if case == "ties":
+        assert (dist[:, 2] == dist[:, 1]).any()  # the nudged ratios of exactly 1 occur
+
+
 def test_identical_to_plain_dadapy():
     rng = np.random.default_rng(7)
     # unequal, overlapping blobs: two peaks merge (5 clusters, ARI ~0.8) and a third of the points are halo
