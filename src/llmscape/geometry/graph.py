@@ -250,6 +250,8 @@ def _product_rows(width: int, diagonal: bool) -> int:
     triangle and each chunk's own square is computed in full."""
     rows = _PRODUCT_ROWS * max(1, min(4, width // 1024))
     return max(_PRODUCT_ROWS, rows // 2) if diagonal else rows
+
+
 _POOLS: dict[tuple[str, int], ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 
