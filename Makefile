@@ -27,7 +27,7 @@ bench: setup      ## every benchmark, methods alternated 3 times (median, spread
 	$(RUN) bench/bench_spectra.py
 	$(RUN) bench/bench_geometry.py
 	$(RUN) bench/bench_intervals.py
-	$(RUN) bench/bench_finetune.py --threads $(CORES)
+	$(RUN) bench/bench_finetune.py --threads $(CORES) --steps 3
 	$(RUN) bench/readme_table.py
 
 image:            ## the container image, podman (docs/install.md): make image [IMAGE_BASE=debootstrap] [PIP_CERT=ca.pem]
