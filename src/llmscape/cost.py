@@ -382,7 +382,8 @@ def intervene_seconds(ctx: Context, group: str, job: dict) -> float:
 
 def replication_questions(ctx: Context, rset: str) -> int:
     """Questions of one replication set (geometry.replication.sets): the analysis questions of its
-    subjects, from the test split's sizes; without them, its share of the subjects."""
+    subjects, from the test split's sizes. Without them (``source: csv``), the set's share of the listed
+    subjects, or all questions when data.subjects is not listed (an upper bound)."""
     sizes = data.analysis_subject_sizes(ctx.config["data"])
     subjects = ctx.config["geometry"]["replication"]["sets"][rset]
     if sizes:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import LlmscapeError
+from .errors import LlmscapeError, rebuild_command
 
 
 class OutputError(LlmscapeError, RuntimeError):
@@ -210,13 +210,6 @@ def write_npy(dest: str | os.PathLike, arr: np.ndarray) -> None:
     np.save(buf, arr)
     with atomic_path(dest) as tmp:
         tmp.write_bytes(buf.getvalue())
-
-
-def rebuild_command(path: str | os.PathLike) -> str:
-    """The Snakemake command that reruns the one job writing ``path`` and nothing else: ``--force`` with the
-    file as the target (``--forcerun <rule>`` would force every job of the rule and all that follows from
-    them). Where one job writes several files (an extraction job per variant) that job is the one forced."""
-    return f"snakemake --cores 1 --force {path}"
 
 
 def rebuild_hint(path: str | os.PathLike) -> str:

