@@ -66,9 +66,10 @@ def brute_knn(X, k):
 
 
 @pytest.mark.parametrize("k", [40, 200])  # a top-k of a few per row; most of every row (packed-key sort)
-@pytest.mark.parametrize("sym_budget_mb,blas", [(2048, "numpy"), (0, "numpy"), (2048, "torch")])
+@pytest.mark.parametrize("sym_budget_mb,blas", [(2048, "onednn"), (0, "onednn"), (2048, "numpy"), (0, "numpy"),
+                                                (2048, "torch")])
 def test_neighbour_graph_matches_brute_force_across_blocks(sym_budget_mb, blas, k):
-    # symmetric blocks and plain row strips; block products by numpy's BLAS and by torch's
+    # symmetric blocks and plain row strips; block products by oneDNN, numpy's BLAS and torch
     rng = np.random.default_rng(3)
     X = (rng.standard_normal((301, 7)) * np.arange(1, 8)).astype(np.float32)
     dist, ind = G.compute_neighbour_graph(X, k, device="cpu", block_rows=37,  # 9 uneven blocks
@@ -112,6 +113,33 @@ def test_neighbour_graph_identical_with_one_or_two_threads():
         torch.set_num_threads(before)
     for (d1, i1), (d2, i2) in zip(out[1], out[2], strict=True):
         assert np.array_equal(d1, d2) and np.array_equal(i1, i2)
+
+
+def test_onednn_products_are_float32_and_leave_the_callers_threads_alone():
+    # the oneDNN product must be a true float32 one (no bf16 or tf32 inside: an error near float32's
+    # rounding, not bf16's 1e-3), equal to numpy's to float32 rounding, and its one-thread OpenMP
+    # setting must stay in the graph's workers: the caller keeps torch's thread count
+    import torch
+
+    matmul = G.graph.onednn_product()
+    assert matmul is not None, "torch on x86 ships oneDNN; without it blas='auto' falls back to numpy"
+    rng = np.random.default_rng(8)
+    a, b = rng.standard_normal((300, 1000)).astype(np.float32), rng.standard_normal((200, 1000)).astype(np.float32)
+    out = np.empty((300, 200), np.float32)
+    G.graph.worker_pool(2).submit(matmul, a, b, out).result()
+    exact = a.astype(np.float64) @ b.astype(np.float64).T
+    err = np.abs(out - exact).max() / np.abs(exact).max()
+    assert 0 < err < 1e-5, err
+    assert np.abs(out - a @ b.T).max() / np.abs(exact).max() < 1e-5
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        G.compute_neighbour_graph(rng.standard_normal((500, 20)).astype(np.float32), 30, device="cpu")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(RuntimeError, match="worker threads"):
+        matmul(a, b, out)  # never in the main thread: it would hold torch there to one thread
 
 
 def test_ari_equals_scikit_learn():

@@ -60,7 +60,7 @@ def return_unique_rows(X: np.ndarray, return_inverse: bool = False):
 
 def compute_neighbour_graph(X: np.ndarray, k: int, *, device: str = "auto", precision: str = "float32",
                             block_rows: int = 2048, refine_tol: float = 1e-4,
-                            sym_budget_mb: int = 2048, blas: str = "numpy") -> tuple[np.ndarray, np.ndarray]:
+                            sym_budget_mb: int = 2048, blas: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """Euclidean k nearest neighbours of every row of X, DADApy layout.
 
     Returns (dist, ind), each (N, k + 1): column 0 is the point itself at distance 0, then the k
@@ -71,8 +71,10 @@ def compute_neighbour_graph(X: np.ndarray, k: int, *, device: str = "auto", prec
     for row block J (while the upper triangle fits ``sym_budget_mb``), and each diagonal block
     (I, I) chunk by chunk from the chunk's own first row on (:func:`_product`), so that about half
     of the n^2 products are computed (at n = 1,600, one block: 0.75x the graph's CPU time); one
-    selection per row strip. On CPU (``blas="numpy"``) everything runs in numpy (see
-    :func:`_knn_numpy`); on CUDA, or with ``blas="torch"``, in torch (:func:`_knn_torch`).
+    selection per row strip. On CPU the products run in our own row-split workers (see
+    :func:`_knn_numpy`), each through oneDNN's float32 inner product (``blas="onednn"``, what
+    ``"auto"`` picks when torch has it, :func:`onednn_product`) or numpy's BLAS (``blas="numpy"``,
+    and always in float64); on CUDA, or with ``blas="torch"``, all runs in torch (:func:`_knn_torch`).
     Where a squared distance is below ``refine_tol`` (|x|^2 + |y|^2), the formula has lost its
     relative precision: those pairs (or, when a whole neighbourhood is that tight, the whole row) are
     recomputed in float64 (:func:`_refine`).
@@ -85,20 +87,19 @@ def compute_neighbour_graph(X: np.ndarray, k: int, *, device: str = "auto", prec
         raise ValueError(f"k={k} neighbours need at least k + 1 points, have {n}")
     if precision not in ("float32", "float64"):
         raise ValueError(f"precision must be float32 or float64, got {precision!r}")
-    if blas not in ("numpy", "torch"):
-        raise ValueError(f"blas must be numpy or torch, got {blas!r}")
+    if blas not in ("auto", "onednn", "numpy", "torch"):
+        raise ValueError(f"blas must be auto, onednn, numpy or torch, got {blas!r}")
     dev = pick_device(device, key="geometry.device", error=GeometryError)
     B = max(1, min(int(block_rows), n))
     itemsize = 4 if precision == "float32" else 8
     # each (I, J >= I) block is computed once; its transpose serves row block J later. Keeping the
     # upper triangle costs n^2/2 values: above the budget, fall back to full row strips.
     symmetric = (n * n // 2) * itemsize <= int(sym_budget_mb) << 20
-    knn = _knn_numpy if dev == "cpu" and blas == "numpy" else _knn_torch
+    knn = _knn_torch if dev != "cpu" or blas == "torch" else _knn_numpy
     if knn is _knn_numpy:
-        from .resample import keep_freed_memory
-
-        keep_freed_memory()  # the strips and factors of every layer from the heap, not fresh pages (4x faster)
-    run_v, run_i, sq = knn(X, k, dev, precision, B, symmetric)
+        run_v, run_i, sq = _knn_numpy(X, k, precision, B, symmetric, _cpu_matmul(blas, precision))
+    else:
+        run_v, run_i, sq = _knn_torch(X, k, dev, precision, B, symmetric)
     run_v[:, 0] = 0.0
     if refine_tol > 0 and precision != "float64":
         _refine(X, run_v, run_i, sq, k, refine_tol)
@@ -107,6 +108,15 @@ def compute_neighbour_graph(X: np.ndarray, k: int, *, device: str = "auto", prec
     _in_chunks(worker_pool(threads), threads, n,
                lambda r0, r1: np.sqrt(run_v[r0:r1], out=dist[r0:r1], dtype=np.float64))
     return dist, run_i
+
+
+def _cpu_matmul(blas: str, precision: str):
+    """The CPU graph's product for ``blas`` (auto, onednn or numpy): :func:`onednn_product`'s, or None
+    for numpy's BLAS (also in float64, which oneDNN's inner product lacks)."""
+    if blas == "onednn" and onednn_product() is None:
+        raise ValueError("blas='onednn' needs torch's oneDNN (torch.backends.mkldnn) at full float32 "
+                         "precision; use blas='auto' or 'numpy'")
+    return onednn_product() if blas in ("auto", "onednn") and precision == "float32" else None
 
 
 def _strips(n: int, B: int, symmetric: bool, empty, product, keep, put_transpose):
@@ -134,12 +144,13 @@ def _strips(n: int, B: int, symmetric: bool, empty, product, keep, put_transpose
         del strip
 
 
-def _knn_numpy(X: np.ndarray, k: int, dev: str, precision: str, B: int, symmetric: bool):
-    """CPU neighbour search in numpy alone. Returns (squared distances, indices, |x|^2), unrefined.
+def _knn_numpy(X: np.ndarray, k: int, precision: str, B: int, symmetric: bool, matmul=None):
+    """CPU neighbour search in numpy and our own workers. Returns (squared distances, indices, |x|^2),
+    unrefined.
 
-    The products go through numpy's BLAS (OpenBLAS in the numpy wheel, the BLAS sklearn and so the
-    published path use): torch's MKL runs 1.6x slower on AMD EPYC (measured, bench/). The squared
-    norms ride along in the product (:func:`_factors`), one BLAS call per block.
+    The products go through ``matmul(a, b, out)`` (out = a @ b.T: :func:`onednn_product`) or, when it
+    is None, numpy's BLAS (OpenBLAS in the numpy wheel, the BLAS sklearn and so the published path
+    use). The squared norms ride along in the product (:func:`_factors`), one call per block.
 
     Threads: :func:`cpu_threads` Python workers split every product and every selection by
     rows, each calling a one-thread BLAS (:func:`blas_single_thread`). OpenBLAS's own threads spin
@@ -151,6 +162,9 @@ def _knn_numpy(X: np.ndarray, k: int, dev: str, precision: str, B: int, symmetri
     index) keys (:func:`_select_packed`), else torch's top-k (:func:`_select_topk`); see
     _PACKED_SHARE for why and where they part.
     """
+    from .resample import keep_freed_memory
+
+    keep_freed_memory()  # the strips and factors of every layer from the heap, not fresh pages (4x faster)
     dt = np.dtype(precision)
     n, k1 = X.shape[0], k + 1
     threads = cpu_threads()
@@ -165,7 +179,7 @@ def _knn_numpy(X: np.ndarray, k: int, dev: str, precision: str, B: int, symmetri
             _in_chunks(pool, threads, out.shape[0], lambda r0, r1: np.copyto(out[r0:r1], block[:, r0:r1].T))
 
         for s, e, strip in _strips(n, B, symmetric, lambda rows: np.empty((rows, n), dtype=dt),
-                                   _product(L, R, pool, threads), np.copy, put_transpose):
+                                   _product(L, R, pool, threads, matmul), np.copy, put_transpose):
             if packed:
                 _select_packed(strip, s, k1, run_v[s:e], run_i[s:e], pool, threads)
             else:
@@ -203,10 +217,14 @@ def _factors(X: np.ndarray, dt: np.dtype, pool, threads: int):
     return L, R, sq
 
 
-def _product(L: np.ndarray, R: np.ndarray, pool, threads: int):
+def _product(L: np.ndarray, R: np.ndarray, pool, threads: int, matmul=None):
     """product(s, e, s2, e2, out): the squared distances of rows s:e to rows s2:e2 into ``out``, from
-    the factors of :func:`_factors`, clamped at +0.0, split over the pool in fixed chunks of rows."""
+    the factors of :func:`_factors`, clamped at +0.0, split over the pool in fixed chunks of rows, each
+    chunk one ``matmul(a, b, out)`` (out = a @ b.T; numpy's when None)."""
     as_int = np.int32 if L.dtype == np.float32 else np.int64
+    if matmul is None:
+        def matmul(a, b, out):
+            np.matmul(a, b.T, out=out)
 
     def product(s, e, s2, e2, out):
         diagonal = s2 == s and e2 == e
@@ -216,7 +234,7 @@ def _product(L: np.ndarray, R: np.ndarray, pool, threads: int):
             # on (about half the products), then writes their transpose below itself
             c0 = r0 if diagonal else 0
             block = out[r0:r1, c0:]
-            np.matmul(L[s + r0:s + r1], R[s2 + c0:e2].T, out=block)
+            matmul(L[s + r0:s + r1], R[s2 + c0:e2], block)
             # clamp at 0 in the integer view: rounding's negatives and -0.0 (sign bit set, which would
             # order first as an integer) all become +0.0
             bits = block.view(as_int)
@@ -227,9 +245,70 @@ def _product(L: np.ndarray, R: np.ndarray, pool, threads: int):
         # fixed chunks: BLAS may round a row differently by its position in the product (its kernels
         # handle the rows beyond a multiple of their unroll apart), so chunks that depended on the
         # thread count would make the graph depend on it too
-        _in_chunks(pool, threads, e - s, part, chunk_rows=_product_rows(L.shape[1], diagonal))
+        # in the pool even when one chunk: a oneDNN call must run in a worker of one OpenMP thread
+        _in_chunks(pool, threads, e - s, part, chunk_rows=_product_rows(L.shape[1], diagonal), inline=False)
 
     return product
+
+
+_ONEDNN: list = []  # [matmul or None], once per process
+
+
+def onednn_product():
+    """``matmul(a, b, out)``: out = a @ b.T for float32 numpy arrays through torch's oneDNN inner
+    product (``torch.ops.mkldnn._linear_pointwise``), one OpenMP thread, to be called from the graph's
+    workers (:func:`worker_pool`); None where torch has no oneDNN or allows it reduced precision
+    (``torch.backends.mkldnn.matmul.fp32_precision`` other than none/ieee).
+
+    Why: oneDNN picks its kernels for the CPU it runs on, while OpenBLAS may be held to older ones. On
+    the AMD EPYC this project is benchmarked on, the environment sets ``OPENBLAS_CORETYPE=Haswell``
+    (AVX2 kernels, 133 GFLOP/s a core in float32) where oneDNN runs AVX-512 at 247; with OpenBLAS left
+    to detect the CPU both run about 240 (bench/, docs/geometry.md). So oneDNN is never the slower of the
+    two here; ``ONEDNN_MAX_CPU_ISA`` holds it to a kernel set as ``OPENBLAS_CORETYPE`` holds OpenBLAS,
+    for results equal bit for bit across CPU types. Float32 throughout (no bf16 or tf32 inside: tested
+    against float64)."""
+    if not _ONEDNN:
+        _ONEDNN.append(_load_onednn())
+    return _ONEDNN[0]
+
+
+def _load_onednn():
+    import torch
+
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return None
+        if str(torch.backends.mkldnn.matmul.fp32_precision).lower() not in ("none", "ieee"):
+            return None
+        op = torch.ops.mkldnn._linear_pointwise
+        probe = torch.ones((2, 3))
+        if not torch.equal(op(probe, probe, None, "none", [], ""), torch.full((2, 2), 3.0)):
+            return None
+    except (AttributeError, RuntimeError):
+        return None
+
+    def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+        _one_omp_thread()
+        np.copyto(out, op(torch.from_numpy(a), torch.from_numpy(b), None, "none", [], "").numpy())
+
+    return matmul
+
+
+_WORKER = threading.local()
+
+
+def _one_omp_thread() -> None:
+    """Hold this worker thread's OpenMP team to one thread, for good (an OpenMP setting is per thread,
+    so the caller's and torch's other threads keep theirs). torch's own per-thread start-up runs first,
+    since it would set the team back to torch's thread count."""
+    if getattr(_WORKER, "omp_one", None) is None:
+        if threading.current_thread() is threading.main_thread():
+            raise RuntimeError("oneDNN products run in the graph's worker threads, not the main thread")
+        import torch
+        from threadpoolctl import ThreadpoolController
+
+        torch.get_num_threads()
+        _WORKER.omp_one = ThreadpoolController().limit(limits=1, user_api="openmp")
 
 
 def cpu_threads() -> int:
@@ -266,12 +345,13 @@ def worker_pool(threads: int, job: str = "knn") -> ThreadPoolExecutor:
         return _POOLS[job, threads]
 
 
-def _in_chunks(pool, threads: int, rows: int, work, chunk_rows: int | None = None) -> None:
+def _in_chunks(pool, threads: int, rows: int, work, chunk_rows: int | None = None, inline: bool = True) -> None:
     """work(r0, r1) over contiguous row chunks of range(rows), in the pool: ``threads`` chunks, or chunks
-    of ``chunk_rows`` rows whatever the thread count."""
+    of ``chunk_rows`` rows whatever the thread count; a single chunk in the caller's thread when
+    ``inline``."""
     step = chunk_rows or -(-rows // threads)
     chunks = [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
-    if len(chunks) == 1:
+    if len(chunks) == 1 and inline:
         work(*chunks[0])
     else:
         for f in [pool.submit(work, *c) for c in chunks]:
