@@ -136,7 +136,30 @@ def machine() -> dict:
     return dict(date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), cores=cores(),
                 cpu=cpu, platform=platform.platform(), load_at_start=[round(x, 2) for x in os.getloadavg()],
                 busy_rule=f"a run is busy when the 1-minute load average before it or during it exceeds "
-                          f"{BUSY_PER_CORE} x {cores()} cores")
+                          f"{BUSY_PER_CORE} x {cores()} cores", kernels=kernel_sets())
+
+
+def kernel_sets() -> dict:
+    """Which kernels the numerical libraries run here, since they set much of a benchmark's speed:
+    OpenBLAS's (numpy's and scipy's BLAS: the CPU type it detected, or the one ``OPENBLAS_CORETYPE``
+    holds it to) and torch's (its CPU capability, which oneDNN follows unless ``ONEDNN_MAX_CPU_ISA``
+    caps it)."""
+    out = {v: os.environ[v] for v in ("OPENBLAS_CORETYPE", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA") if v in os.environ}
+    try:
+        import numpy  # noqa: F401  (loads OpenBLAS, so that threadpoolctl sees it)
+        from threadpoolctl import threadpool_info
+
+        libs = threadpool_info()
+        out["openblas"] = sorted({str(i.get("architecture")) for i in libs if i.get("internal_api") == "openblas"})
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        out["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    except (ImportError, AttributeError):
+        pass
+    return out
 
 
 def fmt(s: dict, unit: str = "s") -> str:

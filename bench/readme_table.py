@@ -52,6 +52,16 @@ def _when(machine: dict | None, runs: dict | list | None = None) -> str:
     return f"{str(machine.get('date', '?'))[:10]}, {machine.get('cores', '?')} cores, {_load_note(_runs(runs))}"
 
 
+def _kernels(machine: dict) -> str:
+    """'; OpenBLAS kernels Haswell (set by OPENBLAS_CORETYPE), torch's AVX512' from the machine record,
+    '' where it was not recorded: the published way multiplies through OpenBLAS, ours through oneDNN."""
+    k = machine.get("kernels") or {}
+    if not k.get("openblas"):
+        return ""
+    held = " (set by OPENBLAS_CORETYPE)" if k.get("OPENBLAS_CORETYPE") else ""
+    return f"; OpenBLAS kernels {'/'.join(k['openblas'])}{held}, torch's {k.get('torch_cpu_capability', '?')}"
+
+
 def _med(s: dict, unit: str = " s", digits: int = 1) -> str:
     return f"{s['median']:.{digits}f}{unit} (spread {100 * s['spread']:.0f}%)"
 
@@ -137,7 +147,7 @@ def geometry_row(d: dict) -> list[str]:
                 if any((r.get("with_intervals") or {}).get("published_computed") for r in results.values()) else "")
     return [
         f"geometry, all layers, median of {d['repeats']} alternated rounds (`bench/bench_geometry.py`, "
-        f"{_when(d['machine'], runs)})",
+        f"{_when(d['machine'], runs)}{_kernels(d['machine'])})",
         "plain dadapy `compute_distances(maxk=1000)` per layer (and per subsample): " + "; ".join(pub),
         "; ".join(f"**{c}**" for c in cases) + f" (ours: {', '.join(ours)}){computed}",
         "5x",

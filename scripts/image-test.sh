@@ -40,10 +40,11 @@ dag=(snakemake -s "$TREE/Snakefile" --directory "$RUN" --configfile "$TREE/confi
      --config "resources_dir=$RUN/resources" --cores "$CORES")
 
 # The host's BLAS and OpenMP settings go into the container, as Apptainer passes the host environment:
-# OpenBLAS picks its kernels by CPU type (OPENBLAS_CORETYPE overrides the detection), and kernels for
-# another CPU type give eigenvalues that differ in the last bits.
+# OpenBLAS picks its kernels by CPU type (OPENBLAS_CORETYPE overrides the detection), and so does oneDNN,
+# which multiplies the geometry's distances (ONEDNN_MAX_CPU_ISA caps it); kernels for another CPU type
+# give eigenvalues and distances that differ in the last bits.
 blas_env=()
-while IFS= read -r line; do blas_env+=("$line"); done < <(env | grep -E '^(OPENBLAS|GOTO|OMP|MKL)_[A-Z0-9_]*=' || true)
+while IFS= read -r line; do blas_env+=("$line"); done < <(env | grep -E '^(OPENBLAS|GOTO|OMP|MKL|ONEDNN|DNNL)_[A-Z0-9_]*=' || true)
 mkdir -p "$WORK/image"  # seen as $RUN inside the container
 ctr=$(buildah from --pull-never "$TAG")
 trap 'buildah rm "$ctr" >/dev/null 2>&1 || true' EXIT
