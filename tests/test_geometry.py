@@ -115,6 +115,17 @@ def test_neighbour_graph_identical_with_one_or_two_threads():
         assert np.array_equal(d1, d2) and np.array_equal(i1, i2)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (5, 300), (300, 5), (129, 257), (256, 128)])
+def test_copy_transposed_is_an_exact_transpose(shape):
+    # the graph's tiled transpose, into a strided view as the strips use it, edge tiles included
+    rng = np.random.default_rng(9)
+    src = rng.standard_normal((shape[1] + 3, shape[0] + 7))[:shape[1], 2:shape[0] + 2]
+    big = np.full((shape[0] + 2, shape[1] + 9), np.nan)
+    G.graph.copy_transposed(big[1:shape[0] + 1, 4:shape[1] + 4], src)
+    assert np.array_equal(big[1:shape[0] + 1, 4:shape[1] + 4], src.T)
+    assert np.isnan(big[0]).all() and np.isnan(big[:, :4]).all() and np.isnan(big[:, shape[1] + 4:]).all()
+
+
 def test_onednn_products_are_float32_and_leave_the_callers_threads_alone():
     # the oneDNN product must be a true float32 one (no bf16 or tf32 inside: an error near float32's
     # rounding, not bf16's 1e-3), equal to numpy's to float32 rounding, and its one-thread OpenMP

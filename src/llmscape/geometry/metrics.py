@@ -194,7 +194,9 @@ def compute_layer_graph(X: np.ndarray, subjects: np.ndarray, letters: np.ndarray
     if not _distinct_points(X, finite, layer, p):
         return layer
     keep = layer.keep
-    layer.X, layer.subjects, layer.letters = X[keep], subjects[keep], letters[keep]
+    # every row kept (keep is sorted and unique, so all n of them in order): no copy of the layer
+    layer.X = X if keep.shape[0] == n else X[keep]
+    layer.subjects, layer.letters = subjects[keep], letters[keep]
     if keep.shape[0] < n:  # the classes of the points analysed (no duplicate, no non-finite row)
         layer.row.update(_class_columns(layer.subjects, layer.letters, p))
     layer.maxk, layer.graph_k = _graph_columns(layer, p, complete)
