@@ -137,7 +137,14 @@ def test_onednn_products_are_float32_and_leave_the_callers_threads_alone():
     rng = np.random.default_rng(8)
     a, b = rng.standard_normal((300, 1000)).astype(np.float32), rng.standard_normal((200, 1000)).astype(np.float32)
     out = np.empty((300, 200), np.float32)
-    G.graph.worker_pool(2).submit(matmul, a, b, out).result()
+
+    def in_worker():
+        from threadpoolctl import threadpool_info
+
+        matmul(a, b, out)
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "openmp"]
+
+    assert set(G.graph.worker_pool(2).submit(in_worker).result()) == {1}  # one OpenMP thread in the worker
     exact = a.astype(np.float64) @ b.astype(np.float64).T
     err = np.abs(out - exact).max() / np.abs(exact).max()
     assert 0 < err < 1e-5, err

@@ -324,10 +324,9 @@ def _one_omp_thread() -> None:
         if threading.current_thread() is threading.main_thread():
             raise RuntimeError("oneDNN products run in the graph's worker threads, not the main thread")
         import torch
-        from threadpoolctl import ThreadpoolController
 
         torch.get_num_threads()
-        _WORKER.omp_one = ThreadpoolController().limit(limits=1, user_api="openmp")
+        _WORKER.omp_one = _threadpools().limit(limits=1, user_api="openmp")
 
 
 def cpu_threads() -> int:
@@ -377,17 +376,23 @@ def _in_chunks(pool, threads: int, rows: int, work, chunk_rows: int | None = Non
             f.result()
 
 
-_BLAS = None
+_THREADPOOLS: list = []
+
+
+def _threadpools():
+    """threadpoolctl's view of the process's BLAS and OpenMP libraries, found once (about 20 ms a scan),
+    after torch is loaded, so that the scan sees the OpenMP runtime oneDNN runs on."""
+    if not _THREADPOOLS:
+        import torch  # noqa: F401  (loads torch's OpenMP runtime before the scan)
+        from threadpoolctl import ThreadpoolController
+
+        _THREADPOOLS.append(ThreadpoolController())
+    return _THREADPOOLS[0]
 
 
 def blas_single_thread():
     """Context: numpy's BLAS runs one thread (threadpoolctl); the caller parallelises instead."""
-    global _BLAS
-    from threadpoolctl import ThreadpoolController
-
-    if _BLAS is None:
-        _BLAS = ThreadpoolController()
-    return _BLAS.limit(limits=1, user_api="blas")
+    return _threadpools().limit(limits=1, user_api="blas")
 
 
 def _select_packed(strip: np.ndarray, s: int, k1: int, out_v: np.ndarray, out_i: np.ndarray, pool,
