@@ -259,7 +259,7 @@ def copy_transposed(dst: np.ndarray, src: np.ndarray) -> None:
     """dst[...] = src.T, exactly, tile by tile: each tile of src is copied contiguous and transposed by
     torch's blocked transpose (its fast path wants a whole contiguous matrix, transposed). numpy's own
     copy of a transposed view walks one of the two arrays down its columns, a cache line per value: a
-    2,048 x 2,048 float32 block took 44 ms that way and 4 ms by tiles (one core, bench/). A tile has
+    2,048 x 2,048 float32 block took 44 ms that way and 4 ms by tiles (one core, docs/geometry.md). A tile has
     fewer values than torch's grain for threading, so this runs in the caller's thread alone."""
     import torch
 
@@ -282,7 +282,7 @@ def onednn_product():
     Why: oneDNN picks its kernels for the CPU it runs on, while OpenBLAS may be held to older ones. On
     the AMD EPYC this project is benchmarked on, the environment sets ``OPENBLAS_CORETYPE=Haswell``
     (AVX2 kernels, 133 GFLOP/s a core in float32) where oneDNN runs AVX-512 at 247; with OpenBLAS left
-    to detect the CPU both run about 240 (bench/, docs/geometry.md). So oneDNN is never the slower of the
+    to detect the CPU both run about 240 (docs/geometry.md, "Third round"). So oneDNN is never the slower of the
     two here; ``ONEDNN_MAX_CPU_ISA`` holds it to a kernel set as ``OPENBLAS_CORETYPE`` holds OpenBLAS,
     for results equal bit for bit across CPU types. Float32 throughout (no bf16 or tf32 inside: tested
     against float64)."""
